@@ -1,0 +1,239 @@
+"""Provider-independent cluster operations: launch, destroy, status, run, copy-dns."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import hosts
+from .config import ClusterConfig
+from .errors import CloisterError, HostsFailed, ProviderError
+from .local import LocalCluster
+from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
+
+REMOTE_DIR = "cloister"
+REMOTE_KEY = ".ssh/cloister_key"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where cloister keeps its files and how hard it pushes SSH; from c.cloister."""
+
+    servers_dir: str = "servers"
+    state_dir: str = ".cloister"
+    concurrency: int = hosts.DEFAULT_CONCURRENCY
+    connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT
+    ssh_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    info: ClusterInfo
+    created: bool
+
+
+def local_cluster(cfg: ClusterConfig, settings: Settings) -> LocalCluster:
+    return LocalCluster(state_root=settings.state_dir, cluster=cfg.cluster_name, user=cfg.user)
+
+
+def _static_info(cfg: ClusterConfig, settings: Settings) -> ClusterInfo:
+    names = cfg.hosts or []
+    nodes = [Node(role="master" if i == 0 else "worker", id=h, host=h, private=h, public=h, name=h)
+             for i, h in enumerate(names)]
+    if cfg.ami_instance_ip:
+        nodes.append(Node(role="dev", id=cfg.ami_instance_ip, host=cfg.ami_instance_ip,
+                          public=cfg.ami_instance_ip, name="dev"))
+    known = Path(settings.state_dir).resolve() / "static" / cfg.cluster_name / "known_hosts"
+    return ClusterInfo(provider="static", cluster_name=cfg.cluster_name, user=cfg.user,
+                       ssh_key=cfg.ssh_key or "", nodes=nodes, known_hosts=str(known))
+
+
+def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = None,
+           wait: bool = True) -> LaunchResult:
+    """Bring the cluster up (or find it), wait for SSH, write servers/ and copy it to every node."""
+    count = cfg.nworkers if nworkers is None else nworkers
+    if cfg.provider == "local":
+        lc = local_cluster(cfg, settings)
+        created = not lc.exists()
+        info = lc.launch(nworkers=count, dev=cfg.dev_host, image=cfg.image)
+    elif cfg.provider == "static":
+        created = False
+        info = _static_info(cfg, settings)
+    else:
+        from . import ec2
+
+        result = ec2.launch(cfg, nworkers=count, wait=wait, settings=settings)
+        info, created = result.info, result.created
+    write_servers(settings.servers_dir, info)
+    if wait:
+        hosts.wait_ssh(info, info.nodes, timeout=settings.ssh_timeout, concurrency=settings.concurrency,
+                       probe_timeout=min(settings.connect_timeout, 5.0))
+        copy_dns(info, settings=settings)
+    return LaunchResult(info=info, created=created)
+
+
+def current(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
+    """The cluster recorded in servers/, refusing one that belongs to another config."""
+    return read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
+
+
+def destroy(cfg: ClusterConfig, *, settings: Settings) -> list[str]:
+    """Tear the cluster down; return what was done, one line each."""
+    messages: list[str] = []
+    if cfg.provider == "local":
+        lc = local_cluster(cfg, settings)
+        if not lc.exists():
+            messages.append(f"no local cluster '{cfg.cluster_name}' is running; nothing to destroy")
+        else:
+            running = lc.destroy()
+            messages.append(f"destroyed local cluster '{cfg.cluster_name}' ({running} hosts were running)")
+    elif cfg.provider == "static":
+        messages.append(f"static cluster '{cfg.cluster_name}': machines are not ours to stop; forgot servers/")
+    else:
+        from . import ec2
+
+        messages.extend(ec2.destroy(cfg, settings=settings))
+    _clear_own_servers(cfg, settings)
+    return messages
+
+
+def _clear_own_servers(cfg: ClusterConfig, settings: Settings) -> None:
+    try:
+        read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
+    except CloisterError:
+        return
+    clear_servers(settings.servers_dir)
+
+
+def status(cfg: ClusterConfig, *, settings: Settings) -> list[dict[str, Any]]:
+    """One row per node: role, id, host, state, uptime and what else the provider knows."""
+    if cfg.provider == "local":
+        lc = local_cluster(cfg, settings)
+        if not lc.exists():
+            return []
+        return lc.status()
+    if cfg.provider == "static":
+        info = _static_info(cfg, settings)
+        grp = hosts.group(info, info.nodes, concurrency=settings.concurrency,
+                          connect_timeout=min(settings.connect_timeout, 5.0))
+        result = hosts.call(grp, lambda cxn: cxn.run("cat /proc/uptime", timeout=10))
+        grp.close()
+        failed = hosts.failures(result)
+        rows = []
+        for cxn, value in result.items():
+            node = next(n for n in info.nodes if n.host == cxn.host)
+            up = None if cxn.host in failed else float(value.stdout.split()[0])
+            rows.append({"role": node.role, "id": node.id, "host": node.host,
+                         "state": "reachable" if up is not None else failed[cxn.host], "uptime_s": up})
+        return rows
+    from . import ec2
+
+    return ec2.status(cfg, settings=settings)
+
+
+def node_cluster_json(info: ClusterInfo) -> str:
+    """cluster.json as seen from a node: the key and known_hosts at their copied places."""
+    moved = replace(info, ssh_key="~/" + REMOTE_KEY, known_hosts=f"~/{REMOTE_DIR}/known_hosts")
+    return json.dumps(moved.to_json(), indent=2) + "\n"
+
+
+def copy_dns(info: ClusterInfo, *, settings: Settings) -> int:
+    """Copy servers/*.txt, cluster.json and known_hosts to ~/cloister/ on every node, the key to the master."""
+    files = {f"{REMOTE_DIR}/servers/{name}": text for name, text in text_files(info).items()}
+    files[f"{REMOTE_DIR}/servers/cluster.json"] = node_cluster_json(info)
+    known = Path(os.path.expanduser(info.known_hosts)) if info.known_hosts else None
+    if known and known.exists():
+        files[f"{REMOTE_DIR}/known_hosts"] = known.read_text()
+    key_text = Path(os.path.expanduser(info.ssh_key)).read_bytes() if info.ssh_key else None
+    master = info.master.host if info.master else None
+
+    def push(cxn) -> None:
+        cxn.run(f"mkdir -p {REMOTE_DIR}/servers .ssh && chmod 700 .ssh", warn=False, timeout=30)
+        sftp = cxn.sftp()
+        for path, text in files.items():
+            sftp.putfo(io.BytesIO(text.encode()), path)
+        if cxn.host == master and key_text:
+            sftp.putfo(io.BytesIO(key_text), REMOTE_KEY)
+            sftp.chmod(REMOTE_KEY, 0o600)
+
+    nodes = info.nodes
+    grp = hosts.group(info, nodes, concurrency=settings.concurrency, connect_timeout=settings.connect_timeout)
+    try:
+        hosts.check(hosts.call(grp, push), what="copy-dns")
+    finally:
+        grp.close()
+    return len(nodes)
+
+
+@dataclass(frozen=True)
+class HostOutput:
+    host: str
+    stdout: str
+    stderr: str
+    exited: int | None
+    error: str | None = None
+
+
+def run(info: ClusterInfo, command: str, *, nodes: list[Node], settings: Settings, stream: TextIO | None = None,
+        timeout: float | None = None) -> list[HostOutput]:
+    """Run ``command`` on ``nodes`` in parallel; with ``stream``, lines go there live as ``[host] line``."""
+    lock = threading.Lock()
+
+    def one(cxn):
+        kwargs: dict[str, Any] = {"timeout": timeout}
+        if stream is not None:
+            out, err = hosts.PrefixWriter(cxn.host, stream, lock), hosts.PrefixWriter(cxn.host, stream, lock)
+            kwargs.update(out_stream=out, err_stream=err)
+            try:
+                return cxn.run(command, **kwargs)
+            finally:
+                out.flush()
+                err.flush()
+        return cxn.run(command, **kwargs)
+
+    grp = hosts.group(info, nodes, concurrency=settings.concurrency, connect_timeout=settings.connect_timeout)
+    try:
+        result = hosts.call(grp, one)
+    finally:
+        grp.close()
+    outputs = []
+    by_host = {cxn.host: value for cxn, value in result.items()}
+    for node in nodes:
+        value = by_host[node.host]
+        if isinstance(value, BaseException):
+            outputs.append(HostOutput(node.host, "", "", None, hosts.describe_error(value)))
+        else:
+            outputs.append(HostOutput(node.host, value.stdout, value.stderr, value.exited))
+    return outputs
+
+
+def fold(outputs: list[HostOutput]) -> list[tuple[list[str], HostOutput]]:
+    """Group hosts whose output, exit code and error are identical (like ``clush -b``)."""
+    groups: dict[tuple, list[str]] = {}
+    first: dict[tuple, HostOutput] = {}
+    for out in outputs:
+        key = (out.stdout, out.stderr, out.exited, out.error)
+        groups.setdefault(key, []).append(out.host)
+        first.setdefault(key, out)
+    return [(hosts_, first[key]) for key, hosts_ in groups.items()]
+
+
+def run_failures(outputs: list[HostOutput]) -> HostsFailed | None:
+    failed = {o.host: (o.error or f"exit {o.exited}") for o in outputs if o.error or o.exited != 0}
+    return HostsFailed(failed, total=len(outputs)) if failed else None
+
+
+def ensure_running(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
+    """servers/ for this config's cluster; a clear error if the provider says it is gone."""
+    info = current(cfg, settings=settings)
+    if cfg.provider == "local":
+        lc = local_cluster(cfg, settings)
+        if not lc.exists():
+            raise ProviderError(f"local cluster '{cfg.cluster_name}' is not running; run inv cluster.launch",
+                                provider="local", cluster=cfg.cluster_name)
+    return info

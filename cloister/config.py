@@ -1,0 +1,297 @@
+"""Load and validate a cluster config (JSON), SPEC section 3.
+
+Precedence, lowest first: DEFAULTS < invoke.yaml < INVOKE_CLOISTER_* env < the
+config file < task flags. Invoke merges the first three into ``c.cloister``;
+tasks pass that mapping as ``defaults`` and their flags as ``overrides``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+PROVIDERS = ("ec2", "local", "static")
+CLUSTER_NAME_RE = re.compile(r"[a-z0-9-]{1,40}")
+TTL_RE = re.compile(r"(\d+)\s*([smhd]?)")
+DEFAULT_REDEPLOY_PATHS = ["clamor/", "weld/", "cloister/", ".bashrc"]
+
+# Cluster keys whose built-in default is shared with invoke.yaml (tasks/__init__.py).
+DEFAULTS: dict[str, Any] = {
+    "cluster_name": None,
+    "provider": "ec2",
+    "region": None,
+    "ami": None,
+    "ami_tag": None,
+    "instance_type": "m5.large",
+    "master_instance_type": None,
+    "nworkers": 1,
+    "key_name": None,
+    "ssh_key": None,
+    "user": "ubuntu",
+    "root_size": 50,
+    "ami_instance_ip": None,
+    "placement_group": None,
+    "spot": False,
+    "ttl": "8h",
+    "ssh_cidr": "auto",
+    "redeploy_paths": list(DEFAULT_REDEPLOY_PATHS),
+    "image": None,
+    "dev_host": True,
+    "hosts": None,
+}
+
+# Old key -> new key (None: accepted and ignored, with a notice).
+LEGACY_KEYS: dict[str, str | None] = {
+    "identity_file": "key_name",
+    "key_pair": "ssh_key",
+    "driver_instance_type": "master_instance_type",
+    "num_workers": "nworkers",
+    "driver_file": None,
+    "servers_file": None,
+    "manager_file": None,
+    "servers_private_file": None,
+    "servers_public_file": None,
+    "datagen_instance_ip": None,
+    "datagen_instance_type": None,
+    "swap_size_driver": None,
+    "swap_size_worker": None,
+    "swap_size": None,
+}
+
+
+def _str(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _opt_str(value: Any) -> bool:
+    return value is None or _str(value)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# key -> (check, what is expected)
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "cluster_name": (lambda v: isinstance(v, str) and bool(CLUSTER_NAME_RE.fullmatch(v)),
+                     "a name of 1-40 characters from a-z, 0-9 and '-'"),
+    "provider": (lambda v: v in PROVIDERS, "one of " + ", ".join(PROVIDERS)),
+    "region": (_opt_str, "a region name such as 'us-west-2'"),
+    "ami": (lambda v: v is None or (isinstance(v, str) and (v == "latest" or v.startswith("ami-"))),
+            "an AMI id ('ami-...') or 'latest'"),
+    "ami_tag": (_opt_str, "an AMI name prefix such as 'alice-clamor'"),
+    "instance_type": (_str, "an instance type such as 'm5.large'"),
+    "master_instance_type": (_opt_str, "an instance type such as 'm5.large'"),
+    "nworkers": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    "key_name": (_opt_str, "an EC2 key pair name"),
+    "ssh_key": (_opt_str, "a path to a private key file"),
+    "user": (lambda v: isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v)),
+             "a login user name such as 'ubuntu'"),
+    "root_size": (lambda v: v is None or (_int(v) and 8 <= v <= 16384), "a volume size in GiB (8-16384)"),
+    "ami_instance_ip": (_opt_str, "the dev instance's DNS name or IP address"),
+    "placement_group": (_opt_str, "a placement group name or null"),
+    "spot": (lambda v: isinstance(v, bool) or (isinstance(v, (int, float)) and v > 0),
+             "false, true, or a maximum price in $/hour"),
+    "ttl": (lambda v: (_int(v) and v >= 0) or (isinstance(v, str) and bool(TTL_RE.fullmatch(v.strip()))),
+            "a duration such as '6h', '90m' or 0 to disable"),
+    "ssh_cidr": (lambda v: isinstance(v, str) and (v == "auto" or v.startswith("sg-") or _is_cidr(v)),
+                 "'auto', a CIDR such as '203.0.113.7/32', or a security group id"),
+    "redeploy_paths": (lambda v: isinstance(v, list) and all(_str(p) for p in v), "a list of paths"),
+    "image": (_opt_str, "a directory to copy into each host's home"),
+    "dev_host": (lambda v: isinstance(v, bool), "true or false"),
+    "hosts": (lambda v: v is None or (isinstance(v, list) and len(v) >= 1 and all(_str(h) for h in v)),
+              "a list of host names, the master first"),
+}
+
+assert set(_CHECKS) == set(DEFAULTS)
+
+
+def _is_cidr(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return "/" in value
+
+
+def parse_ttl(value: int | str) -> int:
+    """Return a TTL in seconds; a bare number means hours, 0 disables."""
+    if isinstance(value, int):
+        return value * 3600
+    number, unit = TTL_RE.fullmatch(value.strip()).groups()
+    return int(number) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 3600}[unit]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A validated cluster config; ``source`` is the file it came from."""
+
+    cluster_name: str
+    source: str
+    provider: str = "ec2"
+    region: str | None = None
+    ami: str | None = None
+    ami_tag: str | None = None
+    instance_type: str = "m5.large"
+    master_instance_type: str | None = None
+    nworkers: int = 1
+    key_name: str | None = None
+    ssh_key: str | None = None
+    user: str = "ubuntu"
+    root_size: int | None = 50
+    ami_instance_ip: str | None = None
+    placement_group: str | None = None
+    spot: bool | float = False
+    ttl: int | str = "8h"
+    ssh_cidr: str = "auto"
+    redeploy_paths: list[str] = field(default_factory=lambda: list(DEFAULT_REDEPLOY_PATHS))
+    image: str | None = None
+    dev_host: bool = True
+    hosts: list[str] | None = None
+    notices: tuple[str, ...] = ()
+    legacy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ttl_seconds(self) -> int:
+        return parse_ttl(self.ttl)
+
+    @property
+    def master_type(self) -> str:
+        return self.master_instance_type or self.instance_type
+
+    def replace(self, **changes: Any) -> "ClusterConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(file=str(path), expected="no such config file (give --config or set cloister.config)")
+    except IsADirectoryError:
+        raise ConfigError(file=str(path), expected="is a directory, expected a JSON config file")
+    except OSError as err:
+        raise ConfigError(file=str(path), expected=f"cannot read: {err.strerror}")
+    except UnicodeDecodeError:
+        raise ConfigError(file=str(path), expected="cannot read: not UTF-8 text")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(file=str(path),
+                          expected=f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")
+    if not isinstance(data, dict):
+        raise ConfigError(file=str(path), expected="expected a JSON object of keys")
+    return data
+
+
+def _translate(data: Mapping[str, Any], *, file: str, layer: str) -> tuple[dict[str, Any], list[str], dict]:
+    """Map legacy keys, reject unknown ones; return (values, notices, ignored legacy values)."""
+    values: dict[str, Any] = {}
+    notices: list[str] = []
+    legacy: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in DEFAULTS:
+            values[key] = value
+        elif key in LEGACY_KEYS:
+            new = LEGACY_KEYS[key]
+            if new is None:
+                legacy[key] = value
+                notices.append(f"{file}: legacy key '{key}' accepted and not used by cloister")
+            else:
+                if new in data:
+                    raise ConfigError(file=file, key=key, expected=f"legacy name of '{new}', which is also set; keep one")
+                values[new] = value
+                notices.append(f"{file}: legacy key '{key}' read as '{new}'")
+        else:
+            close = difflib.get_close_matches(key, list(DEFAULTS) + list(LEGACY_KEYS), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(DEFAULTS)}"
+            raise ConfigError(file=file, key=json.dumps(key)[1:-1], expected=f"unknown {layer}key{hint}")
+    return values, notices, legacy
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Env vars arrive as strings when the default is None or a str; read numbers back."""
+    if key in ("nworkers", "root_size") and isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _check_key_file(path: str, *, file: str) -> str:
+    full = Path(os.path.expanduser(path))
+    try:
+        st = full.stat()
+    except FileNotFoundError:
+        raise ConfigError(file=file, key="ssh_key", expected=f"key file {full} does not exist")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(file=file, key="ssh_key", expected=f"{full} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(file=file, key="ssh_key",
+                          expected=f"key file {full} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                                   f"expected 0600 or narrower (chmod 600 {full})")
+    return str(full)
+
+
+def _where(file: str, sources: Mapping[str, str], key: str) -> str:
+    source = sources.get(key, file)
+    return file if source == file else f"{file} (from {source})"
+
+
+def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> ClusterConfig:
+    """Read ``path`` and merge it over ``defaults`` and under ``overrides`` (None values skipped)."""
+    file = str(path)
+    data = _read_json(Path(path))
+    file_values, notices, legacy = _translate(data, file=file, layer="")
+    merged: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    sources: dict[str, str] = {}
+    for key, value in (defaults or {}).items():
+        if key in DEFAULTS and value is not None:
+            merged[key] = copy.deepcopy(_coerce(key, value))
+            sources[key] = "cloister." + key
+    for key, value in file_values.items():
+        merged[key] = value
+        sources[key] = file
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key] = value
+            sources[key] = "--" + key.replace("_", "-")
+    for key, (check, expected) in _CHECKS.items():
+        value = merged[key]
+        if key == "cluster_name" and value is None:
+            raise ConfigError(file=file, key=key, expected="missing; every cluster needs a name")
+        if not check(value):
+            raise ConfigError(file=_where(file, sources, key), key=key, expected=f"expected {expected}, got {json.dumps(value)}")
+    provider = merged["provider"]
+    if provider == "static" and not merged["hosts"]:
+        raise ConfigError(file=file, key="hosts", expected="missing; the static provider needs a list of hosts")
+    if provider == "ec2":
+        for key in ("region", "ami", "key_name", "ssh_key"):
+            if not merged[key]:
+                raise ConfigError(file=file, key=key, expected="missing; required by the ec2 provider")
+        if merged["ami"] == "latest" and not merged["ami_tag"]:
+            raise ConfigError(file=file, key="ami_tag", expected="missing; 'ami: latest' needs an AMI name prefix")
+    if merged["ssh_key"] and provider != "local":
+        merged["ssh_key"] = _check_key_file(merged["ssh_key"], file=_where(file, sources, "ssh_key"))
+    if merged["image"] and provider == "local":
+        image = Path(merged["image"])
+        if not image.is_absolute():
+            image = (Path(file).resolve().parent / image).resolve()
+            if not image.is_dir():
+                image = Path(merged["image"]).resolve()
+        if not image.is_dir():
+            raise ConfigError(file=_where(file, sources, "image"), key="image",
+                              expected=f"directory {merged['image']} does not exist")
+        merged["image"] = str(image)
+    return ClusterConfig(source=file, notices=tuple(notices), legacy=legacy, **merged)

@@ -1,0 +1,59 @@
+"""Domain errors. Tasks turn any CloisterError into ``invoke.Exit(str(err))``."""
+
+from __future__ import annotations
+
+
+class CloisterError(Exception):
+    """Base class: ``str(err)`` is a complete one-line message for the user."""
+
+
+class ConfigError(CloisterError):
+    """A config file (or experiments.yaml) is missing, malformed or invalid."""
+
+    def __init__(self, *, file: str, key: str | None = None, expected: str):
+        self.file = file
+        self.key = key
+        self.expected = expected
+        where = f"{file}: key '{key}'" if key else file
+        super().__init__(f"{where}: {expected}")
+
+
+class ServersError(CloisterError):
+    """servers/ is missing, unreadable or describes another cluster."""
+
+    def __init__(self, message: str, *, path: str):
+        self.path = path
+        super().__init__(message)
+
+
+class ProviderError(CloisterError):
+    """A provider (local, static, ec2) could not do what was asked."""
+
+    def __init__(self, message: str, *, provider: str, cluster: str | None = None):
+        self.provider = provider
+        self.cluster = cluster
+        super().__init__(message)
+
+
+class HostsFailed(CloisterError):
+    """One or more hosts failed; ``failures`` maps host -> one-line error."""
+
+    def __init__(self, failures: dict[str, str], *, total: int, what: str = ""):
+        self.failures = dict(failures)
+        self.total = total
+        self.what = what
+        lines = [f"[{host}] {err}" for host, err in self.failures.items()]
+        summary = f"{len(self.failures)}/{total} hosts failed"
+        if what:
+            summary = f"{what}: {summary}"
+        lines.append(summary)
+        super().__init__("\n".join(lines))
+
+
+class ExperimentError(CloisterError):
+    """An experiment definition or run failed."""
+
+    def __init__(self, message: str, *, benchmark: str | None = None, run_id: str | None = None):
+        self.benchmark = benchmark
+        self.run_id = run_id
+        super().__init__(message)

@@ -1,0 +1,259 @@
+"""The one place that builds Fabric Connections and Groups from servers/.
+
+Host keys are checked against the known_hosts the provider recorded: a host
+listed there with another key is refused; a host not listed yet (a fresh EC2
+node) is trusted on first contact and recorded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import paramiko
+from fabric import Config, Connection
+from fabric.exceptions import GroupException
+from fabric.group import GroupResult, ThreadingGroup
+from invoke.exceptions import CommandTimedOut, ThreadException, UnexpectedExit
+
+from .errors import CloisterError, HostsFailed
+from .servers import ClusterInfo, Node
+
+DEFAULT_CONCURRENCY = 64
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+class _RecordingPolicy(paramiko.MissingHostKeyPolicy):
+    """Trust a host seen for the first time and append its key to known_hosts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as out:
+            fcntl.flock(out, fcntl.LOCK_EX)
+            out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _known_hostnames(path: Path) -> set[str]:
+    names: set[str] = set()
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                names.update(line.split()[0].split(","))
+    except OSError:
+        pass
+    return names
+
+
+def connection(info: ClusterInfo, node: Node | str, *,
+               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Connection:
+    """A Connection to one node (or host address) of ``info``, with the cluster's key and host keys."""
+    host = node.host if isinstance(node, Node) else node
+    config = Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True, "in_stream": False}})
+    cxn = Connection(
+        host, user=info.user, port=22, config=config, connect_timeout=connect_timeout,
+        connect_kwargs={"key_filename": [os.path.expanduser(info.ssh_key)], "look_for_keys": False,
+                        "allow_agent": False, "banner_timeout": connect_timeout,
+                        "auth_timeout": connect_timeout},
+    )
+    if info.known_hosts:
+        path = Path(os.path.expanduser(info.known_hosts))
+        if path.exists():
+            cxn.client.load_host_keys(str(path))
+        if host in _known_hostnames(path):
+            cxn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        else:
+            cxn.client.set_missing_host_key_policy(_RecordingPolicy(path))
+    return cxn
+
+
+class CappedGroup(ThreadingGroup):
+    """A ThreadingGroup that runs at most ``concurrency`` hosts at a time."""
+
+    def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.concurrency = max(1, concurrency)
+
+    @classmethod
+    def of(cls, connections: Iterable[Connection], *, concurrency: int) -> "CappedGroup":
+        group = cls(concurrency=concurrency)
+        group.extend(connections)
+        return group
+
+    def _do(self, method: str, *args: Any, **kwargs: Any) -> GroupResult:
+        return self.call(lambda cxn: getattr(cxn, method)(*args, **kwargs))
+
+    def call(self, fn: Callable[[Connection], Any]) -> GroupResult:
+        """Run ``fn(cxn)`` for every connection; raise GroupException if any raised."""
+        results = GroupResult()
+        lock = threading.Lock()
+        failed = False
+
+        def one(cxn: Connection) -> None:
+            nonlocal failed
+            try:
+                value = fn(cxn)
+            except Exception as exc:  # noqa: BLE001 - reported per host
+                value = exc
+                with lock:
+                    failed = True
+            with lock:
+                results[cxn] = value
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(self)))) as pool:
+            list(pool.map(one, self))
+        if failed:
+            raise GroupException(results)
+        return results
+
+
+def select_nodes(info: ClusterInfo, *, role: str = "all", k: int | None = None,
+                 hosts: Iterable[str] | None = None) -> list[Node]:
+    """Pick nodes by role (all | master | workers | dev), first ``k`` workers, or explicit hosts."""
+    if role not in ("all", "master", "workers", "dev"):
+        raise CloisterError(f"role '{role}': expected one of all, master, workers, dev")
+    if role == "master":
+        nodes = [info.master] if info.master else []
+    elif role == "workers":
+        nodes = info.workers
+    elif role == "dev":
+        nodes = [info.dev] if info.dev else []
+    else:
+        nodes = info.cluster_nodes
+    if k is not None:
+        workers = info.workers
+        if k < 0 or k > len(workers):
+            raise CloisterError(f"-k {k}: the cluster has {len(workers)} workers")
+        nodes = [n for n in nodes if n.role != "worker"] + workers[:k] if role == "all" else workers[:k]
+    if hosts:
+        wanted = list(hosts)
+        by_key = {key: n for n in info.nodes for key in (n.host, n.name, n.id, n.public, n.private) if key}
+        unknown = [h for h in wanted if h not in by_key]
+        if unknown:
+            raise CloisterError(f"--hosts: {', '.join(unknown)} not in cluster '{info.cluster_name}'")
+        nodes = [by_key[h] for h in wanted]
+    if not nodes:
+        raise CloisterError(f"no {role} nodes in cluster '{info.cluster_name}'")
+    return nodes
+
+
+def group(info: ClusterInfo, nodes: Iterable[Node], *, concurrency: int = DEFAULT_CONCURRENCY,
+          connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> CappedGroup:
+    """A CappedGroup over ``nodes`` of ``info``."""
+    return CappedGroup.of((connection(info, n, connect_timeout=connect_timeout) for n in nodes),
+                          concurrency=concurrency)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an exception raised while talking to a host."""
+    if isinstance(exc, ThreadException) and exc.exceptions:
+        return describe_error(exc.exceptions[0].value)
+    if isinstance(exc, UnexpectedExit):
+        result = exc.result
+        tail = (result.stderr or result.stdout or "").strip().splitlines()
+        return f"exit {result.exited}" + (f": {tail[-1]}" if tail else "")
+    if isinstance(exc, CommandTimedOut):
+        return f"timed out after {exc.timeout}s"
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return f"host key mismatch for {exc.hostname} (expected {exc.expected_key.get_name()}); refusing to connect"
+    if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
+        return "host key not in known_hosts; refusing to connect"
+    if isinstance(exc, paramiko.AuthenticationException):
+        return f"authentication failed ({exc})"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "connection timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is sshd running?)"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return "connection refused (is sshd running?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
+
+
+def failures(result: GroupResult) -> dict[str, str]:
+    """host -> one-line error for every failed entry (exceptions and non-zero exits)."""
+    out: dict[str, str] = {}
+    for cxn, value in result.items():
+        if isinstance(value, BaseException):
+            out[cxn.host] = describe_error(value)
+        elif getattr(value, "exited", 0) not in (0, None):
+            tail = (value.stderr or value.stdout or "").strip().splitlines()
+            out[cxn.host] = f"exit {value.exited}" + (f": {tail[-1]}" if tail else "")
+    return out
+
+
+def call(grp: CappedGroup, fn: Callable[[Connection], Any]) -> GroupResult:
+    """Like CappedGroup.call but returns the GroupResult with exceptions in it instead of raising."""
+    try:
+        return grp.call(fn)
+    except GroupException as exc:
+        return exc.result
+
+
+def check(result: GroupResult, *, what: str = "") -> GroupResult:
+    """Raise HostsFailed naming every failed host; return ``result`` when all succeeded."""
+    failed = failures(result)
+    if failed:
+        raise HostsFailed(failed, total=len(result), what=what)
+    return result
+
+
+def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0,
+             concurrency: int = DEFAULT_CONCURRENCY, probe_timeout: float = 5.0) -> None:
+    """Wait until every node answers a command over SSH; name the ones that never do."""
+    pending = list(nodes)
+    deadline = time.monotonic() + timeout
+    last: dict[str, str] = {}
+    delay = 0.05
+    while pending:
+        grp = group(info, pending, concurrency=concurrency, connect_timeout=probe_timeout)
+        result = call(grp, lambda cxn: cxn.run("true", timeout=probe_timeout))
+        grp.close()
+        last = failures(result)
+        pending = [n for n in pending if n.host in last]
+        if not pending:
+            return
+        if time.monotonic() + delay > deadline:
+            raise HostsFailed({n.host: last[n.host] for n in pending}, total=len(result),
+                              what=f"no SSH after {timeout:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+class PrefixWriter:
+    """A file-like sink that writes whole lines prefixed with ``[host] ``."""
+
+    def __init__(self, label: str, sink: Any, lock: threading.Lock):
+        self.label = label
+        self.sink = sink
+        self.lock = lock
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        if lines:
+            with self.lock:
+                for line in lines:
+                    self.sink.write(f"[{self.label}] {line}\n")
+                self.sink.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer:
+            with self.lock:
+                self.sink.write(f"[{self.label}] {self.buffer}\n")
+                self.sink.flush()
+            self.buffer = ""

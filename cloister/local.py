@@ -1,0 +1,448 @@
+"""The local provider: N real sshd "hosts" on this machine (SPEC section 5).
+
+Host i is an OpenSSH sshd bound to its own loopback address, running as PID 1
+of its own PID/mount/UTS namespaces with its own hostname, /etc/ssh, /etc/hosts,
+home and /tmp. Killing that PID 1 ends every process of the host. An "image"
+is a directory copied into each new host's home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ClusterConfig
+from .errors import ProviderError
+from .servers import ClusterInfo, Node
+
+SSHD = "/usr/sbin/sshd"
+HOSTS_PER_SUBNET = 250
+CLAIMS_DIR = Path("/tmp/cloister-local-claims")
+STATE_FILE = "cluster-state.json"
+
+SSHD_CONFIG = """\
+# Written by cloister's local provider.
+ListenAddress {address}:22
+HostKey /etc/ssh/ssh_host_ed25519_key
+PidFile /run/sshd.pid
+AuthorizedKeysFile .ssh/authorized_keys
+AllowUsers {user}
+PermitRootLogin no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PrintMotd no
+X11Forwarding no
+AllowAgentForwarding yes
+# Fan-out opens many connections to one host at once (field notes, SPEC 9).
+MaxStartups 200:30:400
+MaxSessions 200
+Subsystem sftp internal-sftp
+"""
+
+SSH_CONFIG = """\
+# Client defaults for ssh between the hosts of this local cluster.
+Host *
+    GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
+    StrictHostKeyChecking yes
+"""
+
+INIT_SCRIPT = """\
+#!/bin/sh
+# Runs as PID 1 of a new PID/mount/UTS namespace; becomes sshd.
+set -e
+H={hostdir}
+hostname {hostname}
+mount --bind "$H/etc_ssh" /etc/ssh
+mount --bind "$H/etc_hosts" /etc/hosts
+mount --bind "$H/etc_hostname" /etc/hostname
+mount --bind "$H/home" {home}
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -m755 /run/sshd
+install -m664 -g utmp /dev/null /run/utmp
+mount -t tmpfs tmpfs /dev/shm
+# /tmp last: the host directories may themselves live under /tmp.
+mount --bind "$H/tmp" /tmp
+exec {sshd} -D -e -f /etc/ssh/sshd_config
+"""
+
+
+@dataclass(frozen=True)
+class LocalHost:
+    name: str
+    role: str
+    address: str
+
+
+def state_dir(root: str | os.PathLike, cluster: str) -> Path:
+    return Path(root).resolve() / "local" / cluster
+
+
+def _keypair() -> tuple[bytes, str]:
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption())
+    public = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    return private, public
+
+
+def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    if isinstance(data, str):
+        data = data.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(path, mode)
+
+
+def check_requirements() -> None:
+    """Raise ProviderError unless this machine can run local hosts."""
+    if os.geteuid() != 0:
+        raise ProviderError("the local provider needs root (namespaces, port 22 on loopback); run as root",
+                            provider="local")
+    if not Path(SSHD).exists():
+        raise ProviderError(f"{SSHD} not found: install openssh-server (apt-get install openssh-server rsync)",
+                            provider="local")
+    for tool in ("unshare", "setsid", "rsync"):
+        if shutil.which(tool) is None:
+            raise ProviderError(f"'{tool}' not found: install util-linux and rsync", provider="local")
+
+
+def ensure_user(user: str) -> pwd.struct_passwd:
+    """Create the login user if missing: password field '*' (no password, not locked)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--home-dir", f"/home/{user}", "--shell", "/bin/bash",
+                        "--password", "*", user], check=True, capture_output=True)
+        entry = pwd.getpwnam(user)
+    shadow = subprocess.run(["getent", "shadow", user], capture_output=True, text=True).stdout
+    if shadow.split(":")[1:2] and shadow.split(":")[1].startswith("!"):
+        raise ProviderError(f"user '{user}' is locked ('!' in /etc/shadow) and sshd would refuse it; "
+                            f"run: usermod -p '*' {user}", provider="local")
+    Path(entry.pw_dir).mkdir(parents=True, exist_ok=True)
+    return entry
+
+
+@contextlib.contextmanager
+def _claims_lock():
+    CLAIMS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CLAIMS_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _subnet_in_use(subnet: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex((f"127.0.{subnet}.1", 22)) == 0
+
+
+def _claim_subnets(count: int, owner: Path) -> list[int]:
+    """Reserve ``count`` consecutive 127.0.S.0/24 blocks machine-wide for one cluster."""
+    with _claims_lock():
+        def taken(subnet: int) -> bool:
+            claim = CLAIMS_DIR / str(subnet)
+            if claim.exists():
+                holder = Path(claim.read_text().strip())
+                if holder.exists() and holder != owner:
+                    return True
+            return _subnet_in_use(subnet)
+
+        for first in range(1, 255 - count):
+            block = list(range(first, first + count))
+            if not any(taken(s) for s in block):
+                for subnet in block:
+                    (CLAIMS_DIR / str(subnet)).write_text(str(owner))
+                return block
+    raise ProviderError("no free 127.0.S.0/24 block left for another local cluster", provider="local")
+
+
+def _release_subnets(subnets: list[int], owner: Path) -> None:
+    with _claims_lock():
+        for subnet in subnets:
+            claim = CLAIMS_DIR / str(subnet)
+            if claim.exists() and Path(claim.read_text().strip()) == owner:
+                claim.unlink()
+
+
+def _plan(cluster: str, nworkers: int, dev: bool, subnets: list[int]) -> list[LocalHost]:
+    names = [(f"{cluster}-master", "master")]
+    names += [(f"{cluster}-worker-{i}", "worker") for i in range(1, nworkers + 1)]
+    if dev:
+        names.append((f"{cluster}-dev", "dev"))
+    hosts = []
+    for index, (name, role) in enumerate(names):
+        subnet = subnets[index // HOSTS_PER_SUBNET]
+        hosts.append(LocalHost(name=name, role=role, address=f"127.0.{subnet}.{index % HOSTS_PER_SUBNET + 1}"))
+    return hosts
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class LocalCluster:
+    """One local cluster's state under ``{state_root}/local/{cluster}/``."""
+
+    def __init__(self, *, state_root: str | os.PathLike, cluster: str, user: str = "ubuntu"):
+        self.cluster = cluster
+        self.user = user
+        self.dir = state_dir(state_root, cluster)
+        self.key = self.dir / "id_ed25519"
+        self.known_hosts = self.dir / "known_hosts"
+
+    # -- state -------------------------------------------------------------
+    def _state(self) -> dict | None:
+        try:
+            return json.loads((self.dir / STATE_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def exists(self) -> bool:
+        return self._state() is not None
+
+    def host_dir(self, name: str) -> Path:
+        return self.dir / "hosts" / name
+
+    def init_pid(self, name: str) -> int | None:
+        try:
+            return int((self.host_dir(name) / "init.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def info(self) -> ClusterInfo:
+        state = self._state()
+        if state is None:
+            raise ProviderError(f"no local cluster '{self.cluster}' under {self.dir}", provider="local",
+                                cluster=self.cluster)
+        nodes = [Node(role=h["role"], id=h["name"], host=h["address"], private=h["address"],
+                      public=h["address"], name=h["name"]) for h in state["hosts"]]
+        return ClusterInfo(provider="local", cluster_name=self.cluster, user=state["user"], ssh_key=str(self.key),
+                           nodes=nodes, known_hosts=str(self.known_hosts),
+                           extra={"state_dir": str(self.dir), "launched": state["launched"]})
+
+    def dead_hosts(self) -> list[str]:
+        state = self._state() or {"hosts": []}
+        return [h["name"] for h in state["hosts"] if not self._host_alive(h["name"])]
+
+    def _host_alive(self, name: str) -> bool:
+        pid = self.init_pid(name)
+        return pid is not None and _alive(pid) and "sshd" in _cmdline(pid)
+
+    def status(self) -> list[dict]:
+        state = self._state() or {"hosts": [], "launched": time.time()}
+        rows = []
+        for h in state["hosts"]:
+            alive = self._host_alive(h["name"])
+            rows.append({"role": h["role"], "id": h["name"], "host": h["address"],
+                         "state": "running" if alive else "dead", "pid": self.init_pid(h["name"]),
+                         "uptime_s": time.time() - state["launched"] if alive else None})
+        return rows
+
+    # -- launch ------------------------------------------------------------
+    def launch(self, *, nworkers: int, dev: bool, image: str | None, timeout: float = 30.0) -> ClusterInfo:
+        """Start the cluster, or return the running one unchanged (idempotent)."""
+        check_requirements()
+        state = self._state()
+        if state is not None:
+            workers = sum(1 for h in state["hosts"] if h["role"] == "worker")
+            dead = self.dead_hosts()
+            if dead:
+                raise ProviderError(f"local cluster '{self.cluster}' exists but {len(dead)} host(s) are down: "
+                                    f"{', '.join(dead[:8])}; run inv cluster.destroy --yes, then launch again",
+                                    provider="local", cluster=self.cluster)
+            if workers != nworkers:
+                raise ProviderError(f"local cluster '{self.cluster}' is running with {workers} workers, not "
+                                    f"{nworkers}; destroy it first to change its size",
+                                    provider="local", cluster=self.cluster)
+            return self.info()
+        entry = ensure_user(self.user)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        count = 1 + nworkers + (1 if dev else 0)
+        subnets = _claim_subnets(-(-count // HOSTS_PER_SUBNET), self.dir)
+        hosts = _plan(self.cluster, nworkers, dev, subnets)
+        try:
+            self._prepare(hosts, entry, image)
+            self._start(hosts)
+            self._wait_listening(hosts, timeout)
+            for host in hosts:
+                self._record_init_pid(host)
+        except BaseException:
+            self.destroy()
+            raise
+        return self.info()
+
+    def _prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None) -> None:
+        private, public = _keypair()
+        _write(self.key, private, 0o600)
+        _write(self.key.with_suffix(".pub"), public + "\n")
+        host_keys = [_keypair() for _ in hosts]
+        known = "".join(f"{h.address} {pub}\n" for h, (_, pub) in zip(hosts, host_keys))
+        known_names = "".join(f"{h.name},{h.address} {pub}\n" for h, (_, pub) in zip(hosts, host_keys))
+        _write(self.known_hosts, known)
+        etc_hosts = "127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in hosts)
+
+        def prepare(pair: tuple[LocalHost, tuple[bytes, str]]) -> None:
+            host, (host_private, host_public) = pair
+            hdir = self.host_dir(host.name)
+            etc = hdir / "etc_ssh"
+            etc.mkdir(parents=True, exist_ok=True)
+            _write(etc / "sshd_config", SSHD_CONFIG.format(address=host.address, user=entry.pw_name))
+            _write(etc / "ssh_config", SSH_CONFIG)
+            _write(etc / "ssh_host_ed25519_key", host_private, 0o600)
+            _write(etc / "ssh_host_ed25519_key.pub", host_public + "\n")
+            _write(etc / "ssh_known_hosts", known_names)
+            _write(hdir / "etc_hosts", etc_hosts)
+            _write(hdir / "etc_hostname", host.name + "\n")
+            home = hdir / "home"
+            if image:
+                shutil.copytree(image, home, symlinks=False, dirs_exist_ok=True)
+            ssh_dir = home / ".ssh"
+            ssh_dir.mkdir(parents=True, exist_ok=True)
+            _write(ssh_dir / "authorized_keys", public + "\n", 0o600)
+            os.chmod(home, 0o755)
+            os.chmod(ssh_dir, 0o700)
+            for root, dirs, files in os.walk(home):
+                for item in (root, *(os.path.join(root, n) for n in dirs + files)):
+                    os.lchown(item, entry.pw_uid, entry.pw_gid)
+            tmp = hdir / "tmp"
+            tmp.mkdir(exist_ok=True)
+            os.chmod(tmp, 0o1777)
+            _write(hdir / "init.sh", INIT_SCRIPT.format(hostdir=hdir, hostname=host.name, home=entry.pw_dir,
+                                                        sshd=SSHD), 0o755)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(prepare, zip(hosts, host_keys)))
+        state = {"cluster": self.cluster, "user": entry.pw_name, "launched": time.time(),
+                 "subnets": sorted({int(h.address.split(".")[2]) for h in hosts}),
+                 "hosts": [{"name": h.name, "role": h.role, "address": h.address} for h in hosts]}
+        _write(self.dir / STATE_FILE, json.dumps(state, indent=2))
+
+    def _start(self, hosts: list[LocalHost]) -> None:
+        for host in hosts:
+            hdir = self.host_dir(host.name)
+            with open(hdir / "sshd.log", "ab") as log:
+                proc = subprocess.Popen(
+                    ["unshare", "--pid", "--fork", "--kill-child=SIGTERM", "--mount", "--uts", "--mount-proc",
+                     "--propagation", "private", "/bin/sh", str(hdir / "init.sh")],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+            _write(hdir / "unshare.pid", str(proc.pid))
+
+    def _wait_listening(self, hosts: list[LocalHost], timeout: float) -> None:
+        pending = {h.name: h for h in hosts}
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while pending:
+            for name, host in list(pending.items()):
+                with socket.socket() as probe:
+                    probe.settimeout(0.5)
+                    if probe.connect_ex((host.address, 22)) == 0:
+                        del pending[name]
+                        continue
+                pid = self._unshare_pid(name)
+                if pid is not None and not _alive(pid):
+                    _reap(pid)
+                    raise ProviderError(f"[{name}] sshd exited at start-up: {self.log_tail(name)}",
+                                        provider="local", cluster=self.cluster)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{len(pending)} local host(s) not listening after {timeout:.0f}s: "
+                                    f"{', '.join(list(pending)[:8])}", provider="local", cluster=self.cluster)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _unshare_pid(self, name: str) -> int | None:
+        try:
+            return int((self.host_dir(name) / "unshare.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _record_init_pid(self, host: LocalHost) -> None:
+        outer = self._unshare_pid(host.name)
+        children = _children(outer) if outer else []
+        if not children:
+            raise ProviderError(f"[{host.name}] namespace init not found", provider="local", cluster=self.cluster)
+        _write(self.host_dir(host.name) / "init.pid", str(children[0]))
+
+    def log_tail(self, name: str, lines: int = 3) -> str:
+        try:
+            text = (self.host_dir(name) / "sshd.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    # -- destroy -----------------------------------------------------------
+    def kill_host(self, name: str) -> bool:
+        """End one host: SIGKILL its namespace's PID 1, which takes every process of the host with it."""
+        hdir = str(self.host_dir(name))
+        killed = False
+        init = self.init_pid(name)
+        if init is not None and _alive(init) and "sshd" in _cmdline(init):
+            outer = self._unshare_pid(name)
+            if outer is None or init in _children(outer):
+                os.kill(init, signal.SIGKILL)
+                killed = True
+        outer = self._unshare_pid(name)
+        if outer is not None and _alive(outer) and hdir in _cmdline(outer):
+            deadline = time.monotonic() + 5
+            while _alive(outer) and time.monotonic() < deadline:
+                _reap(outer)
+                time.sleep(0.005)
+            if _alive(outer):
+                os.kill(outer, signal.SIGKILL)
+                killed = True
+            _reap(outer)
+        return killed
+
+    def destroy(self) -> int:
+        """Kill every host of this cluster and remove its state; return how many hosts were running."""
+        state = self._state()
+        names = [h["name"] for h in state["hosts"]] if state else \
+            [p.name for p in (self.dir / "hosts").glob("*")] if (self.dir / "hosts").exists() else []
+        running = sum(1 for n in names if self._host_alive(n))
+        for name in names:
+            self.kill_host(name)
+        subnets = state.get("subnets", []) if state else []
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+        _release_subnets(subnets, self.dir)
+        return running

@@ -1,0 +1,138 @@
+"""Read and write the servers/ folder (SPEC section 6), atomically.
+
+The plain-text files keep the old scripts' names so scripts on the cluster keep
+working; cluster.json is the full record that cloister itself reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ServersError
+
+ROLES = ("master", "worker", "dev")
+TEXT_FILES = ("manager.txt", "master.txt", "servers.txt", "servers_private.txt", "servers_public.txt")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of a cluster; ``host`` is the address cloister connects to."""
+
+    role: str
+    id: str
+    host: str
+    private: str = ""
+    public: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What servers/cluster.json records about a cluster."""
+
+    provider: str
+    cluster_name: str
+    user: str
+    ssh_key: str
+    nodes: list[Node]
+    known_hosts: str | None = None
+    region: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def master(self) -> Node | None:
+        return next((n for n in self.nodes if n.role == "master"), None)
+
+    @property
+    def workers(self) -> list[Node]:
+        return [n for n in self.nodes if n.role == "worker"]
+
+    @property
+    def dev(self) -> Node | None:
+        return next((n for n in self.nodes if n.role == "dev"), None)
+
+    @property
+    def cluster_nodes(self) -> list[Node]:
+        """Master and workers: the machines an experiment or `cluster.run` uses."""
+        return [n for n in self.nodes if n.role in ("master", "worker")]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["nodes"] = [asdict(n) for n in self.nodes]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ClusterInfo":
+        nodes = [Node(**n) for n in data["nodes"]]
+        fields = {k: data[k] for k in ("provider", "cluster_name", "user", "ssh_key")}
+        return cls(nodes=nodes, known_hosts=data.get("known_hosts"), region=data.get("region"),
+                   extra=data.get("extra") or {}, **fields)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def text_files(info: ClusterInfo) -> dict[str, str]:
+    """The contents of the old plain-text files, one host per line."""
+    master = info.master
+    workers = info.workers
+
+    def lines(values: list[str]) -> str:
+        return "".join(v + "\n" for v in values)
+
+    return {
+        "manager.txt": lines([master.public or master.host] if master else []),
+        "master.txt": lines([master.public or master.host] if master else []),
+        "servers.txt": lines([w.public or w.host for w in workers]),
+        "servers_private.txt": lines([w.private or w.host for w in workers]),
+        "servers_public.txt": lines([w.public or w.host for w in workers]),
+    }
+
+
+def write_servers(directory: str | os.PathLike, info: ClusterInfo) -> Path:
+    """Write every file of servers/; cluster.json goes last so readers never see a mix."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in text_files(info).items():
+        _atomic_write(folder / name, text)
+    _atomic_write(folder / "cluster.json", json.dumps(info.to_json(), indent=2) + "\n")
+    return folder
+
+
+def clear_servers(directory: str | os.PathLike) -> None:
+    folder = Path(directory)
+    for name in (*TEXT_FILES, "cluster.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def read_servers(directory: str | os.PathLike, *, cluster_name: str | None = None) -> ClusterInfo:
+    """Read servers/cluster.json; refuse one that belongs to another cluster than ``cluster_name``."""
+    path = Path(directory) / "cluster.json"
+    try:
+        data = json.loads(path.read_text())
+        info = ClusterInfo.from_json(data)
+    except FileNotFoundError:
+        raise ServersError(f"{path}: no cluster recorded; run inv cluster.launch first", path=str(path))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ServersError(f"{path}: unreadable ({err.__class__.__name__}: {err}); "
+                           f"run inv cluster.launch to rewrite it", path=str(path))
+    if cluster_name is not None and info.cluster_name != cluster_name:
+        raise ServersError(f"{path} describes cluster '{info.cluster_name}', but the config names "
+                           f"'{cluster_name}'; use that cluster's config or run inv cluster.launch",
+                           path=str(path))
+    return info

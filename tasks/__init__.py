@@ -1,0 +1,20 @@
+"""cloister's Invoke tasks: ``inv --list`` shows them all."""
+
+from invoke import Collection
+
+from cloister.config import DEFAULTS
+
+from . import cluster
+
+# Settings that are not cluster-config keys; mirrored in invoke.yaml.
+SETTINGS = {
+    "config": "configs/local.json",
+    "servers_dir": "servers",
+    "state_dir": ".cloister",
+    "concurrency": 64,
+    "connect_timeout": 10.0,
+    "ssh_timeout": 600.0,
+}
+
+ns = Collection(cluster.ns)
+ns.configure({"cloister": {**DEFAULTS, **SETTINGS}})
