@@ -57,3 +57,11 @@ class ExperimentError(CloisterError):
         self.benchmark = benchmark
         self.run_id = run_id
         super().__init__(message)
+
+
+class RunTimeout(ExperimentError):
+    """The master of a run did not finish within its timeout."""
+
+    def __init__(self, message: str, *, benchmark: str, run_id: str, timeout: float):
+        self.timeout = timeout
+        super().__init__(message, benchmark=benchmark, run_id=run_id)

@@ -4,7 +4,7 @@ from invoke import Collection
 
 from cloister.config import DEFAULTS
 
-from . import cluster
+from . import cluster, exp
 
 # Settings that are not cluster-config keys; mirrored in invoke.yaml.
 SETTINGS = {
@@ -14,7 +14,9 @@ SETTINGS = {
     "concurrency": 64,
     "connect_timeout": 10.0,
     "ssh_timeout": 600.0,
+    "experiments": "experiments.yaml",
+    "runs_dir": "runs",
 }
 
-ns = Collection(cluster.ns)
+ns = Collection(cluster.ns, exp.ns)
 ns.configure({"cloister": {**DEFAULTS, **SETTINGS}})

@@ -1,0 +1,279 @@
+"""experiments.yaml: the benchmark registry and role command rendering (SPEC section 7)."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import shlex
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError, ExperimentError
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+ROLES = ("manager", "worker", "master")
+PLACEHOLDERS = frozenset({"binary", "worker_binary", "benchmark", "host", "port", "index", "manager",
+                          "manager_port", "master_port", "workers", "nprocs", "k", "partitions", "run_id",
+                          "args"})
+KEYS = ("dir", "binary", "worker_binary", "vars_file", "env", "args", "ports", "commands", "ready",
+        "ready_timeout", "timeout", "build", "metric")
+PORT_KEYS = ("manager", "master", "worker_base")
+# Shell control operators and redirections: refused in --args rather than quoted,
+# because they are almost certainly a mistake or an injection attempt.
+_OPERATOR_RE = re.compile(r"^[;&|<>()]+$")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark's fully merged, validated definition."""
+
+    name: str
+    dir: str
+    binary: str
+    worker_binary: str
+    vars_file: str | None
+    env: dict[str, str]
+    args: str
+    manager_port: int
+    master_port: int
+    worker_base: int
+    commands: dict[str, str]
+    ready_log: str | None
+    ready_timeout: float
+    timeout: float
+    build: str
+    metric: str | None
+    source: str = ""
+
+    def worker_port(self, local_index: int) -> int:
+        return self.worker_base + local_index
+
+
+@dataclass(frozen=True)
+class Registry:
+    source: str
+    benchmarks: dict[str, Benchmark] = field(default_factory=dict)
+
+    def get(self, name: str) -> Benchmark:
+        validate_name(name)
+        if name not in self.benchmarks:
+            close = difflib.get_close_matches(name, list(self.benchmarks), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(self.benchmarks) or 'none'}"
+            raise ExperimentError(f"{self.source}: no benchmark '{name}'{hint}", benchmark=name)
+        return self.benchmarks[name]
+
+
+def validate_name(name: str) -> str:
+    """Refuse benchmark names that could reach a shell as anything but a word."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ExperimentError(f"benchmark name {name!r}: expected letters, digits, '_', '.' or '-' only",
+                              benchmark=str(name))
+    if name in (".", ".."):
+        raise ExperimentError(f"benchmark name {name!r}: not a directory name", benchmark=name)
+    return name
+
+
+def parse_args(text: str | None) -> list[str]:
+    """Split ``--args`` into words; refuse shell operators (each word is quoted later anyway)."""
+    if not text:
+        return []
+    try:
+        lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError as err:
+        raise ExperimentError(f"--args {text!r}: {err}")
+    for word in words:
+        if _OPERATOR_RE.match(word) or "`" in word or "$(" in word:
+            raise ExperimentError(f"--args {text!r}: shell syntax {word!r} is not allowed; pass plain arguments")
+    return words
+
+
+def _fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
+    where = f"benchmark '{name}'"
+
+    def fail(key: str, expected: str) -> ConfigError:
+        return ConfigError(file=f"{file}: {where}", key=key, expected=expected)
+
+    for key in raw:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            raise fail(key, "unknown key" + (f"; did you mean '{close[0]}'?" if close else ""))
+    for key in ("dir", "binary", "commands", "ports"):
+        if key not in raw:
+            raise fail(key, "missing")
+    for key in ("dir", "binary"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise fail(key, "expected a non-empty string")
+    ports = raw["ports"]
+    if not isinstance(ports, Mapping):
+        raise fail("ports", "expected a mapping of manager, master, worker_base")
+    for key in ports:
+        if key not in PORT_KEYS:
+            raise fail(f"ports.{key}", f"unknown port; expected one of {', '.join(PORT_KEYS)}")
+    for key in PORT_KEYS:
+        value = ports.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+            raise fail(f"ports.{key}", f"expected a TCP port 1-65535, got {value!r}")
+    commands = raw["commands"]
+    if not isinstance(commands, Mapping):
+        raise fail("commands", "expected a mapping of manager, worker, master")
+    for key in commands:
+        if key not in ROLES:
+            raise fail(f"commands.{key}", f"unknown role; expected one of {', '.join(ROLES)}")
+    for role in ROLES:
+        template = commands.get(role)
+        if not isinstance(template, str) or not template.strip():
+            raise fail(f"commands.{role}", "expected a command template")
+        try:
+            unknown = _fields(template) - PLACEHOLDERS
+        except ValueError as err:
+            raise fail(f"commands.{role}", f"bad template: {err}")
+        if unknown:
+            raise fail(f"commands.{role}", f"unknown placeholder {{{sorted(unknown)[0]}}}; "
+                                           f"known: {', '.join(sorted(PLACEHOLDERS))}")
+    env = raw.get("env") or {}
+    if not isinstance(env, Mapping) or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)) for k in env):
+        raise fail("env", "expected a mapping of VARIABLE: value")
+    ready = raw.get("ready", "port")
+    if ready == "port":
+        ready_log = None
+    elif isinstance(ready, Mapping) and set(ready) == {"log"} and isinstance(ready["log"], str):
+        ready_log = ready["log"]
+        try:
+            re.compile(ready_log)
+        except re.error as err:
+            raise fail("ready.log", f"bad regex: {err}")
+    else:
+        raise fail("ready", "expected 'port' or {log: REGEX}")
+    metric = raw.get("metric")
+    if metric is not None:
+        try:
+            if not isinstance(metric, str) or re.compile(metric).groups < 1:
+                raise fail("metric", "expected a regex with one group")
+        except re.error as err:
+            raise fail("metric", f"bad regex: {err}")
+    numbers = {}
+    for key in ("ready_timeout", "timeout"):
+        value = raw.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise fail(key, f"expected a positive number of seconds, got {value!r}")
+        numbers[key] = float(value)
+    for key in ("build", "args"):
+        if not isinstance(raw.get(key, ""), str):
+            raise fail(key, "expected a string")
+    vars_file = raw.get("vars_file")
+    if vars_file is not None and (not isinstance(vars_file, str) or "/" in vars_file or not vars_file):
+        raise fail("vars_file", "expected a file name inside the benchmark directory, or null")
+    binary = raw["binary"].format(benchmark=name)
+    worker_binary = (raw.get("worker_binary") or raw["binary"]).format(benchmark=name)
+    return Benchmark(
+        name=name, dir=raw["dir"].format(benchmark=name), binary=binary, worker_binary=worker_binary,
+        vars_file=vars_file, env={str(k): str(v) for k, v in env.items()}, args=raw.get("args") or "",
+        manager_port=ports["manager"], master_port=ports["master"], worker_base=ports["worker_base"],
+        commands={r: commands[r] for r in ROLES}, ready_log=ready_log, ready_timeout=numbers["ready_timeout"],
+        timeout=numbers["timeout"], build=raw.get("build") or "true", metric=metric, source=file)
+
+
+def load_registry(path: str | Path) -> Registry:
+    """Read and validate experiments.yaml; any problem is a one-line ConfigError."""
+    import yaml
+
+    file = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(file=file, expected="no such file (the benchmark registry)")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(file=file, expected=f"invalid YAML{at}: {problem}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(file=file, expected="expected a mapping with 'defaults' and 'benchmarks'")
+    for key in data:
+        if key not in ("defaults", "benchmarks"):
+            raise ConfigError(file=file, key=str(key), expected="unknown top-level key; expected defaults, benchmarks")
+    defaults = data.get("defaults") or {}
+    benchmarks = data.get("benchmarks") or {}
+    if not isinstance(defaults, Mapping) or not isinstance(benchmarks, Mapping):
+        raise ConfigError(file=file, expected="'defaults' and 'benchmarks' must be mappings")
+    registry = Registry(source=file)
+    for name, entry in benchmarks.items():
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ConfigError(file=file, key=f"benchmarks.{name}",
+                              expected="benchmark names use letters, digits, '_', '.' and '-' only")
+        if entry is not None and not isinstance(entry, Mapping):
+            raise ConfigError(file=file, key=f"benchmarks.{name}", expected="expected a mapping")
+        registry.benchmarks[name] = _build(name, _merge(dict(defaults), entry or {}), file=file)
+    return registry
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Everything a role command needs to be rendered for one run."""
+
+    run_id: str
+    k: int
+    nprocs: int
+    manager: str
+    workers: list[tuple[str, int]]
+    args: list[str] = field(default_factory=list)
+
+
+def render(bench: Benchmark, role: str, shape: RunShape, *, host: str, port: int | None = None,
+           index: int | None = None) -> str:
+    """A role's command line with every substituted value shell-quoted."""
+    values = {
+        "binary": bench.binary if role != "worker" else bench.worker_binary,
+        "worker_binary": bench.worker_binary,
+        "benchmark": bench.name,
+        "host": host,
+        "port": "" if port is None else str(port),
+        "index": "" if index is None else str(index),
+        "manager": shape.manager,
+        "manager_port": str(bench.manager_port),
+        "master_port": str(bench.master_port),
+        "workers": ",".join(f"{h}:{p}" for h, p in shape.workers),
+        "nprocs": str(shape.nprocs),
+        "k": str(shape.k),
+        "partitions": str(shape.nprocs * shape.k),
+        "run_id": shape.run_id,
+    }
+    quoted = {key: shlex.quote(value) for key, value in values.items()}
+    # The binary is a path written by the user in experiments.yaml; "./x" stays readable.
+    quoted["binary"] = _quote_path(values["binary"])
+    quoted["worker_binary"] = _quote_path(values["worker_binary"])
+    extra = parse_args(bench.args) + list(shape.args)
+    quoted["args"] = " ".join(shlex.quote(a) for a in extra)
+    return " ".join(bench.commands[role].format(**quoted).split())
+
+
+def _quote_path(path: str) -> str:
+    return path if re.fullmatch(r"[A-Za-z0-9_./~-]+", path) and not path.startswith("~") else shlex.quote(path)
+
+
+def remote_dir(path: str) -> str:
+    """A remote directory for a shell: '~/x' becomes "$HOME"/'x' so it expands but stays quoted."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
