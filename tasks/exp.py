@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 import time
@@ -279,5 +280,73 @@ def make(c, benchmark=None, config=None):
         raise HostsFailed(failed, total=len(info.cluster_nodes))
 
 
-ns = Collection("exp", run, manager, workers, master, killall, logs, clean, make)
+@task(help={"benchmark": BENCH_HELP, "k": "comma-separated worker host counts, e.g. 1,2,4,8",
+            "p": "comma-separated processes per host, e.g. 1,4",
+            "args_grid": "FLAG=v1,v2: one more grid axis passed to the master as FLAG v (repeatable; "
+                         "a bare name means --name)",
+            "repeat": "runs of every combination", "name": "sweep name (default: benchmark + a hash of the grid); "
+                                                              "the same name resumes",
+            "fail_fast": "stop at the first failed combination", "config": CONFIG_HELP,
+            "timeout": "seconds each master may run (default: the benchmark's timeout)"},
+      iterable=["args_grid"])
+def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, fail_fast=False, config=None,
+          timeout=None):
+    """Run every k x p x args combination, resumably; write results.csv and plot.png."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from cloister import sweep as sweeplib
+
+    cfg, conf, bench, info = _context(c, config, _require(benchmark))
+    ks = sweeplib.parse_int_list(k, flag="-k")
+    ps = sweeplib.parse_int_list(p, flag="-p")
+    grid = sweeplib.parse_args_grid(list(args_grid or []))
+    repeat = int(repeat)
+    if repeat < 1:
+        raise Exit("--repeat: expected a positive integer", code=1)
+    if max(ks) > len(info.workers):
+        raise Exit(f"-k {max(ks)}: the cluster has {len(info.workers)} workers", code=1)
+    spec = {"benchmark": bench.name, "k": ks, "p": ps, "grid": grid, "repeat": repeat}
+    sweep_name = name or sweeplib.default_name(bench.name, spec)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep_name):
+        raise Exit(f"--name {sweep_name!r}: expected letters, digits, '_', '.' or '-'", code=1)
+    state = sweeplib.SweepState(Path(c.cloister.runs_dir) / "sweeps" / sweep_name, spec)
+    all_combos = sweeplib.combos(ks=ks, ps=ps, grid=grid, repeat=repeat)
+
+    def run_one(combo, run_id):
+        run_ = runlib.Run(info=info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args),
+                          runs_dir=c.cloister.runs_dir, settings_concurrency=conf.concurrency,
+                          connect_timeout=conf.connect_timeout, timeout=float(timeout) if timeout else None,
+                          run_id=run_id, config_name=cfg.source)
+        return run_.execute().record
+
+    def cleanup_interrupted(run_id):
+        grp = hostlib.group(info, info.cluster_nodes, concurrency=conf.concurrency,
+                            connect_timeout=conf.connect_timeout)
+        try:
+            hostlib.call(grp, lambda cxn: cxn.run(runlib.kill_script(bench, run_id), warn=True, timeout=60))
+        finally:
+            grp.close()
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        bar = progress.add_task(f"sweep {sweep_name}", total=len(all_combos))
+
+        def on_progress(done, total, combo):
+            progress.update(bar, completed=done,
+                            description=f"sweep {sweep_name}: " + (combo.key if combo else "done"))
+
+        rows = sweeplib.run_sweep(state=state, all_combos=all_combos, run_one=run_one,
+                                  cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
+                                  on_progress=on_progress)
+    image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric)
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else ""))
+    if failed:
+        raise Exit(f"{len(failed)}/{len(rows)} runs failed: "
+                   + ", ".join(f"k={r['k']} p={r['p']} {r['status']} ({r['run_id']})" for r in failed[:5]), code=1)
+
+
+ns = Collection("exp", run, manager, workers, master, killall, logs, clean, make, sweep)
 ns.add_task(list_, name="list")

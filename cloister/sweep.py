@@ -1,0 +1,220 @@
+"""exp.sweep: a grid of runs over k, p and argument values, resumable, with a CSV and a plot.
+
+State lives in ``runs/sweeps/{name}/``: ``state.json`` (the grid and the run in
+progress), ``results.csv`` (one row per finished combination, rewritten
+atomically) and ``plot.png``. A combination is only recorded once its run has
+ended, so a sweep killed mid-run redoes that combination when started again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ExperimentError
+from .runs import new_run_id
+
+FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric")
+
+
+def parse_int_list(text: str | int, *, flag: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; each a positive integer."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise ExperimentError(f"{flag} {text!r}: expected comma-separated positive integers such as 1,2,4")
+        values.append(int(part))
+    return sorted(set(values))
+
+
+def parse_args_grid(items: list[str]) -> dict[str, list[str]]:
+    """['-n=10,20', 'mode=a,b'] -> {'-n': ['10', '20'], '--mode': ['a', 'b']}."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values or not re.fullmatch(r"-{0,2}[A-Za-z0-9][A-Za-z0-9_.-]*", key):
+            raise ExperimentError(f"--args-grid {item!r}: expected FLAG=v1,v2 such as -n=1000,2000 or size=1,2")
+        flag = key if key.startswith("-") else f"--{key}"
+        grid[flag] = [v for v in values.split(",") if v != ""]
+    return grid
+
+
+@dataclass(frozen=True)
+class Combo:
+    k: int
+    p: int
+    args: tuple[str, ...]
+    repeat: int
+
+    @property
+    def key(self) -> str:
+        return f"k={self.k} p={self.p} args={' '.join(self.args)} repeat={self.repeat}"
+
+
+def combos(*, ks: list[int], ps: list[int], grid: dict[str, list[str]], repeat: int) -> list[Combo]:
+    arg_sets: list[tuple[str, ...]] = [()]
+    if grid:
+        arg_sets = [tuple(itertools.chain.from_iterable((flag, value) for flag, value in zip(grid, values)))
+                    for values in itertools.product(*grid.values())]
+    return [Combo(k=k, p=p, args=a, repeat=r) for k in ks for p in ps for a in arg_sets for r in range(1, repeat + 1)]
+
+
+def default_name(benchmark: str, spec: dict[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{benchmark}-{digest}"
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class SweepState:
+    """The on-disk state of one sweep."""
+
+    def __init__(self, directory: Path, spec: dict[str, Any]):
+        self.dir = directory
+        self.spec = spec
+        self.state_path = directory / "state.json"
+        self.csv_path = directory / "results.csv"
+        self.plot_path = directory / "plot.png"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self._read_state()
+        if state and state.get("spec") != spec:
+            raise ExperimentError(f"{self.state_path}: sweep '{directory.name}' was started with another grid; "
+                                  f"use another --name or remove {directory}")
+        self.current: dict[str, str] | None = state.get("current") if state else None
+        self.rows = self._read_rows()
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as err:
+            raise ExperimentError(f"{self.state_path}: unreadable ({err.msg}); remove it to start over")
+
+    def _read_rows(self) -> list[dict[str, str]]:
+        try:
+            with open(self.csv_path, newline="") as src:
+                return list(csv.DictReader(src))
+        except FileNotFoundError:
+            return []
+
+    def done(self) -> set[str]:
+        return {f"k={r['k']} p={r['p']} args={r['args']} repeat={r['repeat']}" for r in self.rows}
+
+    def begin(self, combo: Combo, run_id: str) -> None:
+        self.current = {"key": combo.key, "run_id": run_id}
+        self._save()
+
+    def finish(self, combo: Combo, result_record: dict[str, Any]) -> None:
+        total = (result_record.get("timings") or {}).get("total_s")
+        self.rows.append({"k": str(combo.k), "p": str(combo.p), "args": " ".join(combo.args),
+                          "repeat": str(combo.repeat), "run_id": result_record["run_id"],
+                          "status": result_record["status"],
+                          "duration_s": "" if total is None else f"{total:.4f}",
+                          "metric": "" if result_record.get("metric") is None else str(result_record["metric"])})
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        _atomic(self.csv_path, out.getvalue())
+        self.current = None
+        self._save()
+
+    def _save(self) -> None:
+        _atomic(self.state_path, json.dumps({"spec": self.spec, "current": self.current}, indent=2) + "\n")
+
+
+def pending(state: SweepState, all_combos: list[Combo]) -> Iterator[Combo]:
+    done = state.done()
+    return (c for c in all_combos if c.key not in done)
+
+
+def plot(state: SweepState, *, benchmark: str, metric_name: str | None) -> Path | None:
+    """metric (or duration) against k, one line per p (and argument set), mean with min-max bars."""
+    ok = [r for r in state.rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_metric = metric_name is not None and all(_is_number(r["metric"]) for r in ok)
+    column = "metric" if use_metric else "duration_s"
+    series: dict[str, dict[int, list[float]]] = {}
+    for row in ok:
+        label = f"p={row['p']}" + (f" {row['args']}" if row["args"] else "")
+        series.setdefault(label, {}).setdefault(int(row["k"]), []).append(float(row[column]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(series.items()):
+        ks = sorted(points)
+        means = [sum(points[k]) / len(points[k]) for k in ks]
+        lows = [m - min(points[k]) for m, k in zip(means, ks)]
+        highs = [max(points[k]) - m for m, k in zip(means, ks)]
+        ax.errorbar(ks, means, yerr=[lows, highs], marker="o", capsize=4, label=label)
+    ax.set_xlabel("k (worker hosts)")
+    ax.set_ylabel(_metric_label(metric_name) if use_metric else "run duration (s)")
+    ax.set_title(f"{benchmark}: sweep {state.dir.name}")
+    ax.set_xticks(sorted({int(r["k"]) for r in ok}))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = state.plot_path.with_name(".plot.png.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, state.plot_path)
+    return state.plot_path
+
+
+def _metric_label(pattern: str) -> str:
+    """The regex's first named group names the metric: time_s=(?P<time_s>[0-9.]+)."""
+    names = list(re.compile(pattern).groupindex)
+    return names[0] if names else "metric (from the master log)"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[Combo, str], dict[str, Any]],
+              cleanup_interrupted: Callable[[str], None], fail_fast: bool,
+              on_progress: Callable[[int, int, Combo | None], None] | None = None) -> list[dict[str, str]]:
+    """Run every pending combination in order; record each when its run has ended."""
+    if state.current:
+        # A previous sweep process died mid-run: its processes may still hold ports.
+        cleanup_interrupted(state.current["run_id"])
+        state.current = None
+    todo = list(pending(state, all_combos))
+    finished = len(all_combos) - len(todo)
+    for combo in todo:
+        if on_progress:
+            on_progress(finished, len(all_combos), combo)
+        run_id = new_run_id()
+        state.begin(combo, run_id)
+        record = run_one(combo, run_id)
+        state.finish(combo, record)
+        finished += 1
+        if fail_fast and record["status"] != "ok":
+            raise ExperimentError(f"{combo.key}: run {record['run_id']} {record['status']}; stopped (--fail-fast)",
+                                  run_id=record["run_id"])
+    if on_progress:
+        on_progress(finished, len(all_combos), None)
+    return state.rows

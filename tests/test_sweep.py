@@ -1,0 +1,133 @@
+"""exp.sweep: grid parsing, resumable state, and real sweeps of dsum on the local cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cloister import sweep as sweeplib
+from cloister.errors import ExperimentError
+
+from conftest import INV, REPO
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_parse_int_list():
+    assert sweeplib.parse_int_list("4,1,2,2", flag="-k") == [1, 2, 4]
+    for bad in ("", "1,x", "0", "-1", "1.5"):
+        with pytest.raises(ExperimentError, match="-k"):
+            sweeplib.parse_int_list(bad, flag="-k")
+
+
+def test_parse_args_grid():
+    grid = sweeplib.parse_args_grid(["-n=10,20", "mode=a,b"])
+    assert grid == {"-n": ["10", "20"], "--mode": ["a", "b"]}
+    for bad in ("n", "=1,2", "n=", "; rm=1", "$(x)=1"):
+        with pytest.raises(ExperimentError, match="--args-grid"):
+            sweeplib.parse_args_grid([bad])
+
+
+def test_combos_cover_the_grid():
+    combos = sweeplib.combos(ks=[1, 2], ps=[1, 4], grid={"-n": ["10", "20"]}, repeat=3)
+    assert len(combos) == 2 * 2 * 2 * 3
+    assert len({c.key for c in combos}) == len(combos)
+    assert sweeplib.combos(ks=[1], ps=[1], grid={}, repeat=1)[0].args == ()
+    assert ("-n", "20") in {c.args for c in combos}
+
+
+def test_state_resumes_and_refuses_another_grid(tmp_path):
+    spec = {"benchmark": "b", "k": [1, 2], "p": [1], "grid": {}, "repeat": 1}
+    combos = sweeplib.combos(ks=[1, 2], ps=[1], grid={}, repeat=1)
+    state = sweeplib.SweepState(tmp_path / "s", spec)
+    state.begin(combos[0], "20260101-000000-aaaa")
+    state.finish(combos[0], {"run_id": "20260101-000000-aaaa", "status": "ok", "timings": {"total_s": 1.5},
+                             "metric": 0.25})
+    state.begin(combos[1], "20260101-000001-bbbb")  # then the process "dies"
+
+    again = sweeplib.SweepState(tmp_path / "s", spec)
+    assert again.current == {"key": combos[1].key, "run_id": "20260101-000001-bbbb"}
+    assert [c.key for c in sweeplib.pending(again, combos)] == [combos[1].key]
+    cleaned = []
+    ran = []
+    rows = sweeplib.run_sweep(state=again, all_combos=combos, fail_fast=False,
+                              cleanup_interrupted=cleaned.append,
+                              run_one=lambda combo, run_id: ran.append(combo) or
+                              {"run_id": run_id, "status": "failed", "timings": {}, "metric": None})
+    assert cleaned == ["20260101-000001-bbbb"]
+    assert ran == [combos[1]]
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert rows[0]["metric"] == "0.25" and rows[0]["duration_s"] == "1.5000"
+    with pytest.raises(ExperimentError, match="another grid"):
+        sweeplib.SweepState(tmp_path / "s", {**spec, "repeat": 2})
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path):
+    combos = sweeplib.combos(ks=[1, 2, 3], ps=[1], grid={}, repeat=1)
+    state = sweeplib.SweepState(tmp_path / "s", {"x": 1})
+    with pytest.raises(ExperimentError, match="fail-fast"):
+        sweeplib.run_sweep(state=state, all_combos=combos, fail_fast=True, cleanup_interrupted=lambda r: None,
+                           run_one=lambda combo, run_id: {"run_id": run_id, "status": "failed", "timings": {}})
+    assert len(state.rows) == 1
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as src:
+        return list(csv.DictReader(src))
+
+
+def _sweep_args(name: str) -> list[str]:
+    return ["exp.sweep", "--benchmark", "dsum", "-k", "1,2", "-p", "1,2", "--repeat", "2", "--name", name]
+
+
+def test_sweep_2x2x2_writes_csv_and_plot(local_cluster, tmp_path):
+    env = {**local_cluster.env(), "INVOKE_CLOISTER_RUNS_DIR": str(tmp_path)}
+    proc = subprocess.run([INV, *_sweep_args("grid")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _rows(tmp_path / "sweeps" / "grid" / "results.csv")
+    assert len(rows) == 8
+    assert {(r["k"], r["p"], r["repeat"]) for r in rows} == {(k, p, r) for k in "12" for p in "12" for r in "12"}
+    assert all(r["status"] == "ok" and float(r["metric"]) > 0 and float(r["duration_s"]) > 0 for r in rows)
+    for row in rows:  # each combination kept its own complete run folder
+        record = json.loads((tmp_path / "dsum" / row["run_id"] / "run.json").read_text())
+        assert (record["k"], record["p"], record["status"]) == (int(row["k"]), int(row["p"]), "ok")
+    png = (tmp_path / "sweeps" / "grid" / "plot.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_sweep_resumes_after_the_process_is_killed(local_cluster, tmp_path):
+    env = {**local_cluster.env(), "INVOKE_CLOISTER_RUNS_DIR": str(tmp_path)}
+    csv_path = tmp_path / "sweeps" / "resume" / "results.csv"
+    first = subprocess.Popen([INV, *_sweep_args("resume")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not csv_path.exists() or len(_rows(csv_path)) < 3):
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    before = _rows(csv_path)
+    done_before = len(before)
+    assert 3 <= done_before < 8, "the sweep must be killed mid-way for this test to mean anything"
+
+    second = subprocess.run([INV, *_sweep_args("resume")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    rows = _rows(csv_path)
+    keys = [(r["k"], r["p"], r["args"], r["repeat"]) for r in rows]
+    assert len(rows) == 8 and len(set(keys)) == 8
+    assert rows[:done_before] == before  # finished combinations were not run again
+    # Nothing of any run is left on the hosts, including the one the kill interrupted.
+    left = local_cluster.inv("cluster.run", "pgrep -f 'dsum -i' || true")
+    assert left.returncode == 0, left.stderr
+    assert "dsum -i" not in left.stdout
