@@ -128,7 +128,11 @@ def read_servers(directory: str | os.PathLike, *, cluster_name: str | None = Non
         info = ClusterInfo.from_json(data)
     except FileNotFoundError:
         raise ServersError(f"{path}: no cluster recorded; run inv cluster.launch first", path=str(path))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except IsADirectoryError:
+        raise ServersError(f"{path}: is a directory, expected a file; remove it and run inv cluster.launch",
+                           path=str(path))
+    # UnicodeDecodeError: a binary or truncated file; a ValueError, not a JSONDecodeError.
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ServersError(f"{path}: unreadable ({err.__class__.__name__}: {err}); "
                            f"run inv cluster.launch to rewrite it", path=str(path))
     if cluster_name is not None and info.cluster_name != cluster_name:

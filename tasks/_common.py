@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from invoke import Exit
@@ -33,7 +35,20 @@ def task(*args: Any, **kwargs: Any):
 def settings(c) -> Settings:
     conf = c.cloister
     return Settings(servers_dir=conf.servers_dir, state_dir=conf.state_dir, concurrency=int(conf.concurrency),
-                    connect_timeout=float(conf.connect_timeout), ssh_timeout=float(conf.ssh_timeout))
+                    connect_timeout=float(conf.connect_timeout), ssh_timeout=float(conf.ssh_timeout),
+                    redeploy_concurrency=_positive_int(conf.get("redeploy_concurrency", 8),
+                                                       "cloister.redeploy_concurrency"))
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """A setting that must be a positive integer (it may arrive as a string from INVOKE_CLOISTER_* env)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise Exit(f"{name}: expected a positive integer, got {value!r}", code=1)
+    return number
 
 
 def load(c, config: str | None, **overrides: Any) -> ClusterConfig:
@@ -53,3 +68,63 @@ def confirm(question: str) -> bool:
         return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
     except EOFError:
         return False
+
+
+class ProgressBar:
+    """A rich progress bar on stderr for cloister's waits, which call ``update`` once per poll."""
+
+    def __init__(self, bar, task_id):
+        self.bar = bar
+        self.task_id = task_id
+
+    def update(self, text: str, done: int, total: int) -> None:
+        self.bar.update(self.task_id, description=text, completed=done, total=total, visible=True)
+
+    def confirm(self, question: str) -> bool:
+        """``confirm`` with the bar paused, so the question is not drawn over."""
+        self.bar.stop()
+        try:
+            return confirm(question)
+        finally:
+            self.bar.start()
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[ProgressBar]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        # Hidden until a wait reports, so providers without progress show nothing.
+        yield ProgressBar(bar, bar.add_task("", total=None, visible=False))
+
+
+def install_env_error_hook() -> None:
+    """Report a badly typed INVOKE_CLOISTER_* variable in one line.
+
+    Invoke casts environment values to the type of the default while it loads its config,
+    after the tasks are imported and before any task runs, so no task can catch the error.
+    """
+    import os
+    from pathlib import Path
+
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        names = None
+        frame = tb
+        while frame is not None:
+            code = frame.tb_frame.f_code
+            if Path(code.co_filename).parts[-2:] == ("invoke", "env.py") and "real_var" in frame.tb_frame.f_locals:
+                names = frame.tb_frame.f_locals["real_var"]
+            frame = frame.tb_next
+        if names is None or not issubclass(exc_type, Exception):
+            previous(exc_type, exc, tb)
+            return
+        value = os.environ.get(names, "")
+        expected = ("a list cannot come from the environment; set it in the config file or invoke.yaml"
+                    if "adapt" in str(exc) else f"wrong type ({exc})")
+        print(f"environment variable {names}={value!r}: {expected}", file=sys.stderr)
+
+    sys.excepthook = hook
