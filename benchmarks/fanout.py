@@ -8,7 +8,7 @@ wall time is measured. Runs are interleaved tool by tool, after one untimed warm
 median of --repeat is reported with the ratio of inv to the faster of pssh/clush. The cluster is
 destroyed at the end, also on failure or Ctrl-C.
 
-    .venv/bin/python benchmarks/fanout.py --setup --hosts 8,32,64 --repeat 5
+    .venv/bin/python benchmarks/fanout.py --setup --hosts 8,32,64,128 --repeat 5
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def table(results: dict[int, dict[str, float]], repeat: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hosts", default="8,32,64", help="comma-separated cluster sizes (hosts per run)")
+    parser.add_argument("--hosts", default="8,32,64,128", help="comma-separated cluster sizes (hosts per run)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool and size (median reported)")
     parser.add_argument("--setup", action="store_true", help="apt-get install pssh and clustershell if missing")
     parser.add_argument("--serial", action="store_true",

@@ -5,18 +5,26 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import threading
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import hosts
 from .config import ClusterConfig
 from .errors import CloisterError, HostsFailed, ProviderError
-from .local import LocalCluster
+from .local import STATE_FILE, LocalCluster
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
 
+if TYPE_CHECKING:
+    from . import ec2
+
 REMOTE_DIR = "cloister"
+TIMEOUT_EXIT = 124  # what coreutils timeout exits with when it had to stop the command
+REMOTE_TIMEOUT_GRACE = 5.0
 REMOTE_KEY = ".ssh/cloister_key"
 
 
@@ -29,6 +37,7 @@ class Settings:
     concurrency: int = hosts.DEFAULT_CONCURRENCY
     connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT
     ssh_timeout: float = 600.0
+    redeploy_concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -53,28 +62,50 @@ def _static_info(cfg: ClusterConfig, settings: Settings) -> ClusterInfo:
                        ssh_key=cfg.ssh_key or "", nodes=nodes, known_hosts=str(known))
 
 
-def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = None,
-           wait: bool = True) -> LaunchResult:
-    """Bring the cluster up (or find it), wait for SSH, write servers/ and copy it to every node."""
+def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = None, wait: bool = True,
+           confirm: Callable[[str], bool] | None = None,
+           progress: Callable[[str, int, int], None] | None = None) -> LaunchResult:
+    """Bring the cluster up (or find it), wait for SSH, write servers/ and copy it to every node.
+
+    ec2: after a failure that follows the creation of instances, ``confirm`` is asked whether to
+    terminate them (None: terminate without asking); ``progress`` sees every poll of the instances.
+    """
     count = cfg.nworkers if nworkers is None else nworkers
     if cfg.provider == "local":
         lc = local_cluster(cfg, settings)
         created = not lc.exists()
-        info = lc.launch(nworkers=count, dev=cfg.dev_host, image=cfg.image)
+        image = cfg.image
+        if created and cfg.ami == "latest":
+            from . import images
+
+            image = images.latest(cfg, state_dir=settings.state_dir).id
+        info = lc.launch(nworkers=count, dev=cfg.dev_host, image=image)
     elif cfg.provider == "static":
         created = False
         info = _static_info(cfg, settings)
     else:
         from . import ec2
 
-        result = ec2.launch(cfg, nworkers=count, wait=wait, settings=settings)
+        result = ec2.launch(cfg, nworkers=count, settings=settings, confirm=confirm, progress=progress)
         info, created = result.info, result.created
     write_servers(settings.servers_dir, info)
     if wait:
-        hosts.wait_ssh(info, info.nodes, timeout=settings.ssh_timeout, concurrency=settings.concurrency,
-                       probe_timeout=min(settings.connect_timeout, 5.0))
-        copy_dns(info, settings=settings)
+        try:
+            _wait_and_copy(info, settings)
+        except BaseException as exc:
+            if cfg.provider == "ec2" and created:
+                from . import ec2
+
+                ec2.abandon(cfg, exc, settings=settings, ids=[n.id for n in info.nodes], confirm=confirm,
+                            progress=progress)
+            raise
     return LaunchResult(info=info, created=created)
+
+
+def _wait_and_copy(info: ClusterInfo, settings: Settings) -> None:
+    hosts.wait_ssh(info, info.nodes, timeout=settings.ssh_timeout, concurrency=settings.concurrency,
+                   probe_timeout=min(settings.connect_timeout, 5.0))
+    copy_dns(info, settings=settings)
 
 
 def current(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
@@ -82,8 +113,12 @@ def current(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
     return read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
 
 
-def destroy(cfg: ClusterConfig, *, settings: Settings) -> list[str]:
-    """Tear the cluster down; return what was done, one line each."""
+def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Callable[[str], bool] | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """Tear the cluster down; return what was done, one line each.
+
+    ec2: ``confirm`` is asked with what will be terminated (None: do not ask).
+    """
     messages: list[str] = []
     if cfg.provider == "local":
         lc = local_cluster(cfg, settings)
@@ -97,12 +132,13 @@ def destroy(cfg: ClusterConfig, *, settings: Settings) -> list[str]:
     else:
         from . import ec2
 
-        messages.extend(ec2.destroy(cfg, settings=settings))
-    _clear_own_servers(cfg, settings)
+        messages.extend(ec2.destroy(cfg, settings=settings, confirm=confirm, progress=progress))
+    clear_own_servers(cfg, settings)
     return messages
 
 
-def _clear_own_servers(cfg: ClusterConfig, settings: Settings) -> None:
+def clear_own_servers(cfg: ClusterConfig, settings: Settings) -> None:
+    """Clear servers/ if it describes this config's cluster; leave another cluster's alone."""
     try:
         read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
     except CloisterError:
@@ -181,11 +217,17 @@ class HostOutput:
 
 def run(info: ClusterInfo, command: str, *, nodes: list[Node], settings: Settings, stream: TextIO | None = None,
         timeout: float | None = None) -> list[HostOutput]:
-    """Run ``command`` on ``nodes`` in parallel; with ``stream``, lines go there live as ``[host] line``."""
+    """Run ``command`` on ``nodes`` in parallel; with ``stream``, lines go there live as ``[host] line``.
+
+    With ``timeout``, the remote side ends the command itself (coreutils ``timeout``) so nothing is
+    left running on a host; the local timeout, a little later, only covers a host that stops answering.
+    """
     lock = threading.Lock()
+    if timeout is not None:
+        command = f"timeout -k 2 {timeout:g} bash -c {shlex.quote(command)}"
 
     def one(cxn):
-        kwargs: dict[str, Any] = {"timeout": timeout}
+        kwargs: dict[str, Any] = {"timeout": None if timeout is None else timeout + REMOTE_TIMEOUT_GRACE}
         if stream is not None:
             out, err = hosts.PrefixWriter(cxn.host, stream, lock), hosts.PrefixWriter(cxn.host, stream, lock)
             kwargs.update(out_stream=out, err_stream=err)
@@ -207,6 +249,9 @@ def run(info: ClusterInfo, command: str, *, nodes: list[Node], settings: Setting
         value = by_host[node.host]
         if isinstance(value, BaseException):
             outputs.append(HostOutput(node.host, "", "", None, hosts.describe_error(value)))
+        elif timeout is not None and value.exited == TIMEOUT_EXIT:
+            outputs.append(HostOutput(node.host, value.stdout, value.stderr, value.exited,
+                                      f"timed out after {timeout:g}s"))
         else:
             outputs.append(HostOutput(node.host, value.stdout, value.stderr, value.exited))
     return outputs
@@ -237,3 +282,59 @@ def ensure_running(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
             raise ProviderError(f"local cluster '{cfg.cluster_name}' is not running; run inv cluster.launch",
                                 provider="local", cluster=cfg.cluster_name)
     return info
+
+
+def _ec2_only(cfg: ClusterConfig, what: str) -> None:
+    if cfg.provider != "ec2":
+        raise ProviderError(f"{what} is for ec2 clusters; '{cfg.cluster_name}' uses the {cfg.provider} provider",
+                            provider=cfg.provider, cluster=cfg.cluster_name)
+
+
+def plan(cfg: ClusterConfig, *, nworkers: int | None = None) -> ec2.Plan:
+    """What an ec2 launch would create, checked with EC2's DryRun; creates nothing."""
+    _ec2_only(cfg, "--dry-run")
+    from . import ec2
+
+    return ec2.plan(cfg, nworkers=cfg.nworkers if nworkers is None else nworkers)
+
+
+def stop(cfg: ClusterConfig, *, settings: Settings,
+         progress: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """Stop an EBS-backed ec2 cluster; its disks stay and cost little while stopped."""
+    _ec2_only(cfg, "cluster.stop")
+    from . import ec2
+
+    return ec2.stop(cfg, settings=settings, progress=progress)
+
+
+def start(cfg: ClusterConfig, *, settings: Settings, wait: bool = True,
+          progress: Callable[[str, int, int], None] | None = None) -> ClusterInfo:
+    """Start a stopped ec2 cluster; rewrite servers/ (addresses change) and, with ``wait``, copy-dns again."""
+    _ec2_only(cfg, "cluster.start")
+    from . import ec2
+
+    info = ec2.start(cfg, settings=settings, progress=progress)
+    write_servers(settings.servers_dir, info)
+    if wait:
+        _wait_and_copy(info, settings)
+    return info
+
+
+def list_clusters(cfg: ClusterConfig, *, settings: Settings) -> list[dict[str, Any]]:
+    """Every cluster of the config's provider: ec2 clusters in its region, local clusters under state_dir."""
+    if cfg.provider == "ec2":
+        from . import ec2
+
+        return ec2.list_clusters(cfg)
+    if cfg.provider == "static":
+        return [{"cluster": cfg.cluster_name, "masters": 1, "workers": len(cfg.hosts or []) - 1, "states": "static"}]
+    rows = []
+    for state in sorted((Path(settings.state_dir) / "local").glob(f"*/{STATE_FILE}")):
+        lc = LocalCluster(state_root=settings.state_dir, cluster=state.parent.name)
+        nodes = lc.status()
+        states = Counter(node["state"] for node in nodes)
+        rows.append({"cluster": lc.cluster, "masters": sum(n["role"] == "master" for n in nodes),
+                     "workers": sum(n["role"] == "worker" for n in nodes),
+                     "states": ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
+                     "age_s": max((n["uptime_s"] or 0 for n in nodes), default=None)})
+    return rows

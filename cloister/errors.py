@@ -65,3 +65,15 @@ class RunTimeout(ExperimentError):
     def __init__(self, message: str, *, benchmark: str, run_id: str, timeout: float):
         self.timeout = timeout
         super().__init__(message, benchmark=benchmark, run_id=run_id)
+
+
+class AwsError(CloisterError):
+    """An AWS call failed; ``code`` is AWS's error code or botocore's exception name."""
+
+    def __init__(self, message: str, *, code: str, operation: str | None = None, region: str | None = None,
+                 cluster: str | None = None):
+        self.code = code
+        self.operation = operation
+        self.region = region
+        self.cluster = cluster
+        super().__init__(message)

@@ -93,7 +93,17 @@ def parse_args(text: str | None) -> list[str]:
 
 
 def _fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    """Placeholder names of a template; a conversion ({host!r}) or format spec ({host:>9}) is refused
+    because it would rewrite the already-quoted value and undo the quoting."""
+    names = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}: "
+                             f"conversions and format specs are not allowed")
+        names.add(name)
+    return names
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,10 +192,23 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
     vars_file = raw.get("vars_file")
     if vars_file is not None and (not isinstance(vars_file, str) or "/" in vars_file or not vars_file):
         raise fail("vars_file", "expected a file name inside the benchmark directory, or null")
-    binary = raw["binary"].format(benchmark=name)
-    worker_binary = (raw.get("worker_binary") or raw["binary"]).format(benchmark=name)
+    try:
+        parse_args(raw.get("args") or "")
+    except ExperimentError as err:
+        raise fail("args", str(err).removeprefix("--args "))
+
+    def path(key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise fail(key, "expected a non-empty string")
+        try:
+            return value.format(benchmark=name)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise fail(key, f"bad template {value!r}: the only placeholder here is {{benchmark}}")
+
+    binary = path("binary", raw["binary"])
+    worker_binary = path("worker_binary", raw.get("worker_binary") or raw["binary"])
     return Benchmark(
-        name=name, dir=raw["dir"].format(benchmark=name), binary=binary, worker_binary=worker_binary,
+        name=name, dir=path("dir", raw["dir"]), binary=binary, worker_binary=worker_binary,
         vars_file=vars_file, env={str(k): str(v) for k, v in env.items()}, args=raw.get("args") or "",
         manager_port=ports["manager"], master_port=ports["master"], worker_base=ports["worker_base"],
         commands={r: commands[r] for r in ROLES}, ready_log=ready_log, ready_timeout=numbers["ready_timeout"],
@@ -263,7 +286,8 @@ def render(bench: Benchmark, role: str, shape: RunShape, *, host: str, port: int
     quoted["worker_binary"] = _quote_path(values["worker_binary"])
     extra = parse_args(bench.args) + list(shape.args)
     quoted["args"] = " ".join(shlex.quote(a) for a in extra)
-    return " ".join(bench.commands[role].format(**quoted).split())
+    # Collapse the template's own whitespace, never a substituted value's ('a  b' or a tab stays literal).
+    return " ".join(bench.commands[role].split()).format(**quoted).strip()
 
 
 def _quote_path(path: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import socket
 import threading
 import time
@@ -28,6 +29,20 @@ from .servers import ClusterInfo, Node
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def raise_nofile_limit() -> int:
+    """Raise the open-files soft limit to the hard limit (128-host clusters); return the new soft limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        infinity = resource.RLIM_INFINITY
+        if soft == infinity or (hard != infinity and soft >= hard):
+            return soft
+        target = hard if hard != infinity else max(soft, 65536)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    except (ValueError, OSError):
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class _RecordingPolicy(paramiko.MissingHostKeyPolicy):
@@ -56,12 +71,16 @@ def _known_hostnames(path: Path) -> set[str]:
 
 
 def connection(info: ClusterInfo, node: Node | str, *,
-               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Connection:
-    """A Connection to one node (or host address) of ``info``, with the cluster's key and host keys."""
+               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, forward_agent: bool = False) -> Connection:
+    """A Connection to one node (or host address) of ``info``, with the cluster's key and host keys.
+
+    ``forward_agent`` forwards the local SSH agent (SSH_AUTH_SOCK) into the sessions it opens.
+    """
     host = node.host if isinstance(node, Node) else node
     config = Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True, "in_stream": False}})
     cxn = Connection(
         host, user=info.user, port=22, config=config, connect_timeout=connect_timeout,
+        forward_agent=forward_agent,
         connect_kwargs={"key_filename": [os.path.expanduser(info.ssh_key)], "look_for_keys": False,
                         "allow_agent": False, "banner_timeout": connect_timeout,
                         "auth_timeout": connect_timeout},
@@ -77,8 +96,24 @@ def connection(info: ClusterInfo, node: Node | str, *,
     return cxn
 
 
+def ssh_argv(info: ClusterInfo, host: str, command: list[str] | None = None) -> list[str]:
+    """The system ssh command line for ``host`` with the cluster's user, key and known_hosts."""
+    argv = ["ssh", "-i", os.path.expanduser(info.ssh_key), "-o", "IdentitiesOnly=yes"]
+    if info.known_hosts:
+        # accept-new: a host seen for the first time is recorded; a changed key is still refused.
+        argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(info.known_hosts)}",
+                 "-o", "StrictHostKeyChecking=accept-new"]
+    return argv + [f"{info.user}@{host}", *(command or [])]
+
+
 class CappedGroup(ThreadingGroup):
-    """A ThreadingGroup that runs at most ``concurrency`` hosts at a time."""
+    """A ThreadingGroup that runs at most ``concurrency`` hosts at a time.
+
+    Connections stay open between calls only while the group fits within ``concurrency``; a larger
+    group (a 128-host cluster) closes each connection when its host is done, so no more than
+    ``concurrency`` connections (and their transport threads) are ever open. A closed Connection
+    reconnects by itself on its next use.
+    """
 
     def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -99,6 +134,8 @@ class CappedGroup(ThreadingGroup):
         lock = threading.Lock()
         failed = False
 
+        keep_open = len(self) <= self.concurrency
+
         def one(cxn: Connection) -> None:
             nonlocal failed
             try:
@@ -107,6 +144,9 @@ class CappedGroup(ThreadingGroup):
                 value = exc
                 with lock:
                     failed = True
+            finally:
+                if not keep_open:
+                    cxn.close()
             with lock:
                 results[cxn] = value
 
@@ -115,6 +155,32 @@ class CappedGroup(ThreadingGroup):
         if failed:
             raise GroupException(results)
         return results
+
+
+def run_bytes(cxn: Connection, command: str, *, timeout: float) -> tuple[int, bytes, str]:
+    """Run ``command`` on an (opened) Connection and return (exit code, raw stdout, stderr).
+
+    Fabric decodes output as text; an archive streamed back (a run's logs) needs the bytes.
+    """
+    import select
+
+    cxn.open()
+    channel = cxn.client.get_transport().open_session(timeout=timeout)
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        channel.exec_command(command)
+        while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
+            if time.monotonic() > deadline:
+                raise CommandTimedOut(None, timeout)
+            select.select([channel], [], [], 0.1)
+            while channel.recv_ready():
+                out += channel.recv(1 << 16)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(1 << 16)
+        return channel.recv_exit_status(), bytes(out), err.decode(errors="replace")
+    finally:
+        channel.close()
 
 
 def select_nodes(info: ClusterInfo, *, role: str = "all", k: int | None = None,

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ClusterConfig
 from .errors import ProviderError
 from .servers import ClusterInfo, Node
 

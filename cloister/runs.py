@@ -9,15 +9,18 @@ with one folder per host and ``run.json``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import re
 import secrets
 import select
 import shlex
 import signal
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from contextlib import contextmanager
@@ -37,6 +40,8 @@ log = logging.getLogger("cloister.runs")
 _OUTPUT_LOCK = threading.Lock()
 
 REMOTE_RUNS = "cloister/runs"
+LOG_MARKER = "\\036LOG "  # printf escape for an ASCII record separator, then the log's name
+READY_TAIL_BYTES = 65536
 RUN_ID_FORMAT = "%Y%m%d-%H%M%S"
 
 
@@ -118,9 +123,12 @@ def _probe_script(bench: Benchmark, run_id: str, with_logs: bool) -> str:
         'echo "--net"', "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4==\"0A\"{print $2}'",
     ]
     if with_logs and bench.ready_log:
-        lines += ['echo "--ready"',
-                  f"for f in worker*_*.log; do [ -f \"$f\" ] && grep -qE {shlex.quote(bench.ready_log)} \"$f\" "
-                  f"&& echo \"$f\"; done"]
+        # The tails come back and are matched here with Python's re, the syntax experiments.yaml is
+        # validated with; the log sections come last because a log line may look like a marker.
+        lines.append(f'for f in worker*_*.log; do [ -f "$f" ] && printf "{LOG_MARKER}%s\\n" "$f" '
+                     f'&& tail -c {READY_TAIL_BYTES} "$f" && echo; done')
+    # No worker log on this host is not an error of the probe.
+    lines.append("true")
     return "\n".join(lines)
 
 
@@ -129,7 +137,7 @@ class Probe:
     alive: set[int]
     exits: dict[str, int]
     listening: set[tuple[str, int]]
-    ready_logs: set[str]
+    logs: dict[str, str]
 
 
 def _decode_address(hex_addr: str) -> tuple[str, int]:
@@ -145,7 +153,11 @@ def _decode_address(hex_addr: str) -> tuple[str, int]:
 
 def parse_probe(text: str) -> Probe:
     section = "ps"
-    probe = Probe(alive=set(), exits={}, listening=set(), ready_logs=set())
+    probe = Probe(alive=set(), exits={}, listening=set(), logs={})
+    text, *logs = text.split("\x1eLOG ")
+    for chunk in logs:
+        name, _, body = chunk.partition("\n")
+        probe.logs[name] = body
     for line in text.splitlines():
         if line.startswith("--"):
             section = line[2:]
@@ -159,8 +171,6 @@ def parse_probe(text: str) -> Probe:
             probe.exits[parts[0].removesuffix(".exit")] = int(parts[1])
         elif section == "net":
             probe.listening.add(_decode_address(parts[0]))
-        elif section == "ready":
-            probe.ready_logs.add(parts[0])
     return probe
 
 
@@ -224,7 +234,7 @@ class Run:
     """One experiment run over one open connection per host."""
 
     def __init__(self, *, info: ClusterInfo, bench: Benchmark, k: int, nprocs: int, args: list[str],
-                 runs_dir: str | os.PathLike, settings_concurrency: int, connect_timeout: float,
+                 runs_dir: str | os.PathLike, concurrency: int, connect_timeout: float,
                  manager: bool = True, timeout: float | None = None, keep: bool = False,
                  run_id: str | None = None, config_name: str = "", out: TextIO | None = None):
         workers = info.workers
@@ -256,9 +266,10 @@ class Run:
             args=args)
         self.procs: list[Proc] = []
         self.nodes = [self.master, *self.workers]
-        self.group = hosts.group(info, self.nodes, concurrency=settings_concurrency, connect_timeout=connect_timeout)
+        self.group = hosts.group(info, self.nodes, concurrency=concurrency, connect_timeout=connect_timeout)
         self.cxn = {c.host: c for c in self.group}
         self.timings: dict[str, float] = {}
+        self._ready_seen: set[str] = set()
         self.started = _now()
         self._t0 = time.monotonic()
 
@@ -320,7 +331,10 @@ class Run:
 
     def _is_ready(self, proc: Proc, probe: Probe) -> bool:
         if self.bench.ready_log and proc.role == "worker":
-            return log_name(proc.role, proc.index, self.run_id) in probe.ready_logs
+            name = log_name(proc.role, proc.index, self.run_id)
+            if re.search(self.bench.ready_log, probe.logs.get(name, ""), flags=re.MULTILINE):
+                self._ready_seen.add(name)
+            return name in self._ready_seen
         if proc.port is None:
             return True
         address = self._address(proc.host)
@@ -355,7 +369,8 @@ class Run:
         self._start({self.master.host: [proc]})
         cxn = self.cxn[self.master.host]
         logfile = f"{remote_run_dir(self.bench.name, self.run_id)}/{log_name('master', None, self.run_id)}"
-        command = f"tail -n +1 -s 0.05 -f --pid={proc.pid} {logfile}"
+        # -F, not -f: the log may not exist yet when the PID is already known.
+        command = f"tail -n +1 -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null"
         channel = cxn.client.get_transport().open_session()
         channel.exec_command(f"bash -c {shlex.quote(command)}")
         writer = hosts.PrefixWriter("master", self.out, _OUTPUT_LOCK) if self.out else None
@@ -377,7 +392,8 @@ class Run:
             channel.close()
         if timed_out:
             proc.status = "timeout"
-            raise RunTimeout(f"[{self.master.host}] master still running after the {self.timeout:g}s timeout; killed",
+            outcome = "left running (--keep)" if self.keep else "killed"
+            raise RunTimeout(f"[{self.master.host}] master still running after the {self.timeout:g}s timeout; {outcome}",
                              benchmark=self.bench.name, run_id=self.run_id, timeout=self.timeout)
         probe = self._probe(self.master.host)
         proc.exit = probe.exits.get(proc.key)
@@ -418,7 +434,15 @@ class Run:
             return {}
         grp = hosts.CappedGroup.of([self.cxn[h] for h in started], concurrency=self.group.concurrency)
         result = hosts.call(grp, lambda c: c.run(kill_script(self.bench, self.run_id), warn=True, timeout=30))
-        return hosts.failures(result)
+        failed = hosts.failures(result)
+        self._mark_killed(set(failed))
+        return failed
+
+    def _mark_killed(self, failed_hosts: set[str]) -> None:
+        # run.json must not say "running" about a process this run has just killed.
+        for proc in self.procs:
+            if proc.status == "running" and proc.pid and proc.host not in failed_hosts:
+                proc.status = "killed"
 
     def download(self) -> dict[str, str]:
         """Copy every file of this run from each host into runs/{benchmark}/{run_id}/{host}/."""
@@ -445,7 +469,8 @@ class Run:
             self.timings["master_s"] = time.monotonic() - master_start
             failures.update(self.final_states())
             if master.exit != 0:
-                failures[self.master.host] = f"master exited with {master.exit}"
+                failures[self.master.host] = ("master ended without an exit code (killed?)" if master.exit is None
+                                              else f"master exited with {master.exit}")
             status = "ok" if not failures else "failed"
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted (Ctrl-C)"
@@ -463,11 +488,14 @@ class Run:
     def _finish(self, status: str, error: str | None, failures: dict[str, str]) -> None:
         if status == "interrupted":
             log.warning("interrupted: killing the run's processes and collecting its logs")
-        if not self.keep:
-            for host, err in self.kill().items():
-                failures.setdefault(host, f"kill failed: {err}")
-        for host, err in self.download().items():
-            failures.setdefault(host, f"log download failed: {err}")
+        kill = None if self.keep else kill_script(self.bench, self.run_id)
+        fetched = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
+                               before=kill)
+        for host, err in fetched.items():
+            failures.setdefault(host, f"kill and log download failed: {err}" if kill else
+                                f"log download failed: {err}")
+        if kill:
+            self._mark_killed(set(fetched))
         self.timings["total_s"] = time.monotonic() - self._t0
         self._write_record(status, error, failures)
         self.group.close()
@@ -501,8 +529,6 @@ class Run:
 
 def read_metric(path: Path, pattern: str) -> float | str | None:
     """The first group of the last match of ``pattern`` in a log, as a float when it is one."""
-    import re
-
     try:
         matches = re.findall(pattern, path.read_text(errors="replace"), flags=re.MULTILINE)
     except OSError:
@@ -516,53 +542,62 @@ def read_metric(path: Path, pattern: str) -> float | str | None:
         return value
 
 
-def download_run(grp: hosts.CappedGroup, *, benchmark: str, run_id: str, local_dir: Path) -> dict[str, str]:
-    """Fetch ``~/cloister/runs/{benchmark}/{run_id}/*`` from every host of ``grp``; return per-host errors."""
-    remote = f"{REMOTE_RUNS}/{benchmark}/{run_id}"
+def download_run(grp: hosts.CappedGroup, *, benchmark: str, run_id: str, local_dir: Path,
+                 before: str | None = None) -> dict[str, str]:
+    """Fetch ``~/cloister/runs/{benchmark}/{run_id}/`` from every host of ``grp`` into ``local_dir/{host}/``.
+
+    One command per host streams the folder as a tar archive; ``before`` (e.g. the kill script)
+    runs first in the same command, so finishing a run costs one round trip per host.
+    """
+    rdir = remote_run_dir(benchmark, run_id)
+    script = (f"( {before}\n) 1>&2\n" if before else "") + f"cd {rdir} 2>/dev/null || exit 0\ntar -czf - ."
 
     def fetch(cxn: Connection) -> int:
-        sftp = cxn.sftp()
-        try:
-            names = sftp.listdir(remote)
-        except FileNotFoundError:
+        code, data, err = hosts.run_bytes(cxn, f"bash -c {shlex.quote(script)}", timeout=120)
+        if code != 0:
+            raise CloisterError(f"exit {code}: " + (err.strip().splitlines() or ["(no message)"])[-1])
+        if not data:
             return 0
         target = local_dir / cxn.host
         target.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            sftp.get(f"{remote}/{name}", str(target / name))
-        return len(names)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            archive.extractall(target, members=members, filter="data")
+        return len(members)
 
     return hosts.failures(hosts.call(grp, fetch))
 
 
 def killall_script(bench: Benchmark, *, max_procs: int = 64) -> str:
     """Kill a benchmark's processes on one host: recorded process groups, then its binaries
-    running in its directory, then listeners on its ports that are its binaries."""
+    running in its directory, then listeners on its ports that are its binaries; print how many."""
     runs = f'"$HOME"/{REMOTE_RUNS}/{shlex.quote(bench.name)}'
     names = sorted({Path(bench.binary).name, Path(bench.worker_binary).name})
-    pattern = "|".join(shlex.quote(n) for n in names)
+    pattern = "|".join(f"*{shlex.quote(n)}*" for n in names)
     ports = [bench.manager_port, bench.master_port, *range(bench.worker_base, bench.worker_base + max_procs)]
     port_re = "|".join(f":{p}" for p in ports)
     return "\n".join([
-        "n=0; me=$$",
-        f"D=$(cd {remote_dir(bench.dir)} 2>/dev/null && pwd -P)",
-        'owned() { c=$(tr "\\0" " " < /proc/$1/cmdline 2>/dev/null); '
-        f'case "$c" in *{pattern.replace("|", "*|*")}*) return 0;; esac; return 1; }}',
-        # A recorded PID is trusted only while it still runs this benchmark's binary (PIDs get reused).
+        "K=; me=$$",
+        'cmd() { tr "\\0" " " < /proc/$1/cmdline 2>/dev/null; }',
+        f'owned() {{ case "$(cmd $1)" in {pattern}) return 0;; esac; return 1; }}',
+        # A recorded PID is trusted only while it is still a wrapper cloister started (PIDs get reused).
+        "started() { tr '\\0' '\\n' < /proc/$1/environ 2>/dev/null | grep '^CLOISTER_RUN_DIR=' | "
+        f"grep -qF {shlex.quote(f'/{REMOTE_RUNS}/{bench.name}/')}; }}",
         f'for f in {runs}/*/pids; do [ -f "$f" ] || continue; '
-        'for p in $(awk \'{print $1}\' "$f"); do kill -0 -- -$p 2>/dev/null && owned $p && '
-        '{ kill -TERM -- -$p 2>/dev/null; n=$((n+1)); }; done; done',
-        'if [ -n "$D" ]; then for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
-        '[ "$(readlink $p/cwd 2>/dev/null)" = "$D" ] && owned $q && { kill -TERM $q 2>/dev/null && n=$((n+1)); }; '
-        'done; fi',
+        'for p in $(awk \'{print $1}\' "$f"); do kill -0 -- -$p 2>/dev/null && started $p && '
+        '{ kill -TERM -- -$p 2>/dev/null; K="$K $p"; }; done; done',
+        f"D=$(cd {remote_dir(bench.dir)} 2>/dev/null && pwd -P)",
+        'in_dir() { [ -n "$D" ] && [ "$(readlink /proc/$1/cwd 2>/dev/null)" = "$D" ]; }',
+        'for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
+        'in_dir $q && owned $q && { kill -TERM $q 2>/dev/null && K="$K $q"; }; done',
         'if command -v ss >/dev/null; then '
         f"for q in $(ss -ltnpH 2>/dev/null | grep -E '({port_re}) ' | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do "
-        'owned $q && { kill -TERM $q 2>/dev/null && n=$((n+1)); }; done; fi',
+        'owned $q && { kill -TERM $q 2>/dev/null && K="$K $q"; }; done; fi',
         "for i in $(seq 40); do a=; "
-        'if [ -n "$D" ]; then for p in /proc/[0-9]*; do q=${p#/proc/}; '
-        '[ "$(readlink $p/cwd 2>/dev/null)" = "$D" ] && owned $q && { a=1; kill -KILL $q 2>/dev/null; }; done; fi; '
+        'for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
+        'in_dir $q && owned $q && { a=1; kill -KILL $q 2>/dev/null; }; done; '
         '[ -z "$a" ] && break; sleep 0.05; done',
-        'echo "$n"',
+        'echo $K | tr " " "\\n" | sort -u | grep -c . || true',
     ])
 
 
@@ -602,8 +637,6 @@ def local_runs(runs_dir: str | os.PathLike, benchmark: str | None = None) -> lis
 
 
 def validate_run_id(run_id: str) -> str:
-    import re
-
     if not re.fullmatch(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{4}", run_id):
         raise ExperimentError(f"run id {run_id!r}: expected YYYYMMDD-HHMMSS-xxxx (see inv exp.list)")
     return run_id

@@ -95,7 +95,9 @@ def progress_bar() -> Iterator[ProgressBar]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)
+    # Off without a terminal: scripts and logs get the result lines only.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         # Hidden until a wait reports, so providers without progress show nothing.
         yield ProgressBar(bar, bar.add_task("", total=None, visible=False))
 

@@ -10,19 +10,22 @@ from invoke import Collection, Exit
 
 from cloister import cluster as lib
 from cloister import hosts as hostlib
-from cloister.servers import ClusterInfo
+from cloister import deploy, prices
+from cloister.errors import HostsFailed
 
-from ._common import confirm, load, settings, task
+from ._common import confirm, load, progress_bar, settings, task
 
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
 
 
-def _ssh_argv(info: ClusterInfo, host: str, command: list[str]) -> list[str]:
-    argv = ["ssh", "-i", os.path.expanduser(info.ssh_key), "-o", "IdentitiesOnly=yes"]
-    if info.known_hosts:
-        argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(info.known_hosts)}",
-                 "-o", "StrictHostKeyChecking=accept-new"]
-    return argv + [f"{info.user}@{host}", *command]
+def _number(flag: str, value: str | None, kind: type = int) -> int | float | None:
+    """Invoke hands these flags over as strings; a non-number must be a one-line error, not a traceback."""
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise Exit(f"{flag} {value!r}: expected {'an integer' if kind is int else 'a number'}", code=1)
 
 
 def _duration(seconds: float | None) -> str:
@@ -33,12 +36,28 @@ def _duration(seconds: float | None) -> str:
 
 
 @task(help={"config": CONFIG_HELP, "nworkers": "number of workers (overrides the config's nworkers)",
-            "wait": "wait for SSH on every node and copy servers/ to them (default: yes)"})
-def launch(c, config=None, nworkers=None, wait=True):
+            "wait": "wait for SSH on every node and copy servers/ to them (--no-wait: return once the "
+                    "instances run, with servers/ written)",
+            "name": "cluster name (overrides the config's cluster_name)",
+            "dry_run": "ec2: print the plan (AMI, types, counts, rules, TTL, $/hour), check permissions "
+                       "with EC2's DryRun, create nothing",
+            "ttl": "ec2: the instances terminate themselves after this, e.g. 6h or 90m; 0 disables "
+                   "(overrides the config's ttl)",
+            "yes": "ec2: if the launch fails or is interrupted, terminate what it created without asking"})
+def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False):
     """Launch the cluster (or find the running one), wait for SSH and write servers/."""
-    cfg = load(c, config, nworkers=None if nworkers is None else int(nworkers))
+    cfg = load(c, config, nworkers=_number("--nworkers", nworkers), cluster_name=name, ttl=ttl)
+    if dry_run:
+        for line in lib.plan(cfg).lines():
+            print(line)
+        return
+    if cfg.provider == "ec2" and cfg.ttl_seconds == 0:
+        print(f"warning: ttl 0: the instances of '{cfg.cluster_name}' never terminate themselves; "
+              f"remember inv cluster.destroy", file=sys.stderr)
     start = time.monotonic()
-    result = lib.launch(cfg, settings=settings(c), wait=wait)
+    with progress_bar() as bar:
+        result = lib.launch(cfg, settings=settings(c), wait=wait, confirm=None if yes else bar.confirm,
+                            progress=bar.update)
     info = result.info
     verb = "launched" if result.created else "found running"
     print(f"{verb} {cfg.provider} cluster '{cfg.cluster_name}': 1 master, {len(info.workers)} workers"
@@ -50,9 +69,12 @@ def launch(c, config=None, nworkers=None, wait=True):
 def destroy(c, config=None, yes=False):
     """Destroy the cluster named in the config and forget its servers/."""
     cfg = load(c, config)
-    if not yes and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):
+    # ec2 asks itself, once it knows what the tag finds.
+    if cfg.provider != "ec2" and not yes and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):
         raise Exit("not confirmed; pass --yes to destroy without asking", code=1)
-    for message in lib.destroy(cfg, settings=settings(c)):
+    with progress_bar() as bar:
+        messages = lib.destroy(cfg, settings=settings(c), confirm=None if yes else bar.confirm, progress=bar.update)
+    for message in messages:
         print(message)
 
 
@@ -65,15 +87,18 @@ def status(c, config=None):
     cfg = load(c, config)
     rows = lib.status(cfg, settings=settings(c))
     if not rows:
-        print(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running")
-        return
+        raise Exit(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running; run inv cluster.launch", code=1)
     columns = [k for k in ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost")
                if any(k in r for r in rows)]
     table = Table(title=f"{cfg.provider} cluster '{cfg.cluster_name}'")
     for column in columns:
-        table.add_column({"uptime_s": "uptime", "ttl_left_s": "ttl left"}.get(column, column))
+        # Piped output is 80 columns wide: wrap long public DNS names rather than cut them.
+        table.add_column({"uptime_s": "uptime", "ttl_left_s": "ttl left"}.get(column, column), overflow="fold")
     for row in rows:
         table.add_row(*[_duration(row.get(k)) if k.endswith("_s") else str(row.get(k, "-")) for k in columns])
+    if "cost" in columns:
+        total = sum(r["cost_usd"] for r in rows if r.get("cost_usd") is not None)
+        table.caption = f"cost so far {prices.dollars(total)}, {prices.NOTE}"
     Console().print(table)
     down = [r for r in rows if r["state"] not in ("running", "reachable")]
     if down:
@@ -89,7 +114,7 @@ def login(c, config=None, worker=None, dev=False):
     if dev:
         node = info.dev
     elif worker is not None:
-        index = int(worker)
+        index = _number("--worker", worker)
         if not 1 <= index <= len(info.workers):
             raise Exit(f"--worker {index}: the cluster has workers 1..{len(info.workers)}", code=1)
         node = info.workers[index - 1]
@@ -97,7 +122,7 @@ def login(c, config=None, worker=None, dev=False):
         node = info.master
     if node is None:
         raise Exit(f"cluster '{cfg.cluster_name}' has no {'dev host' if dev else 'master'}", code=1)
-    argv = _ssh_argv(info, node.host, [])
+    argv = hostlib.ssh_argv(info, node.host)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 
@@ -124,7 +149,7 @@ def run(c, command, config=None, role="all", hosts=None, stream=False, timeout=N
     info = lib.ensure_running(cfg, settings=settings(c))
     nodes = hostlib.select_nodes(info, role=role, hosts=hosts.split(",") if hosts else None)
     outputs = lib.run(info, command, nodes=nodes, settings=settings(c), stream=sys.stdout if stream else None,
-                      timeout=float(timeout) if timeout else None)
+                      timeout=_number("--timeout", timeout, float) or None)
     if not stream:
         for names, out in lib.fold(outputs):
             label = ",".join(names)
@@ -140,4 +165,172 @@ def run(c, command, config=None, role="all", hosts=None, stream=False, timeout=N
         raise Exit(str(failed), code=1)
 
 
-ns = Collection("cluster", launch, destroy, status, login, copy_dns, run)
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
+def _moved(t: deploy.Transfer) -> str:
+    text = f"{_files(t.stats.files)}, {_size(t.stats.size)}"
+    if t.stats.deleted:
+        text += f", {t.stats.deleted} deleted"
+    return text + f" in {t.duration:.2f}s"
+
+
+DRY_RUN_ITEMS = 20
+
+
+@task(help={"config": CONFIG_HELP,
+            "paths": "comma-separated paths relative to the dev instance's home (default: redeploy_paths)",
+            "delete": "also delete files on the nodes that are gone from the dev instance",
+            "dry_run": "show what would change on each node (rsync --dry-run --itemize-changes); change nothing",
+            "tree": "broadcast tree: nodes that have the code pass it on, doubling each round"})
+def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False):
+    """Push the code from the dev instance to every node with rsync, in parallel."""
+    cfg = load(c, config)
+    conf = settings(c)
+    info = lib.ensure_running(cfg, settings=conf)
+    wanted = deploy.check_paths(paths.split(",") if paths is not None else cfg.redeploy_paths,
+                                flag="--paths" if paths is not None else f"{cfg.source}: key 'redeploy_paths'")
+
+    def skipped(path: str) -> None:
+        print(f"warning: skipped {path}: not in the dev instance's home", file=sys.stderr)
+
+    changes: dict[tuple[str, ...], list[str]] = {}
+
+    def done(t: deploy.Transfer) -> None:
+        if not t.ok:
+            return
+        if dry_run:
+            s = t.stats
+            print(f"[{t.host}] would send {_files(s.files)} ({_size(s.size)})"
+                  + (f", delete {s.deleted}" if s.deleted else "") + f"; {s.changed} changed items", flush=True)
+            if s.items:
+                changes.setdefault(s.items, []).append(t.host)
+        else:
+            print(f"[{t.host}] {_moved(t)}" + (f" from {t.source}" if tree else ""), flush=True)
+
+    report = deploy.redeploy(info, paths=wanted, delete=delete, dry_run=dry_run, tree=tree,
+                             concurrency=conf.redeploy_concurrency, connect_timeout=conf.connect_timeout,
+                             ami_instance_ip=cfg.ami_instance_ip,
+                             on_result=done, on_skip=skipped)
+    for items, names in changes.items():
+        # Nodes with the same itemized changes are listed once (like cluster.run folds outputs).
+        print(f"changes on {','.join(names)} ({len(names)} nodes):")
+        for item in items[:DRY_RUN_ITEMS]:
+            print(f"  {item}")
+        if len(items) > DRY_RUN_ITEMS:
+            print(f"  ... and {len(items) - DRY_RUN_ITEMS} more")
+    ok = sum(1 for t in report.transfers if t.ok)
+    total = len(report.transfers)
+    what = "dry run of" if dry_run else "redeployed"
+    print(f"{what} {' '.join(report.paths)} from {report.dev} to {ok}/{total} nodes in {report.duration:.2f}s "
+          f"({report.mode}, {conf.redeploy_concurrency} at a time, {report.auth} auth; "
+          f"dev sent {_size(report.dev_sent)})")
+    if report.failed:
+        raise HostsFailed(report.failed, total=total, what="dry run" if dry_run else "redeploy")
+
+
+@task(help={"local": "local file or directory (a trailing '/' copies a directory's contents)",
+            "remote": "destination on every node, relative to the home directory unless absolute",
+            "config": CONFIG_HELP,
+            "role": "all (master and workers), master, workers or dev"},
+      positional=["local", "remote"])
+def put(c, local, remote, config=None, role="all"):
+    """Copy a local file or directory to every node in parallel."""
+    _transfer(c, config, role, what="put",
+              run=lambda info, nodes, conf, done: deploy.put(
+                  info, local, remote, nodes=nodes, concurrency=conf.concurrency,
+                  connect_timeout=conf.connect_timeout, on_result=done),
+              line=lambda t: f"[{t.host}] {_moved(t)}",
+              summary=lambda ok, total, secs: f"copied {local} to {remote} on {ok}/{total} nodes in {secs:.2f}s")
+
+
+def _transfer(c, config, role, *, what, run, line, summary):
+    """Shared body of put and get: per-node lines as they finish, a summary, then the failures."""
+    cfg = load(c, config)
+    conf = settings(c)
+    info = lib.ensure_running(cfg, settings=conf)
+    nodes = hostlib.select_nodes(info, role=role)
+
+    def done(t: deploy.Transfer) -> None:
+        if t.ok:
+            print(line(t), flush=True)
+
+    start = time.monotonic()
+    results = run(info, nodes, conf, done)
+    failed = deploy.failures(results)
+    print(summary(len(results) - len(failed), len(results), time.monotonic() - start))
+    if failed:
+        raise HostsFailed(failed, total=len(results), what=what)
+
+
+@task(help={"remote": "file, directory or glob on the nodes, relative to the home directory unless absolute",
+            "localdir": "local directory; each node's copy goes to LOCALDIR/{host}/",
+            "config": CONFIG_HELP,
+            "role": "all (master and workers), master, workers or dev"},
+      positional=["remote", "localdir"])
+def get(c, remote, localdir, config=None, role="all"):
+    """Download a file or directory from every node into LOCALDIR/{host}/."""
+    _transfer(c, config, role, what="get",
+              run=lambda info, nodes, conf, done: deploy.get(
+                  info, remote, localdir, nodes=nodes, concurrency=conf.concurrency,
+                  connect_timeout=conf.connect_timeout, on_result=done),
+              line=lambda t: f"[{t.host}] {_moved(t)} -> {os.path.join(localdir, t.host)}/",
+              summary=lambda ok, total, secs: f"fetched {remote} from {ok}/{total} nodes into {localdir}/ in {secs:.2f}s")
+
+
+@task(help={"config": CONFIG_HELP})
+def stop(c, config=None):
+    """Stop the ec2 cluster's instances, keeping their EBS disks (start brings them back)."""
+    cfg = load(c, config)
+    with progress_bar() as bar:
+        messages = lib.stop(cfg, settings=settings(c), progress=bar.update)
+    for message in messages:
+        print(message)
+
+
+@task(help={"config": CONFIG_HELP,
+            "wait": "wait for SSH on every node and copy servers/ to them (--no-wait: return once the "
+                    "instances run, with servers/ rewritten)"})
+def start(c, config=None, wait=True):
+    """Start a stopped ec2 cluster and rewrite servers/ with its new addresses."""
+    cfg = load(c, config)
+    with progress_bar() as bar:
+        info = lib.start(cfg, settings=settings(c), wait=wait, progress=bar.update)
+    print(f"started ec2 cluster '{cfg.cluster_name}': {len(info.nodes)} nodes; master "
+          f"{info.master.host if info.master else '-'}; servers/ rewritten in {settings(c).servers_dir}/")
+
+
+@task(name="list", help={"config": CONFIG_HELP + "; its provider and region are listed",
+                         "region": "ec2: list this region instead of the config's"})
+def list_(c, config=None, region=None):
+    """List every cloister cluster (in the config's region for ec2), so none is forgotten."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = load(c, config, region=region)
+    rows = lib.list_clusters(cfg, settings=settings(c))
+    where = f"in {cfg.region}" if cfg.provider == "ec2" else f"({cfg.provider} provider)"
+    if not rows:
+        print(f"no cloister clusters {where}")
+        return
+    columns = [k for k in ("cluster", "masters", "workers", "states", "types", "age_s", "ttl_left_s")
+               if any(k in r for r in rows)]
+    table = Table(title=f"cloister clusters {where}")
+    for column in columns:
+        table.add_column({"age_s": "age", "ttl_left_s": "ttl left"}.get(column, column), overflow="fold")
+    for row in rows:
+        table.add_row(*[_duration(row.get(k)) if k.endswith("_s") else str(row.get(k, "-")) for k in columns])
+    Console().print(table)
+
+
+ns = Collection("cluster", launch, destroy, status, login, copy_dns, run, redeploy, put, get, stop, start, list_)

@@ -54,7 +54,7 @@ def _new_run(c, *, config, benchmark, k, p, args=None, timeout=None, manager=Tru
     cfg, conf, bench, info = _context(c, config, _require(benchmark))
     k = len(info.workers) if k is None else int(k)
     return runlib.Run(info=info, bench=bench, k=k, nprocs=int(p), args=parse_args(args), runs_dir=c.cloister.runs_dir,
-                      settings_concurrency=conf.concurrency, connect_timeout=conf.connect_timeout, manager=manager,
+                      concurrency=conf.concurrency, connect_timeout=conf.connect_timeout, manager=manager,
                       timeout=float(timeout) if timeout else None, keep=keep,
                       run_id=runlib.validate_run_id(run_id) if run_id else None, config_name=cfg.source,
                       out=sys.stdout)
@@ -97,7 +97,9 @@ def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True,
         if result.record.get("error") and not lines:
             lines.append(result.record["error"])
         total = 1 + run_.k
-        lines.append(f"run {result.run_id} {result.status}: {len(result.failures)}/{total} hosts failed")
+        # A start-up crash or a timeout is in the error line, not in failures: no "0/N hosts failed".
+        lines.append(f"run {result.run_id} {result.status}"
+                     + (f": {len(result.failures)}/{total} hosts failed" if result.failures else ""))
         raise Exit("\n".join(lines), code=1)
 
 
@@ -315,7 +317,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
 
     def run_one(combo, run_id):
         run_ = runlib.Run(info=info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args),
-                          runs_dir=c.cloister.runs_dir, settings_concurrency=conf.concurrency,
+                          runs_dir=c.cloister.runs_dir, concurrency=conf.concurrency,
                           connect_timeout=conf.connect_timeout, timeout=float(timeout) if timeout else None,
                           run_id=run_id, config_name=cfg.source)
         return run_.execute().record

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""EC2 API requests and wall time of one cluster lifecycle, against a moto EC2 server over HTTP.
+
+For each size 1+N: `cluster.launch --no-wait`, `cluster.status`, `cluster.destroy` through the library,
+exactly as the tasks call it, with every HTTP request cloister's boto3 clients send counted by a
+botocore before-send handler (retries included). moto reaches "running" and "terminated" at the
+first poll, so each wait is one poll here; on EC2 every further poll costs cloister ONE more request
+for the whole cluster.
+
+The old scripts' algorithm is MODELLED, not run (SPEC section 8): two security groups created and
+opened (4 requests), one RunInstances for the driver and one for the workers (2), then every 10 s
+one reload per instance until all run; destroy: one describe, one terminate, one reload per instance
+every 10 s until all are gone, two group deletions. The "old, 1 poll" column gives it moto's
+instant state changes (like for like with what was measured); "old, real waits" assumes ~40 s to
+run and ~40 s to terminate, i.e. 4 polls each. The old scripts had no status command.
+
+Nothing leaves this machine: the AWS variables point at the local moto server and ssh_cidr is explicit.
+
+    .venv/bin/python benchmarks/launch_calls.py [--sizes 7,63,255] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+
+import moto_server as ms  # noqa: E402 - sets moto's validation switches before moto is imported
+
+TARGET = 14  # issue 5: requests for the whole 1+63 lifecycle
+OLD_REAL_POLLS = 4
+
+
+def old_requests(workers: int, polls: int) -> int:
+    nodes = 1 + workers
+    launch = 4 + 2 + polls * nodes
+    destroy = 1 + 1 + polls * nodes + 2
+    return launch + destroy
+
+
+def lifecycle(server: ms.MotoEc2, workdir: Path, workers: int) -> dict[str, tuple[int, float]]:
+    """(requests, seconds) for launch, status and destroy of one 1+workers cluster."""
+    from cloister import cluster as lib
+    from cloister.cluster import Settings
+    from cloister.config import load_config
+
+    server.reset()
+    ms.seed(ms.client())
+    key = workdir / "bench.pem"
+    key.write_text("unused: nothing connects\n")
+    key.chmod(0o600)
+    config = workdir / "bench.json"
+    config.write_text(json.dumps({
+        "cluster_name": f"bench-{workers}", "provider": "ec2", "region": ms.REGION, "ami": ms.UBUNTU_AMI,
+        "key_name": "alice", "ssh_key": str(key), "nworkers": workers, "instance_type": "c5.xlarge",
+        "ssh_cidr": "198.51.100.7/32", "ttl": "1h"}))
+    cfg = load_config(config)
+    settings = Settings(servers_dir=str(workdir / "servers"), state_dir=str(workdir / "state"))
+    counter = ms.Injector()
+    phases = {"launch": lambda: lib.launch(cfg, settings=settings, wait=False),
+              "status": lambda: lib.status(cfg, settings=settings),
+              "destroy": lambda: lib.destroy(cfg, settings=settings)}
+    measured = {}
+    try:
+        for phase, call in phases.items():
+            before = counter.count()
+            start = time.perf_counter()
+            call()
+            measured[phase] = (counter.count() - before, time.perf_counter() - start)
+    finally:
+        counter.close()
+    return measured
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="7,63,255", help="worker counts, comma-separated (the master is +1)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size; wall times are medians")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    server = ms.MotoEc2()
+    env = ms.aws_env(server.url)
+    os.environ.clear()
+    os.environ.update(env)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="cloister-bench-") as tmp:
+            lifecycle(server, Path(tmp), 1)  # warm-up: moto loads its EC2 backend on the first request
+            for workers in sizes:
+                runs = [lifecycle(server, Path(tmp), workers) for _ in range(args.repeat)]
+                requests = {phase: runs[0][phase][0] for phase in runs[0]}
+                if any({phase: run[phase][0] for phase in run} != requests for run in runs):
+                    print(f"warning: request counts varied between runs for 1+{workers}", file=sys.stderr)
+                seconds = {phase: statistics.median(run[phase][1] for run in runs) for phase in requests}
+                rows.append((workers, requests, seconds))
+    finally:
+        server.stop()
+
+    print(f"cloister EC2 requests per lifecycle (launch --no-wait + status + destroy), moto over HTTP, "
+          f"median of {args.repeat}")
+    header = (f"{'nodes':>7} | {'launch':>6} {'status':>6} {'destroy':>7} {'total':>5} | "
+              f"{'launch s':>8} {'status s':>8} {'destroy s':>9} | {'old, 1 poll':>11} {'old, real waits':>15}")
+    print(header)
+    print("-" * len(header))
+    for workers, requests, seconds in rows:
+        total = sum(requests.values())
+        print(f"{f'1+{workers}':>7} | {requests['launch']:>6} {requests['status']:>6} {requests['destroy']:>7} "
+              f"{total:>5} | {seconds['launch']:>8.2f} {seconds['status']:>8.2f} {seconds['destroy']:>9.2f} | "
+              f"{old_requests(workers, 1):>11} {old_requests(workers, OLD_REAL_POLLS):>15}")
+    totals = {workers: sum(requests.values()) for workers, requests, _ in rows}
+    flat = len(set(totals.values())) == 1
+    print(f"\nrequest count {'does not grow' if flat else 'GROWS'} with N; target <= {TARGET} for 1+63: "
+          + (f"{totals[63]} ({'met' if totals[63] <= TARGET else 'MISSED'})" if 63 in totals else "not measured"))
+    return 0 if flat and totals.get(63, 0) <= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

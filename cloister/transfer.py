@@ -1,0 +1,251 @@
+"""A small rsync wrapper in the spirit of ``patchwork.transfers.rsync`` (SPEC section 2).
+
+patchwork cannot be installed beside Fabric 3 / Invoke 2, so cloister keeps this one module:
+each function takes a Fabric Connection, honours its user, port and key, runs one rsync and
+returns the Invoke Result (``warn=True``: the caller decides what a non-zero exit means).
+
+- ``rsync(c, source, target)`` runs rsync HERE and copies between this machine and ``c.host``
+  (``download=True`` pulls), exactly like patchwork's function.
+- ``rsync_from(c, sources, dest_host, target)`` runs rsync ON ``c.host`` and pushes to another
+  machine (the dev instance pushing to a node); the ssh it uses there is described by ``Ssh``.
+
+``parse`` turns rsync's ``--stats`` and ``--itemize-changes`` output into ``Stats``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fabric import Connection
+from invoke.runners import Result
+
+#: Cipher preference: AES-GCM is the cheapest on CPUs with AES-NI (every EC2 type); chacha20 next.
+CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
+#: Key exchange: curve25519 first (what Paramiko, and so the rest of cloister, uses). OpenSSH's default
+#: post-quantum exchange costs ~55 ms of client CPU per connection (SPEC section 9), which adds up
+#: over 128 hosts on a small machine.
+KEX = "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,diffie-hellman-group14-sha256"
+
+
+@dataclass(frozen=True)
+class Ssh:
+    """The ``ssh`` command rsync uses (``rsync -e``), built from a Connection's user, port and key.
+
+    Host keys are always checked (``StrictHostKeyChecking yes``) against ``known_hosts`` when given.
+    ``control_path`` turns on OpenSSH connection sharing (ControlMaster auto, ControlPersist).
+    """
+
+    user: str | None = None
+    port: int = 22
+    key: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: int = 10
+    control_path: str | None = None
+    control_persist: str = "10m"
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, c: Connection, **kwargs) -> "Ssh":
+        """The ssh a Connection describes: its user, port and first key file."""
+        keys = c.connect_kwargs.get("key_filename") or []
+        if isinstance(keys, str):
+            keys = [keys]
+        return cls(user=c.user, port=int(c.port or 22), key=keys[0] if keys else None, **kwargs)
+
+    def argv(self) -> list[str]:
+        argv = ["ssh", "-T", "-x", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}",
+                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", f"Ciphers={CIPHERS}", "-o", f"KexAlgorithms={KEX}",
+                "-o", "StrictHostKeyChecking=yes"]
+        if self.port and int(self.port) != 22:
+            argv += ["-p", str(self.port)]
+        if self.key:
+            argv += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        if self.control_path:
+            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}",
+                     "-o", f"ControlPersist={self.control_persist}"]
+        for option in self.options:
+            argv += ["-o", option]
+        for word in argv:
+            # rsync splits -e on whitespace; none of ours may contain any.
+            if any(ch.isspace() for ch in word):
+                raise ValueError(f"ssh option {word!r} contains whitespace")
+        return argv
+
+    def command(self) -> str:
+        return " ".join(self.argv())
+
+
+#: rsync gives up after this many seconds without any I/O (a hung node), however long the transfer.
+IO_TIMEOUT = 120
+
+
+def command(sources: Sequence[str], dest: str, *, ssh: Ssh, delete: bool = False, dry_run: bool = False,
+            relative: bool = False, exclude: Iterable[str] = (), mkdir: str | None = None,
+            rsync_opts: Sequence[str] = (), io_timeout: int | None = IO_TIMEOUT) -> str:
+    """One shell-quoted rsync command line (archive mode, ``--stats``, itemized changes)."""
+    argv = ["rsync", "-a", "--stats", "--itemize-changes", "-e", ssh.command()]
+    if io_timeout:
+        argv.append(f"--timeout={int(io_timeout)}")
+    if relative:
+        argv.append("--relative")
+    if delete:
+        argv.append("--delete")
+    if dry_run:
+        argv.append("--dry-run")
+    for pattern in exclude:
+        argv.append(f"--exclude={pattern}")
+    if mkdir:
+        # The classic way to create the destination's parents on any rsync version.
+        argv.append(f"--rsync-path=mkdir -p {shlex.quote(mkdir)} && rsync")
+    argv += list(rsync_opts)
+    argv.append("--")
+    argv += list(sources)
+    argv.append(dest)
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def remote_spec(user: str | None, host: str, path: str) -> str:
+    """``user@host:path``; IPv6 addresses in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{user}@{host}:{path}" if user else f"{host}:{path}"
+
+
+def local_path(path: str) -> str:
+    """A local path rsync cannot mistake for ``host:path`` (keeps a trailing slash)."""
+    full = os.path.abspath(os.path.expanduser(path))
+    return full + "/" if path.endswith("/") and full != "/" else full
+
+
+def rsync(c: Connection, source: str, target: str, *, download: bool = False, exclude: Iterable[str] = (),
+          delete: bool = False, dry_run: bool = False, known_hosts: str | None = None, mkdir: str | None = None,
+          rsync_opts: Sequence[str] = (), ssh_opts: Sequence[str] = (), timeout: float | None = None) -> Result:
+    """Run rsync on this machine between here and ``c.host`` (patchwork.transfers.rsync's shape).
+
+    Push ``source`` (local) to ``target`` (on ``c.host``), or with ``download`` pull ``source`` (on
+    ``c.host``) into ``target`` (local). Returns the Result; a non-zero exit is not raised.
+    """
+    ssh = Ssh.of(c, known_hosts=known_hosts, options=tuple(ssh_opts))
+    if download:
+        sources, dest = [remote_spec(c.user, c.host, source)], local_path(target)
+    else:
+        sources, dest = [local_path(source)], remote_spec(c.user, c.host, target)
+    cmd = command(sources, dest, ssh=ssh, delete=delete, dry_run=dry_run, exclude=exclude, mkdir=mkdir,
+                  rsync_opts=rsync_opts)
+    return c.local(cmd, hide=True, warn=True, in_stream=False, timeout=timeout)
+
+
+def rsync_from(c: Connection, sources: Sequence[str], dest_host: str, target: str = "", *, ssh: Ssh,
+               cwd: str | None = None, relative: bool = True, delete: bool = False, dry_run: bool = False,
+               exclude: Iterable[str] = (), timeout: float | None = None) -> Result:
+    """Run rsync ON ``c.host`` (in ``cwd``, default its home) pushing ``sources`` to ``dest_host:target``.
+
+    ``ssh`` is the ssh that rsync uses on ``c.host``: its key and known_hosts are paths there.
+    """
+    dest = remote_spec(ssh.user, dest_host, target)
+    cmd = command(sources, dest, ssh=ssh, delete=delete, dry_run=dry_run, relative=relative, exclude=exclude)
+    return c.run(hangup_guard(cmd, cwd=cwd), hide=True, warn=True, in_stream=False, timeout=timeout)
+
+
+def hangup_guard(simple_command: str, *, cwd: str | None = None) -> str:
+    """Wrap a remote command so it is killed when the SSH session goes away (Ctrl-C, lost link).
+
+    Without a pty, sshd does not signal a command whose session closed. The session's stdin stays
+    open while the session lives (nothing is sent on it), so a watcher reading it gets EOF exactly
+    when the session ends and then terminates the command. A command that ends on its own kills the
+    watcher first; its exit status is the wrapper's. ``simple_command`` must be one simple command
+    (no lists or pipes), so that ``$!`` is the command's own PID.
+    """
+    cd = f"cd {shlex.quote(cwd)} || exit 1; " if cwd else ""
+    return (f"{cd}exec 3<&0; "     # background jobs get /dev/null as stdin: keep the session's on fd 3
+            f"{simple_command} </dev/null & pid=$!; "
+            "{ cat <&3 >/dev/null 2>&1; kill -TERM $pid 2>/dev/null; } >/dev/null 2>&1 & watch=$!; "
+            "exec 3<&-; wait $pid; rc=$?; kill $watch 2>/dev/null; exit $rc")
+
+
+# -- output ----------------------------------------------------------------
+
+_NUMBER = r"([\d,.]+)([KMGT]?)"
+_STATS = {
+    "files": re.compile(rf"^Number of regular files transferred:\s*{_NUMBER}", re.M),
+    "deleted": re.compile(rf"^Number of deleted files:\s*{_NUMBER}", re.M),
+    "size": re.compile(rf"^Total transferred file size:\s*{_NUMBER}", re.M),
+    "total_size": re.compile(rf"^Total file size:\s*{_NUMBER}", re.M),
+    "sent": re.compile(rf"^Total bytes sent:\s*{_NUMBER}", re.M),
+    "received": re.compile(rf"^Total bytes received:\s*{_NUMBER}", re.M),
+}
+_ITEM = re.compile(r"^(\*deleting|[<>ch.][fdLDS][.+?a-zA-Z ]{9}) (.+)$")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _number(match: re.Match | None) -> int:
+    if not match:
+        return 0
+    digits, unit = match.groups()
+    return int(float(digits.replace(",", "")) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What one rsync did (or, in a dry run, would do)."""
+
+    files: int = 0          # regular files transferred
+    deleted: int = 0        # files deleted on the receiver
+    size: int = 0           # bytes of file data transferred
+    total_size: int = 0     # bytes of every file in the transfer
+    sent: int = 0           # bytes the sender put on the wire
+    received: int = 0
+    items: tuple[str, ...] = field(default=())   # itemized changes, e.g. ">f+++++++++ clamor/x"
+
+    @property
+    def changed(self) -> int:
+        return len(self.items)
+
+
+def parse(output: str) -> Stats:
+    """Stats from rsync ``--stats --itemize-changes`` output."""
+    values = {key: _number(rx.search(output)) for key, rx in _STATS.items()}
+    items = tuple(line for line in output.splitlines() if _ITEM.match(line))
+    return Stats(items=items, **values)
+
+
+def error_line(result: Result) -> str:
+    """One line for a failed rsync: its exit code and the most telling stderr line."""
+    lines = [ln.strip() for ln in (result.stderr or "").splitlines() if ln.strip()]
+    # The first line that is not one of rsync's generic follow-ups names the cause
+    # (ssh's "connect to host ...", "Host key verification failed.", "link_stat ... failed").
+    useful = [ln for ln in lines if not _GENERIC.search(ln)]
+    text = (useful or lines or [""])[0]
+    stderr = result.stderr or ""
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
+        return "ssh failed: host key does not match known_hosts (changed or spoofed); refusing to connect"
+    if "Host key verification failed" in stderr:
+        unknown = next((ln for ln in lines if ln.startswith("No ") and "host key is known" in ln), "")
+        return "ssh failed: " + (unknown or "Host key verification failed.") + " (strict host key checking)"
+    if _SSH_FAILURE.search(text):
+        # rsync exits 255 or 12 for the same refused connection, depending on timing: say what happened.
+        return f"ssh failed: {text}"
+    meaning = EXIT_MEANINGS.get(result.exited, "")
+    head = f"rsync exit {result.exited}" + (f" ({meaning})" if meaning else "")
+    return f"{head}: {text}" if text else head
+
+
+_GENERIC = re.compile(r"^rsync error:|connection unexpectedly closed|write error: Broken pipe|"
+                      r"error in rsync protocol data stream|^rsync: \[\w+\] read error")
+
+_SSH_FAILURE = re.compile(r"^ssh: |^Permission denied \(|^kex_exchange_identification|"
+                          r"^Connection (closed|reset) by |^banner exchange")
+
+EXIT_MEANINGS = {
+    1: "syntax or usage error", 2: "protocol incompatibility", 3: "errors selecting files",
+    5: "error starting client-server protocol", 10: "error in socket I/O", 11: "error in file I/O",
+    12: "error in rsync protocol data stream", 20: "interrupted", 23: "partial transfer due to error",
+    24: "some source files vanished", 30: "timeout in data send/receive", 35: "timeout waiting for daemon",
+    127: "rsync not found", 255: "ssh failed",
+}

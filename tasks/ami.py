@@ -1,0 +1,114 @@
+"""ami.*: the dev instance and its images (EC2 AMIs, or directory images for the local provider)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from invoke import Collection, Exit
+
+from cloister import cluster as lib
+from cloister import hosts as hostlib
+from cloister import images
+from cloister.servers import ClusterInfo
+
+from ._common import confirm, load, progress_bar, settings, task
+from .cluster import CONFIG_HELP
+
+
+def _describe(image: images.Image) -> str:
+    return f"{image.id}  {image.name}  created {image.created:%Y-%m-%d %H:%M} UTC"
+
+
+@task(help={"config": CONFIG_HELP})
+def login(c, config=None):
+    """Log in to the dev instance (ami_instance_ip), or the local cluster's dev host."""
+    cfg = load(c, config)
+    if cfg.provider == "local":
+        info = lib.ensure_running(cfg, settings=settings(c))
+        if info.dev is None:
+            raise Exit(f"local cluster '{cfg.cluster_name}' has no dev host; set dev_host: true and launch again",
+                       code=1)
+        host = info.dev.host
+    else:
+        if not cfg.ami_instance_ip or not cfg.ssh_key:
+            raise Exit(f"{cfg.source}: keys 'ami_instance_ip' and 'ssh_key' name the dev instance and its key; "
+                       f"set both", code=1)
+        host = cfg.ami_instance_ip
+        # The dev instance outlives clusters, so its host key is kept apart from theirs.
+        known = Path(settings(c).state_dir).resolve() / cfg.provider / "dev_known_hosts"
+        known.parent.mkdir(parents=True, exist_ok=True)
+        info = ClusterInfo(provider=cfg.provider, cluster_name=cfg.cluster_name, user=cfg.user, ssh_key=cfg.ssh_key,
+                           nodes=[], known_hosts=str(known))
+    argv = hostlib.ssh_argv(info, host)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+@task(help={"config": CONFIG_HELP})
+def latest(c, config=None):
+    """Print the image that `ami: latest` resolves to (newest with the ami_tag prefix)."""
+    cfg = load(c, config)
+    print(_describe(images.latest(cfg, state_dir=settings(c).state_dir)))
+
+
+@task(name="list", help={"config": CONFIG_HELP})
+def list_(c, config=None):
+    """List your images whose name starts with ami_tag, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = load(c, config)
+    found = images.list_images(cfg, state_dir=settings(c).state_dir)
+    if not found:
+        print(f"no images named '{images.prefix(cfg)}*'")
+        return
+    table = Table(title=f"images named '{images.prefix(cfg)}*', newest first")
+    # Piped output is 80 columns wide: wrap long ids (local image paths) rather than cut them.
+    table.add_column("name", no_wrap=True)
+    table.add_column("id", overflow="fold")
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("state")
+    for image in found:
+        table.add_row(image.name, image.id, f"{image.created:%Y-%m-%d %H:%M}", image.state)
+    Console().print(table)
+
+
+@task(help={"config": CONFIG_HELP,
+            "name": "image name (default: {ami_tag}-{UTC yyyymmdd-hhmm}; `ami: latest` only sees the prefix)"})
+def create(c, config=None, name=None):
+    """Image the dev instance (local: the dev host's home) and wait until it is available."""
+    cfg = load(c, config)
+    if name and not name.startswith(images.prefix(cfg)):
+        print(f"note: '{name}' does not start with '{images.prefix(cfg)}', so `ami: latest` will not pick it",
+              file=sys.stderr)
+    with progress_bar() as bar:
+        image = images.create(cfg, state_dir=settings(c).state_dir, name=name, progress=bar.update)
+    print(f"created {_describe(image)}")
+
+
+@task(help={"config": CONFIG_HELP, "keep": "how many of the newest images to keep (required)",
+            "yes": "do not ask for confirmation"})
+def prune(c, config=None, keep=None, yes=False):
+    """Delete all but the newest --keep N images (and their snapshots)."""
+    if keep is None:
+        raise Exit("pass --keep N: how many of the newest images to keep", code=1)
+    try:
+        count = int(keep)
+    except ValueError:
+        raise Exit(f"--keep {keep!r}: expected an integer", code=1)
+    cfg = load(c, config)
+    doomed = images.prunable(cfg, state_dir=settings(c).state_dir, keep=count)
+    if not doomed:
+        print(f"nothing to prune: at most {count} images named '{images.prefix(cfg)}*'")
+        return
+    for image in doomed:
+        print(f"will delete {_describe(image)}")
+    if not yes and not confirm(f"Delete these {len(doomed)} images?"):
+        raise Exit("not confirmed; pass --yes to prune without asking", code=1)
+    for message in images.delete(cfg, doomed=doomed):
+        print(message)
+
+
+ns = Collection("ami", login, latest, list_, create, prune)
