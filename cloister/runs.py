@@ -117,8 +117,9 @@ def _probe_script(bench: Benchmark, run_id: str, with_logs: bool) -> str:
     rdir = remote_run_dir(bench.name, run_id)
     lines = [
         f"R={rdir}", 'cd "$R" 2>/dev/null || exit 0',
-        'P=$(awk \'{printf "%s%s", s, $1; s=","}\' pids 2>/dev/null)',
-        '[ -n "$P" ] && ps -o pid=,stat= -p "$P" 2>/dev/null',
+        # PID and state from /proc (no procps needed); the state follows the last ')' of the name.
+        'for p in $(awk \'{print $1}\' pids 2>/dev/null); do '
+        '[ -r /proc/$p/stat ] && echo "$p $(sed \'s/.*) //\' /proc/$p/stat | cut -d" " -f1)"; done',
         'echo "--exit"', 'for f in *.exit; do [ -f "$f" ] && echo "$f $(cat "$f")"; done',
         'echo "--net"', "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4==\"0A\"{print $2}'",
     ]
