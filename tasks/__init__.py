@@ -6,11 +6,11 @@ from cloister.config import DEFAULTS
 from cloister.hosts import raise_nofile_limit
 
 from . import ami, cluster, exp
-from ._common import install_env_error_hook
+from ._common import install_error_hook
 
 # 128-host clusters: every connection, rsync and ssh needs descriptors; take what the hard limit allows.
 raise_nofile_limit()
-install_env_error_hook()
+install_error_hook()
 
 # Settings that are not cluster-config keys; mirrored in invoke.yaml.
 SETTINGS = {

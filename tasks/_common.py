@@ -32,6 +32,16 @@ def task(*args: Any, **kwargs: Any):
     return decorate
 
 
+def number(flag: str, value: str | None, kind: type = int) -> int | float | None:
+    """Invoke hands flags without a typed default over as strings; a non-number is a one-line error."""
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise Exit(f"{flag} {value!r}: expected {'an integer' if kind is int else 'a number'}", code=1)
+
+
 def settings(c) -> Settings:
     conf = c.cloister
     return Settings(servers_dir=conf.servers_dir, state_dir=conf.state_dir, concurrency=int(conf.concurrency),
@@ -102,31 +112,43 @@ def progress_bar() -> Iterator[ProgressBar]:
         yield ProgressBar(bar, bar.add_task("", total=None, visible=False))
 
 
-def install_env_error_hook() -> None:
-    """Report a badly typed INVOKE_CLOISTER_* variable in one line.
+def install_error_hook() -> None:
+    """Report a badly typed INVOKE_CLOISTER_* variable or flag value in one line.
 
-    Invoke casts environment values to the type of the default while it loads its config,
-    after the tasks are imported and before any task runs, so no task can catch the error.
+    Invoke casts environment values to the type of their default while it loads its config, and
+    flag values to the type of their task's default while it parses argv: both after the tasks are
+    imported and before any task runs, so no task can catch these errors.
     """
     import os
     from pathlib import Path
 
     previous = sys.excepthook
 
+    def frame_locals(tb, where: tuple[str, ...], name: str) -> dict | None:
+        found = None
+        while tb is not None:
+            if Path(tb.tb_frame.f_code.co_filename).parts[-len(where):] == where and name in tb.tb_frame.f_locals:
+                found = tb.tb_frame.f_locals
+            tb = tb.tb_next
+        return found
+
     def hook(exc_type, exc, tb):
-        names = None
-        frame = tb
-        while frame is not None:
-            code = frame.tb_frame.f_code
-            if Path(code.co_filename).parts[-2:] == ("invoke", "env.py") and "real_var" in frame.tb_frame.f_locals:
-                names = frame.tb_frame.f_locals["real_var"]
-            frame = frame.tb_next
-        if names is None or not issubclass(exc_type, Exception):
+        if not issubclass(exc_type, Exception):
             previous(exc_type, exc, tb)
             return
-        value = os.environ.get(names, "")
-        expected = ("a list cannot come from the environment; set it in the config file or invoke.yaml"
-                    if "adapt" in str(exc) else f"wrong type ({exc})")
-        print(f"environment variable {names}={value!r}: {expected}", file=sys.stderr)
+        env = frame_locals(tb, ("invoke", "env.py"), "real_var")
+        flag = frame_locals(tb, ("invoke", "parser", "argument.py"), "value")
+        if env is not None:
+            var = env["real_var"]
+            expected = ("a list cannot come from the environment; set it in the config file or invoke.yaml"
+                        if "adapt" in str(exc) else f"wrong type ({exc})")
+            print(f"environment variable {var}={os.environ.get(var, '')!r}: {expected}", file=sys.stderr)
+        elif flag is not None and "self" in flag:
+            argument = flag["self"]
+            kind = "an integer" if argument.kind is int else f"a {argument.kind.__name__}"
+            dashes = "-" if len(argument.name) == 1 else "--"
+            print(f"{dashes}{argument.name.replace('_', '-')} {flag['value']!r}: expected {kind}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
 
     sys.excepthook = hook

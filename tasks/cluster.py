@@ -13,19 +13,9 @@ from cloister import hosts as hostlib
 from cloister import deploy, prices
 from cloister.errors import HostsFailed
 
-from ._common import confirm, load, progress_bar, settings, task
+from ._common import confirm, load, number, progress_bar, settings, task
 
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
-
-
-def _number(flag: str, value: str | None, kind: type = int) -> int | float | None:
-    """Invoke hands these flags over as strings; a non-number must be a one-line error, not a traceback."""
-    if value is None:
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise Exit(f"{flag} {value!r}: expected {'an integer' if kind is int else 'a number'}", code=1)
 
 
 def _duration(seconds: float | None) -> str:
@@ -46,7 +36,7 @@ def _duration(seconds: float | None) -> str:
             "yes": "ec2: if the launch fails or is interrupted, terminate what it created without asking"})
 def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False):
     """Launch the cluster (or find the running one), wait for SSH and write servers/."""
-    cfg = load(c, config, nworkers=_number("--nworkers", nworkers), cluster_name=name, ttl=ttl)
+    cfg = load(c, config, nworkers=number("--nworkers", nworkers), cluster_name=name, ttl=ttl)
     if dry_run:
         for line in lib.plan(cfg).lines():
             print(line)
@@ -114,7 +104,7 @@ def login(c, config=None, worker=None, dev=False):
     if dev:
         node = info.dev
     elif worker is not None:
-        index = _number("--worker", worker)
+        index = number("--worker", worker)
         if not 1 <= index <= len(info.workers):
             raise Exit(f"--worker {index}: the cluster has workers 1..{len(info.workers)}", code=1)
         node = info.workers[index - 1]
@@ -145,11 +135,12 @@ def copy_dns(c, config=None):
       positional=["command"])
 def run(c, command, config=None, role="all", hosts=None, stream=False, timeout=None):
     """Run a shell command on every host in parallel and fold identical outputs."""
+    timeout = number("--timeout", timeout, float) or None
     cfg = load(c, config)
     info = lib.ensure_running(cfg, settings=settings(c))
     nodes = hostlib.select_nodes(info, role=role, hosts=hosts.split(",") if hosts else None)
     outputs = lib.run(info, command, nodes=nodes, settings=settings(c), stream=sys.stdout if stream else None,
-                      timeout=_number("--timeout", timeout, float) or None)
+                      timeout=timeout)
     if not stream:
         for names, out in lib.fold(outputs):
             label = ",".join(names)

@@ -17,7 +17,7 @@ from cloister import runs as runlib
 from cloister.errors import HostsFailed
 from cloister.experiments import load_registry, parse_args, remote_dir, render, RunShape
 
-from ._common import load, settings, task
+from ._common import load, number, settings, task
 
 BENCH_HELP = "benchmark name from experiments.yaml"
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
@@ -51,11 +51,11 @@ def _require(benchmark):
 
 
 def _new_run(c, *, config, benchmark, k, p, args=None, timeout=None, manager=True, keep=False, run_id=None):
+    k, timeout = number("-k", k), number("--timeout", timeout, float)
     cfg, conf, bench, info = _context(c, config, _require(benchmark))
-    k = len(info.workers) if k is None else int(k)
-    return runlib.Run(info=info, bench=bench, k=k, nprocs=int(p), args=parse_args(args), runs_dir=c.cloister.runs_dir,
-                      concurrency=conf.concurrency, connect_timeout=conf.connect_timeout, manager=manager,
-                      timeout=float(timeout) if timeout else None, keep=keep,
+    return runlib.Run(info=info, bench=bench, k=len(info.workers) if k is None else k, nprocs=int(p),
+                      args=parse_args(args), runs_dir=c.cloister.runs_dir, concurrency=conf.concurrency,
+                      connect_timeout=conf.connect_timeout, manager=manager, timeout=timeout, keep=keep,
                       run_id=runlib.validate_run_id(run_id) if run_id else None, config_name=cfg.source,
                       out=sys.stdout)
 
@@ -139,7 +139,7 @@ def manager(c, benchmark=None, k=None, p=1, config=None, args=None, run=None, lo
         _start_role(c, "manager", config=config, benchmark=benchmark, k=k, p=p, args=args, run_id=run)
         return
     cfg, conf, bench, info = _context(c, config, _require(benchmark))
-    k = len(info.workers) if k is None else int(k)
+    k = len(info.workers) if k is None else number("-k", k)
     workers = info.workers[:k]
     address = info.master.private or info.master.host
     shape = RunShape(run_id=run or runlib.new_run_id(), k=k, nprocs=int(p), manager=address,
@@ -318,7 +318,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
     def run_one(combo, run_id):
         run_ = runlib.Run(info=info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args),
                           runs_dir=c.cloister.runs_dir, concurrency=conf.concurrency,
-                          connect_timeout=conf.connect_timeout, timeout=float(timeout) if timeout else None,
+                          connect_timeout=conf.connect_timeout, timeout=number("--timeout", timeout, float),
                           run_id=run_id, config_name=cfg.source)
         return run_.execute().record
 

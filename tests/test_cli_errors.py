@@ -225,3 +225,20 @@ def test_badly_typed_env_var_is_one_line(tmp_path, var, value, expected):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"environment variable {var}={value!r}: {expected}")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["exp.run", "--benchmark", "dsum", "-p", "abc"], "-p 'abc': expected an integer"),
+    (["exp.run", "--benchmark", "dsum", "-k", "two"], "-k 'two': expected an integer"),
+    (["exp.run", "--benchmark", "dsum", "--timeout", "soon"], "--timeout 'soon': expected a number"),
+    (["exp.sweep", "--benchmark", "dsum", "--repeat", "x"], "--repeat 'x': expected an integer"),
+    (["cluster.run", "--timeout", "x", "hostname"], "--timeout 'x': expected a number"),
+    (["cluster.launch", "--nworkers", "many"], "--nworkers 'many': expected an integer"),
+])
+def test_badly_typed_flag_is_one_line(tmp_path, args, line):
+    env = {**os.environ, "INVOKE_CLOISTER_SERVERS_DIR": str(tmp_path / "servers"),
+           "INVOKE_CLOISTER_STATE_DIR": str(tmp_path / "state"), "INVOKE_CLOISTER_RUNS_DIR": str(tmp_path / "runs")}
+    proc = run_inv(*args, env=env)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [line]
