@@ -700,14 +700,20 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
     return [head, *messages]
 
 
+def _find_existing(client, cfg: ClusterConfig) -> list[dict[str, Any]]:
+    found = _find(client, cfg.cluster_name)
+    if not found:
+        raise ProviderError(f"no ec2 cluster '{cfg.cluster_name}' in {cfg.region}", provider="ec2",
+                            cluster=cfg.cluster_name)
+    return found
+
+
 def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = None) -> list[str]:
     """Stop every running instance of the cluster (EBS volumes are kept) and wait until stopped."""
     name = cfg.cluster_name
     with _aws(cfg):
         client = _client(cfg.region)
-        found = _find(client, name)
-        if not found:
-            raise ProviderError(f"no ec2 cluster '{name}' in {cfg.region}", provider="ec2", cluster=name)
+        found = _find_existing(client, cfg)
         spot = [i["InstanceId"] for i in found if i.get("InstanceLifecycle") == "spot"]
         if spot:
             raise ProviderError(f"{len(spot)} instances of '{name}' are one-time spot instances, which EC2 cannot "
@@ -726,9 +732,7 @@ def start(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None =
     name = cfg.cluster_name
     with _aws(cfg):
         client = _client(cfg.region)
-        found = _find(client, name)
-        if not found:
-            raise ProviderError(f"no ec2 cluster '{name}' in {cfg.region}", provider="ec2", cluster=name)
+        found = _find_existing(client, cfg)
         now = datetime.now(timezone.utc)
         expired = [i["InstanceId"] for i in found if (left := _ttl_left(i, now)) is not None and left <= 0]
         if expired:

@@ -42,6 +42,18 @@ class ClusterEnv:
         return run_inv(*args, env=self.env(), timeout=timeout, **kwargs)
 
 
+def no_traceback(proc) -> None:
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode != 0, proc.stdout
+    no_traceback(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def run_inv(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
             cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
     """Run `inv ARGS` from the repository root as a user would."""

@@ -11,7 +11,7 @@ import pytest
 from cloister import hosts
 from cloister.local import LocalCluster
 from cloister.servers import TEXT_FILES
-from conftest import run_inv
+from conftest import no_traceback, one_line_error, run_inv
 
 RULE = "-" * 15
 
@@ -33,18 +33,6 @@ def blocks(stdout: str) -> dict[frozenset[str], tuple[str, str]]:
         found[frozenset(names)] = (match.group(3), "".join(line + "\n" for line in lines[index + 3:end]))
         index = end
     return found
-
-
-def no_traceback(proc) -> None:
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode != 0, proc.stdout
-    no_traceback(proc)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def addresses(nodes) -> frozenset[str]:

@@ -29,7 +29,7 @@ from cloister import hosts
 from cloister import runs as runlib
 from cloister.experiments import load_registry
 from cloister.local import LocalCluster
-from conftest import INV, REPO
+from conftest import INV, REPO, no_traceback, one_line_error
 
 DSUM_DIR = "~/clamor/experiments/cpp/dsum"
 OTHER_DIR = "~/other-bench"
@@ -145,18 +145,6 @@ def no_ssh(cluster):
     before = accepted(cluster)
     yield
     assert accepted(cluster) == before, "an SSH connection was opened"
-
-
-def no_traceback(proc) -> None:
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode != 0, proc.stdout
-    no_traceback(proc)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def listening(host: str, port: int) -> bool:
