@@ -42,6 +42,7 @@ _OUTPUT_LOCK = threading.Lock()
 REMOTE_RUNS = "cloister/runs"
 LOG_MARKER = "\\036LOG "  # printf escape for an ASCII record separator, then the log's name
 READY_TAIL_BYTES = 65536
+FINAL_STATE = "final-state"  # the processes' states when the master had ended, before the kill
 RUN_ID_FORMAT = "%Y%m%d-%H%M%S"
 
 
@@ -405,26 +406,21 @@ class Run:
         result = self.cxn[host].run(_probe_script(self.bench, self.run_id, with_logs=False), warn=True, timeout=30)
         return parse_probe(result.stdout)
 
-    def final_states(self) -> dict[str, str]:
+    def _final_states(self, probes: dict[str, Probe]) -> dict[str, str]:
         """After the master: a worker or manager that died on its own is a failure."""
         failed: dict[str, str] = {}
-        hosts_ = sorted({p.host for p in self.procs if p.role != "master"})
-        if not hosts_:
-            return failed
-        grp = hosts.CappedGroup.of([self.cxn[h] for h in hosts_], concurrency=self.group.concurrency)
-        result = hosts.call(grp, lambda c: parse_probe(c.run(
-            _probe_script(self.bench, self.run_id, with_logs=False), warn=True, timeout=30).stdout))
-        for cxn, probe in result.items():
-            if isinstance(probe, BaseException):
-                failed[cxn.host] = hosts.describe_error(probe)
+        for host in sorted({p.host for p in self.procs if p.role != "master"}):
+            probe = probes.get(host)
+            if probe is None:
+                failed[host] = "no final state recorded (see the kill and log download error)"
                 continue
-            for proc in (p for p in self.procs if p.host == cxn.host and p.role != "master"):
+            for proc in (p for p in self.procs if p.host == host and p.role != "master"):
                 if proc.pid in probe.alive:
                     proc.status = "ok"
                 else:
                     proc.exit = probe.exits.get(proc.key)
                     proc.status = "died"
-                    failed.setdefault(cxn.host, f"{proc.key} died during the run"
+                    failed.setdefault(host, f"{proc.key} died during the run"
                                       + ("" if proc.exit is None else f" (exit {proc.exit})"))
         return failed
 
@@ -454,9 +450,12 @@ class Run:
         self.local_dir.mkdir(parents=True, exist_ok=True)
         status, error = "failed", None
         failures: dict[str, str] = {}
+        completed = False
         self._write_record("running", None, failures)
         try:
             log.info("run %s: %s on %d workers x %d processes", self.run_id, self.bench.name, self.k, self.nprocs)
+            # Every handshake at once, up front: the phases below then only run commands.
+            hosts.check(hosts.call(self.group, lambda c: c.open()), what="connect")
             if self.manager:
                 self.start_manager()
                 self.timings["manager_ready_s"] = time.monotonic() - self._t0
@@ -468,11 +467,10 @@ class Run:
             master_start = time.monotonic()
             master = self.run_master()
             self.timings["master_s"] = time.monotonic() - master_start
-            failures.update(self.final_states())
             if master.exit != 0:
                 failures[self.master.host] = ("master ended without an exit code (killed?)" if master.exit is None
                                               else f"master exited with {master.exit}")
-            status = "ok" if not failures else "failed"
+            completed = True
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted (Ctrl-C)"
             raise
@@ -482,24 +480,39 @@ class Run:
                 failures.update(err.failures)
         finally:
             with _no_interrupts():
-                self._finish(status, error, failures)
+                if status == "interrupted":
+                    log.warning("interrupted: killing the run's processes and collecting its logs")
+                probes = self._finish(failures, final_state=completed)
+                if completed:
+                    failures.update(self._final_states(probes))
+                    status = "ok" if not failures else "failed"
+                self.timings["total_s"] = time.monotonic() - self._t0
+                self._write_record(status, error, failures)
+                self.group.close()
         return RunResult(run_id=self.run_id, local_dir=self.local_dir, status=status,
                          record=self.record(status, error, failures), failures=failures)
 
-    def _finish(self, status: str, error: str | None, failures: dict[str, str]) -> None:
-        if status == "interrupted":
-            log.warning("interrupted: killing the run's processes and collecting its logs")
-        kill = None if self.keep else kill_script(self.bench, self.run_id)
+    def _finish(self, failures: dict[str, str], *, final_state: bool) -> dict[str, Probe]:
+        """One command per host: record the final process states, kill (unless --keep), send the logs back."""
+        rdir = remote_run_dir(self.bench.name, self.run_id)
+        steps = []
+        if final_state:
+            steps.append(f"( {_probe_script(self.bench, self.run_id, with_logs=False)}\n) > {rdir}/{FINAL_STATE}")
+        if not self.keep:
+            steps.append(kill_script(self.bench, self.run_id))
         fetched = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
-                               before=kill)
+                               before="\n".join(steps) or None)
         for host, err in fetched.items():
-            failures.setdefault(host, f"kill and log download failed: {err}" if kill else
-                                f"log download failed: {err}")
-        if kill:
+            failures.setdefault(host, ("kill and log download failed: " if not self.keep else
+                                       "log download failed: ") + err)
+        if not self.keep:
             self._mark_killed(set(fetched))
-        self.timings["total_s"] = time.monotonic() - self._t0
-        self._write_record(status, error, failures)
-        self.group.close()
+        probes = {}
+        for node in self.nodes:
+            path = self.local_dir / node.host / FINAL_STATE
+            if final_state and node.host not in fetched and path.exists():
+                probes[node.host] = parse_probe(path.read_text())
+        return probes
 
     def record(self, status: str, error: str | None, failures: dict[str, str]) -> dict[str, Any]:
         master = next((p for p in self.procs if p.role == "master"), None)

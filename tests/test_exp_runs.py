@@ -60,6 +60,9 @@ def make_registry(path: Path, *, cluster_hosts: list[str]) -> Path:
         "logready": {**common, "ready": {"log": r"^worker listening on (?:\d+\.){3}\d+:\d+$"}, "commands": {"master": DSUM_MASTER}},
         # the same binary name in another directory, on other ports
         "other": {"dir": OTHER_DIR, "binary": "./dsum", "ports": OTHER_PORTS},
+        # workers that listen, then exit 7 while the master is still running
+        "dying": {"dir": "~/dying", "binary": "./dying.sh",
+                  "commands": {"worker": "{binary} {host} {port}", "master": "sleep 3"}},
         # a build that fails on one host only
         "mkfail": {**common, "build": f'if [ "$(hostname)" = {bad_host} ]; then echo oops >&2; exit 2; fi'},
     })
@@ -222,6 +225,37 @@ def test_a_wrong_result_fails_the_run(exp):
     record = exp.record("faulty")
     assert record["status"] == "failed" and record["exit_codes"]["master"] == 2
     assert exp.leftovers() == {}
+
+
+DYING_WORKER = """#!/bin/sh
+python3 - "$1" "$2" <<'PY'
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+time.sleep(1)
+PY
+exit 7
+"""
+
+
+def test_a_worker_dying_during_the_run_fails_it(exp):
+    exp.remote(f"mkdir -p ~/dying && printf %s {shlex.quote(DYING_WORKER)} > ~/dying/dying.sh "
+               "&& chmod +x ~/dying/dying.sh")
+    try:
+        proc = exp.inv("exp.run", "--benchmark", "dying", "-k", "2", "-p", "1", "--no-manager")
+        assert proc.returncode != 0
+        no_traceback(proc)
+        for h, node in enumerate(exp.info.workers[:2]):
+            assert f"[{node.host}] worker{h} died during the run (exit 7)" in proc.stderr, proc.stderr
+        record = exp.record("dying")
+        assert record["status"] == "failed" and record["exit_codes"]["master"] == 0
+        assert {record["exit_codes"]["worker0"], record["exit_codes"]["worker1"]} == {7}
+        run_id, run_dir = exp.only_run("dying")
+        assert (run_dir / exp.info.workers[0].host / "final-state").exists()
+    finally:
+        exp.remote("rm -rf ~/dying")
 
 
 def test_readiness_by_log_line(exp):
