@@ -26,6 +26,9 @@ REMOTE_DIR = "cloister"
 TIMEOUT_EXIT = 124  # what coreutils timeout exits with when it had to stop the command
 REMOTE_TIMEOUT_GRACE = 5.0
 REMOTE_KEY = ".ssh/cloister_key"
+# What cloister keeps on every node under ~/cloister (copy-dns, experiment runs): the default
+# redeploy_paths include cloister/, and a redeploy must neither overwrite nor --delete these.
+NODE_STATE = (f"{REMOTE_DIR}/servers/", f"{REMOTE_DIR}/known_hosts", f"{REMOTE_DIR}/runs/")
 
 
 @dataclass(frozen=True)
@@ -88,17 +91,25 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
 
         result = ec2.launch(cfg, nworkers=count, settings=settings, confirm=confirm, progress=progress)
         info, created = result.info, result.created
-    write_servers(settings.servers_dir, info)
-    if wait:
-        try:
+    # A cluster named by --name is not the one its config names; record that, so later tasks
+    # given the same config find it (tasks/_common.load) instead of refusing or missing it.
+    info = replace(info, extra={**info.extra, "config": str(Path(cfg.source).resolve()),
+                                "named_by_flag": "cluster_name" in cfg.from_flags})
+    try:
+        write_servers(settings.servers_dir, info)
+        if wait:
             _wait_and_copy(info, settings)
-        except BaseException as exc:
-            if cfg.provider == "ec2" and created:
-                from . import ec2
+    except BaseException as exc:
+        # A cluster this call created and could not finish (an error, Ctrl-C) must not be left behind.
+        if created and cfg.provider == "ec2":
+            from . import ec2
 
-                ec2.abandon(cfg, exc, settings=settings, ids=[n.id for n in info.nodes], confirm=confirm,
-                            progress=progress)
-            raise
+            ec2.abandon(cfg, exc, settings=settings, ids=[n.id for n in info.nodes], confirm=confirm,
+                        progress=progress)
+        elif created and cfg.provider == "local":
+            local_cluster(cfg, settings).destroy()
+            clear_own_servers(cfg, settings)
+        raise
     return LaunchResult(info=info, created=created)
 
 

@@ -162,6 +162,7 @@ class ClusterConfig:
     hosts: list[str] | None = None
     notices: tuple[str, ...] = ()
     legacy: dict[str, Any] = field(default_factory=dict)
+    from_flags: tuple[str, ...] = ()
 
     @property
     def ttl_seconds(self) -> int:
@@ -294,4 +295,5 @@ def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None =
             raise ConfigError(file=_where(file, sources, "image"), key="image",
                               expected=f"directory {merged['image']} does not exist")
         merged["image"] = str(image)
-    return ClusterConfig(source=file, notices=tuple(notices), legacy=legacy, **merged)
+    flags = tuple(k for k, v in sources.items() if v.startswith("--"))
+    return ClusterConfig(source=file, notices=tuple(notices), legacy=legacy, from_flags=flags, **merged)

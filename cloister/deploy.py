@@ -39,8 +39,12 @@ import paramiko
 from fabric import Connection
 
 from . import hosts, transfer
+from .cluster import NODE_STATE
 from .errors import CloisterError
 from .servers import ClusterInfo, Node
+
+# Anchored at the home directory (rsync runs with --relative there): cloister's own files per node.
+KEEP_ON_NODES = tuple(f"/{path}" for path in NODE_STATE)
 
 DEFAULT_CONCURRENCY = 8
 TREE_SEEDS = 2
@@ -384,7 +388,8 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
                     cxn = leases.lease()
                     try:
                         result = transfer.rsync_from(cxn, present, target_address(target), ssh=dev_ssh,
-                                                     delete=delete, dry_run=dry_run, timeout=timeout)
+                                                     delete=delete, dry_run=dry_run, timeout=timeout,
+                                                     exclude=KEEP_ON_NODES)
                     finally:
                         leases.give_back(cxn)
                 else:
@@ -396,7 +401,7 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
                         if fresh:
                             _install(cxn, files)
                         result = transfer.rsync_from(cxn, present, target_address(target), ssh=node_ssh,
-                                                     delete=delete, timeout=timeout)
+                                                     delete=delete, timeout=timeout, exclude=KEEP_ON_NODES)
                     finally:
                         cxn.close()
             except Exception as exc:  # noqa: BLE001 - reported per node

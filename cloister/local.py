@@ -210,6 +210,10 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -413,15 +417,19 @@ class LocalCluster:
     def kill_host(self, name: str) -> bool:
         """End one host: SIGKILL its namespace's PID 1, which takes every process of the host with it."""
         hdir = str(self.host_dir(name))
+        return self._end_namespace(self._unshare_pid(name), hdir, init=self.init_pid(name))
+
+    def _end_namespace(self, outer: int | None, hdir: str, *, init: int | None = None) -> bool:
+        """SIGKILL the namespace init (found as unshare's child if it was not recorded), then reap unshare."""
         killed = False
-        init = self.init_pid(name)
-        if init is not None and _alive(init) and "sshd" in _cmdline(init):
-            outer = self._unshare_pid(name)
-            if outer is None or init in _children(outer):
+        outer_ours = outer is not None and _alive(outer) and hdir in _cmdline(outer)
+        if (init is None or not _alive(init)) and outer_ours:
+            init = next(iter(_children(outer)), None)
+        if init is not None and _alive(init) and ("sshd" in _cmdline(init) or hdir in _cmdline(init)):
+            if outer is None or not _alive(outer) or init in _children(outer):
                 os.kill(init, signal.SIGKILL)
                 killed = True
-        outer = self._unshare_pid(name)
-        if outer is not None and _alive(outer) and hdir in _cmdline(outer):
+        if outer_ours:
             deadline = time.monotonic() + 5
             while _alive(outer) and time.monotonic() < deadline:
                 _reap(outer)
@@ -440,6 +448,14 @@ class LocalCluster:
         running = sum(1 for n in names if self._host_alive(n))
         for name in names:
             self.kill_host(name)
+        # A launch interrupted between starting a host and recording its PID leaves no pid file:
+        # find every unshare still running one of this cluster's init scripts.
+        hosts_dir = f"{self.dir}/hosts/"
+        for pid in _pids():
+            cmdline = _cmdline(pid)
+            if cmdline.startswith("unshare ") and hosts_dir in cmdline:
+                hdir = cmdline.split(hosts_dir, 1)[1].split("/", 1)[0]
+                self._end_namespace(pid, hosts_dir + hdir)
         subnets = state.get("subnets", []) if state else []
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)

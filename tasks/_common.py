@@ -67,7 +67,28 @@ def load(c, config: str | None, **overrides: Any) -> ClusterConfig:
     cfg = load_config(path, defaults=dict(c.cloister), overrides=overrides)
     for notice in cfg.notices:
         print(f"note: {notice}", file=sys.stderr)
+    launched = _named_by_flag(c, cfg)
+    if launched and overrides.get("cluster_name") is None:
+        print(f"note: using cluster '{launched}', launched from {cfg.source} with --name", file=sys.stderr)
+        cfg = cfg.replace(cluster_name=launched)
     return cfg
+
+
+def _named_by_flag(c, cfg: ClusterConfig) -> str | None:
+    """The cluster in servers/ if it was launched from this very config file under another --name."""
+    from pathlib import Path
+
+    from cloister.errors import ServersError
+    from cloister.servers import read_servers
+
+    try:
+        info = read_servers(c.cloister.servers_dir)
+    except ServersError:
+        return None
+    same_file = info.extra.get("config") == str(Path(cfg.source).resolve())
+    if same_file and info.extra.get("named_by_flag") and info.provider == cfg.provider:
+        return info.cluster_name
+    return None
 
 
 def confirm(question: str) -> bool:

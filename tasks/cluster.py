@@ -45,9 +45,14 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
         print(f"warning: ttl 0: the instances of '{cfg.cluster_name}' never terminate themselves; "
               f"remember inv cluster.destroy", file=sys.stderr)
     start = time.monotonic()
-    with progress_bar() as bar:
-        result = lib.launch(cfg, settings=settings(c), wait=wait, confirm=None if yes else bar.confirm,
-                            progress=bar.update)
+    try:
+        with progress_bar() as bar:
+            result = lib.launch(cfg, settings=settings(c), wait=wait, confirm=None if yes else bar.confirm,
+                                progress=bar.update)
+    except KeyboardInterrupt:
+        left = "" if cfg.provider == "local" else "; inv cluster.status shows what is left"
+        raise Exit(f"interrupted: launch of '{cfg.cluster_name}' stopped" +
+                   (" and the hosts it had started were ended" if cfg.provider == "local" else left), code=130)
     info = result.info
     verb = "launched" if result.created else "found running"
     print(f"{verb} {cfg.provider} cluster '{cfg.cluster_name}': 1 master, {len(info.workers)} workers"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +19,7 @@ from cloister import cluster as lib
 from cloister import hosts
 from cloister.errors import ProviderError
 from cloister.local import LocalCluster
+from conftest import INV, REPO
 
 
 def sh(info, node, command: str):
@@ -173,3 +177,39 @@ def test_sixteen_hosts_launch_and_destroy(own_cluster, capsys):
     assert local(env).exists() is False
     with capsys.disabled():
         print(f"\n16 hosts: launch (incl. SSH wait and copy-dns) {launched:.2f}s, destroy {destroyed:.2f}s")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("when", ["hosts starting", "hosts up"])
+def test_an_interrupted_launch_leaves_nothing_running(tmp_path, when):
+    config = tmp_path / "intr.json"
+    config.write_text(json.dumps({"cluster_name": "intr", "provider": "local", "nworkers": 30, "dev_host": False,
+                                  "image": str(REPO / "examples" / "image"), "ttl": 0}))
+    state = tmp_path / "state"
+    env = {**os.environ, "INVOKE_CLOISTER_STATE_DIR": str(state), "INVOKE_CLOISTER_SERVERS_DIR": str(tmp_path / "srv")}
+    proc = subprocess.Popen([INV, "cluster.launch", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hosts_dir = state / "local" / "intr" / "hosts"
+    deadline = time.monotonic() + 30
+    wanted = 5 if when == "hosts starting" else 31
+    while time.monotonic() < deadline and len(list(hosts_dir.glob("*/init.pid" if wanted == 31 else "*/sshd.log"))) < wanted:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("interrupted: launch of 'intr' stopped")
+    assert _processes_mentioning(str(hosts_dir)) == []
+    assert not (state / "local" / "intr").exists()
+    assert not (tmp_path / "srv" / "cluster.json").exists()

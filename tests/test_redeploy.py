@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cloister import deploy, transfer
+from cloister.cluster import NODE_STATE
 from cloister.local import LocalCluster
 from cloister.servers import Node
 
@@ -87,7 +88,9 @@ def snapshot(root: Path, paths=PATHS) -> dict[str, tuple]:
             for dirpath, dirs, files in os.walk(top):
                 for n in dirs + files:
                     entry(Path(dirpath) / n)
-    return out
+    # Each node's own cloister files (servers/, runs/, known_hosts) are not part of a redeploy.
+    kept = tuple(path.rstrip("/") for path in NODE_STATE)
+    return {rel: v for rel, v in out.items() if not any(rel == k or rel.startswith(k + "/") for k in kept)}
 
 
 def assert_all_match(env: ClusterEnv, nodes=None) -> dict[str, tuple]:
@@ -181,6 +184,34 @@ def test_delete_removes_a_file_from_every_node(rd):
     assert all(", 1 deleted in " in line for line in node_lines(gone, rd).values()), gone.stdout
     assert not any((home(rd, n) / "clamor" / "doomed.txt").exists() for n in rd.info.cluster_nodes)
     assert_all_match(rd)
+
+
+def test_cloister_files_on_the_nodes_survive_a_redeploy_of_cloister(rd):
+    # copy-dns and experiment runs keep files under ~/cloister, which the default paths redeploy.
+    dev = home(rd, rd.info.dev)
+    dev_servers_txt = dev / "cloister" / "servers" / "servers.txt"
+    original = dev_servers_txt.read_text()
+    dev_servers_txt.write_text("10.9.9.9\n")
+    (dev / "cloister" / "tool.py").write_text("print('cloister scripts on the cluster')\n")
+    chown_tree(dev / "cloister")
+    node = rd.info.workers[0]
+    servers_txt = home(rd, node) / "cloister" / "servers" / "servers.txt"
+    before = servers_txt.read_text()
+    log = home(rd, node) / "cloister" / "runs" / "dsum" / "20260101-000000-abcd" / "worker0.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("not downloaded yet\n")
+    chown_tree(home(rd, node) / "cloister" / "runs")
+    try:
+        proc = rd.inv("cluster.redeploy", "--paths", "cloister/", "--delete")
+        assert proc.returncode == 0, proc.stderr
+        assert (home(rd, node) / "cloister" / "tool.py").exists()
+        assert servers_txt.read_text() == before != "10.9.9.9\n"
+        assert log.read_text() == "not downloaded yet\n"
+    finally:
+        dev_servers_txt.write_text(original)
+        (dev / "cloister" / "tool.py").unlink()
+        shutil.rmtree(home(rd, node) / "cloister" / "runs")
+        assert rd.inv("cluster.redeploy", "--paths", "cloister/", "--delete").returncode == 0
 
 
 def test_dry_run_changes_nothing(rd):
