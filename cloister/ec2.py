@@ -290,7 +290,7 @@ def _to_image(raw: dict[str, Any]) -> Image:
 
 def _own_images(client, cfg: ClusterConfig) -> list[dict[str, Any]]:
     raw = client.describe_images(Owners=["self"],
-                                 Filters=[{"Name": "name", "Values": [images.prefix(cfg) + "*"]}])["Images"]
+                                 Filters=[{"Name": "name", "Values": [images.pattern(cfg)]}])["Images"]
     return sorted(raw, key=lambda i: (i["CreationDate"], i.get("Name", "")), reverse=True)
 
 

@@ -37,6 +37,15 @@ def prefix(cfg: ClusterConfig) -> str:
     return cfg.ami_tag or cfg.cluster_name
 
 
+def pattern(cfg: ClusterConfig) -> str:
+    """Names of this config's images: the prefix and a dash, so 'alice-clamor' never takes 'alice-clamor2-...'."""
+    return f"{prefix(cfg)}-*"
+
+
+def matches(cfg: ClusterConfig, name: str) -> bool:
+    return name.startswith(f"{prefix(cfg)}-")
+
+
 def new_name(cfg: ClusterConfig, *, now: datetime | None = None) -> str:
     return f"{prefix(cfg)}-{(now or datetime.now(timezone.utc)):{TIMESTAMP}}"
 
@@ -70,7 +79,7 @@ def latest(cfg: ClusterConfig, *, state_dir: str) -> Image:
 
 
 def no_images_error(cfg: ClusterConfig, *, where: str) -> ProviderError:
-    return ProviderError(f"no available image named '{prefix(cfg)}*' {where}; run inv ami.create first "
+    return ProviderError(f"no available image named '{pattern(cfg)}' {where}; run inv ami.create first "
                          f"(or check ami_tag in {cfg.source})", provider=cfg.provider, cluster=cfg.cluster_name)
 
 
@@ -125,7 +134,7 @@ def _local_images(cfg: ClusterConfig, state_dir: str) -> list[Image]:
     found = []
     for path in folder.iterdir():
         # Names starting with "." are copies in progress (see _local_create).
-        if path.is_dir() and path.name.startswith(prefix(cfg)) and not path.name.startswith("."):
+        if path.is_dir() and matches(cfg, path.name) and not path.name.startswith("."):
             created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
             found.append(Image(id=str(path), name=path.name, created=created))
     return sorted(found, key=lambda i: (i.created, i.name), reverse=True)

@@ -62,9 +62,9 @@ def list_(c, config=None):
     cfg = load(c, config)
     found = images.list_images(cfg, state_dir=settings(c).state_dir)
     if not found:
-        print(f"no images named '{images.prefix(cfg)}*'")
+        print(f"no images named '{images.pattern(cfg)}'")
         return
-    table = Table(title=f"images named '{images.prefix(cfg)}*', newest first")
+    table = Table(title=f"images named '{images.pattern(cfg)}', newest first")
     # Piped output is 80 columns wide: wrap long ids (local image paths) rather than cut them.
     table.add_column("name", no_wrap=True)
     table.add_column("id", overflow="fold")
@@ -80,8 +80,8 @@ def list_(c, config=None):
 def create(c, config=None, name=None):
     """Image the dev instance (local: the dev host's home) and wait until it is available."""
     cfg = load(c, config)
-    if name and not name.startswith(images.prefix(cfg)):
-        print(f"note: '{name}' does not start with '{images.prefix(cfg)}', so `ami: latest` will not pick it",
+    if name and not images.matches(cfg, name):
+        print(f"note: '{name}' does not match '{images.pattern(cfg)}', so `ami: latest` will not pick it",
               file=sys.stderr)
     with progress_bar() as bar:
         image = images.create(cfg, state_dir=settings(c).state_dir, name=name, progress=bar.update)
@@ -101,7 +101,7 @@ def prune(c, config=None, keep=None, yes=False):
     cfg = load(c, config)
     doomed = images.prunable(cfg, state_dir=settings(c).state_dir, keep=count)
     if not doomed:
-        print(f"nothing to prune: at most {count} images named '{images.prefix(cfg)}*'")
+        print(f"nothing to prune: at most {count} images named '{images.pattern(cfg)}'")
         return
     for image in doomed:
         print(f"will delete {_describe(image)}")

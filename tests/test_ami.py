@@ -76,7 +76,7 @@ def test_ami_errors_are_one_line(tmp_path):
 
     latest = run_inv("ami.latest", env=env)
     assert latest.returncode == 1 and latest.stderr.strip() == (
-        f"no available image named 'nothing*' under {tmp_path.resolve() / 's' / 'images'}; run inv ami.create "
+        f"no available image named 'nothing-*' under {tmp_path.resolve() / 's' / 'images'}; run inv ami.create "
         f"first (or check ami_tag in {config})")
     prune = run_inv("ami.prune", env=env)
     assert prune.returncode == 1 and prune.stderr.strip() == "pass --keep N: how many of the newest images to keep"

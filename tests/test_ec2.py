@@ -275,6 +275,7 @@ def test_latest_ami_is_the_newest_with_the_prefix(aws, make_cfg, settings):
     source = run_instance(client)
     older = make_image(client, "alice-clamor-zzz-older", source)
     make_image(client, "bob-clamor-20991231-2359", source)
+    make_image(client, "alice-clamor2-20991231-2359", source)  # another prefix that merely starts alike
     time.sleep(1.1)  # CreationDate has one-second resolution; the newer image must sort by date, not name
     newest = make_image(client, "alice-clamor-aaa-newer", source)
     cfg = make_cfg(ami="latest", ami_tag="alice-clamor", nworkers=1)
@@ -284,7 +285,7 @@ def test_latest_ami_is_the_newest_with_the_prefix(aws, make_cfg, settings):
     assert {i["ImageId"] for i in live(client, "t1")} == {newest}
 
     nothing = make_cfg(cluster_name="t2", ami="latest", ami_tag="carol")
-    with pytest.raises(ProviderError, match=r"no available image named 'carol\*' owned by you in us-west-2"):
+    with pytest.raises(ProviderError, match=r"no available image named 'carol-\*' owned by you in us-west-2"):
         lib.launch(nothing, settings=settings, wait=False)
     assert live(client, "t2") == []
 
