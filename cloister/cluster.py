@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 REMOTE_DIR = "cloister"
 TIMEOUT_EXIT = 124  # what coreutils timeout exits with when it had to stop the command
 REMOTE_TIMEOUT_GRACE = 5.0
+STATIC_SSH_TIMEOUT = 20.0
 REMOTE_KEY = ".ssh/cloister_key"
 # What cloister keeps on every node under ~/cloister (copy-dns, experiment runs): the default
 # redeploy_paths include cloister/, and a redeploy must neither overwrite nor --delete these.
@@ -114,7 +115,9 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
 
 
 def _wait_and_copy(info: ClusterInfo, settings: Settings) -> None:
-    hosts.wait_ssh(info, info.nodes, timeout=settings.ssh_timeout, concurrency=settings.concurrency,
+    # New instances need minutes to boot; machines that already exist (static) answer now or not at all.
+    timeout = min(settings.ssh_timeout, STATIC_SSH_TIMEOUT) if info.provider == "static" else settings.ssh_timeout
+    hosts.wait_ssh(info, info.nodes, timeout=timeout, concurrency=settings.concurrency,
                    probe_timeout=min(settings.connect_timeout, 5.0))
     copy_dns(info, settings=settings)
 

@@ -280,6 +280,7 @@ def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0
              concurrency: int = DEFAULT_CONCURRENCY, probe_timeout: float = 5.0) -> None:
     """Wait until every node answers a command over SSH; name the ones that never do."""
     pending = list(nodes)
+    total = len(pending)
     deadline = time.monotonic() + timeout
     last: dict[str, str] = {}
     delay = 0.05
@@ -292,7 +293,7 @@ def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0
         if not pending:
             return
         if time.monotonic() + delay > deadline:
-            raise HostsFailed({n.host: last[n.host] for n in pending}, total=len(result),
+            raise HostsFailed({n.host: last[n.host] for n in pending}, total=total,
                               what=f"no SSH after {timeout:.0f}s")
         time.sleep(delay)
         delay = min(delay * 2, 5.0)

@@ -44,3 +44,19 @@ def test_static_cluster_of_existing_machines(local_cluster, tmp_path):
     assert not (tmp_path / "servers" / "cluster.json").exists()
     still = local_cluster.inv("cluster.run", "true")
     assert still.returncode == 0, still.stderr
+
+
+def test_static_launch_names_an_unreachable_machine(local_cluster, tmp_path):
+    info = local_cluster.info
+    hosts = [info.master.host, info.workers[0].host, "127.0.254.9"]  # nothing listens on the last one
+    config = tmp_path / "static.json"
+    config.write_text(json.dumps({"cluster_name": "lab", "provider": "static", "hosts": hosts,
+                                  "ssh_key": info.ssh_key, "user": info.user}))
+    env = {**local_cluster.env(), "INVOKE_CLOISTER_CONFIG": str(config), "INVOKE_CLOISTER_SSH_TIMEOUT": "2",
+           "INVOKE_CLOISTER_SERVERS_DIR": str(tmp_path / "servers"),
+           "INVOKE_CLOISTER_STATE_DIR": str(tmp_path / "state")}
+    proc = run_inv("cluster.launch", env=env)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == ["[127.0.254.9] connection refused (is sshd running?)",
+                                                "no SSH after 2s: 1/3 hosts failed"]
