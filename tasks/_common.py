@@ -32,14 +32,19 @@ def task(*args: Any, **kwargs: Any):
     return decorate
 
 
-def number(flag: str, value: str | None, kind: type = int) -> int | float | None:
+def number(flag: str, value: str | None, kind: type = int, *, positive: bool = False) -> int | float | None:
     """Invoke hands flags without a typed default over as strings; a non-number is a one-line error."""
     if value is None:
         return None
+    noun = "integer" if kind is int else "number"
+    expected = f"a positive {noun}" if positive else ("an integer" if kind is int else "a number")
     try:
-        return kind(value)
+        parsed = kind(value)
     except ValueError:
-        raise Exit(f"{flag} {value!r}: expected {'an integer' if kind is int else 'a number'}", code=1)
+        raise Exit(f"{flag} {value!r}: expected {expected}", code=1)
+    if positive and not parsed > 0:
+        raise Exit(f"{flag} {value!r}: expected {expected}", code=1)
+    return parsed
 
 
 def settings(c) -> Settings:

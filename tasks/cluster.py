@@ -140,7 +140,7 @@ def copy_dns(c, config=None):
       positional=["command"])
 def run(c, command, config=None, role="all", hosts=None, stream=False, timeout=None):
     """Run a shell command on every host in parallel and fold identical outputs."""
-    timeout = number("--timeout", timeout, float) or None
+    timeout = number("--timeout", timeout, float, positive=True)
     cfg = load(c, config)
     info = lib.ensure_running(cfg, settings=settings(c))
     nodes = hostlib.select_nodes(info, role=role, hosts=hosts.split(",") if hosts else None)

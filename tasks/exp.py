@@ -51,7 +51,7 @@ def _require(benchmark):
 
 
 def _new_run(c, *, config, benchmark, k, p, args=None, timeout=None, manager=True, keep=False, run_id=None):
-    k, timeout = number("-k", k), number("--timeout", timeout, float)
+    k, timeout = number("-k", k, positive=True), number("--timeout", timeout, float, positive=True)
     cfg, conf, bench, info = _context(c, config, _require(benchmark))
     return runlib.Run(info=info, bench=bench, k=len(info.workers) if k is None else k, nprocs=int(p),
                       args=parse_args(args), runs_dir=c.cloister.runs_dir, concurrency=conf.concurrency,
@@ -299,6 +299,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
 
     from cloister import sweep as sweeplib
 
+    timeout = number("--timeout", timeout, float, positive=True)
     cfg, conf, bench, info = _context(c, config, _require(benchmark))
     ks = sweeplib.parse_int_list(k, flag="-k")
     ps = sweeplib.parse_int_list(p, flag="-p")
@@ -318,7 +319,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
     def run_one(combo, run_id):
         run_ = runlib.Run(info=info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args),
                           runs_dir=c.cloister.runs_dir, concurrency=conf.concurrency,
-                          connect_timeout=conf.connect_timeout, timeout=number("--timeout", timeout, float),
+                          connect_timeout=conf.connect_timeout, timeout=timeout,
                           run_id=run_id, config_name=cfg.source)
         return run_.execute().record
 

@@ -229,10 +229,14 @@ def test_badly_typed_env_var_is_one_line(tmp_path, var, value, expected):
 
 @pytest.mark.parametrize("args, line", [
     (["exp.run", "--benchmark", "dsum", "-p", "abc"], "-p 'abc': expected an integer"),
-    (["exp.run", "--benchmark", "dsum", "-k", "two"], "-k 'two': expected an integer"),
-    (["exp.run", "--benchmark", "dsum", "--timeout", "soon"], "--timeout 'soon': expected a number"),
+    (["exp.run", "--benchmark", "dsum", "-k", "two"], "-k 'two': expected a positive integer"),
+    (["exp.run", "--benchmark", "dsum", "-k", "0"], "-k '0': expected a positive integer"),
+    (["exp.run", "--benchmark", "dsum", "--timeout", "-5"], "--timeout '-5': expected a positive number"),
+    (["exp.sweep", "--benchmark", "dsum", "--timeout", "0"], "--timeout '0': expected a positive number"),
+    (["exp.run", "--benchmark", "dsum", "--timeout", "soon"], "--timeout 'soon': expected a positive number"),
     (["exp.sweep", "--benchmark", "dsum", "--repeat", "x"], "--repeat 'x': expected an integer"),
-    (["cluster.run", "--timeout", "x", "hostname"], "--timeout 'x': expected a number"),
+    (["cluster.run", "--timeout", "x", "hostname"], "--timeout 'x': expected a positive number"),
+    (["cluster.run", "--timeout=-1", "hostname"], "--timeout '-1': expected a positive number"),
     (["cluster.launch", "--nworkers", "many"], "--nworkers 'many': expected an integer"),
 ])
 def test_badly_typed_flag_is_one_line(tmp_path, args, line):

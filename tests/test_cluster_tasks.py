@@ -93,7 +93,7 @@ def test_hosts_by_name_or_address(local_cluster):
 @pytest.mark.parametrize("flags, message", [
     (["--hosts", "nowhere,also-nowhere"], "--hosts: nowhere, also-nowhere not in cluster"),
     (["--role", "everyone"], "role 'everyone': expected one of"),
-    (["--timeout", "soon"], "--timeout 'soon': expected a number"),
+    (["--timeout", "soon"], "--timeout 'soon': expected a positive number"),
 ])
 def test_bad_selection_is_a_one_line_error(local_cluster, flags, message):
     assert message in one_line_error(local_cluster.inv("cluster.run", *flags, "hostname"))
