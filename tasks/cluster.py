@@ -138,8 +138,11 @@ def copy_dns(c, config=None):
             "stream": "print output live, each line prefixed [host], instead of folded at the end",
             "timeout": "seconds before the command is abandoned on a host"},
       positional=["command"])
-def run(c, command, config=None, role="all", hosts=None, stream=False, timeout=None):
+def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, command=None):
     """Run a shell command on every host in parallel and fold identical outputs."""
+    # `command` comes last so that -c means --config here as in every other task.
+    if not command:
+        raise Exit('give the command to run, e.g. inv cluster.run "hostname; uptime"', code=1)
     timeout = number("--timeout", timeout, float, positive=True)
     cfg = load(c, config)
     info = lib.ensure_running(cfg, settings=settings(c))
