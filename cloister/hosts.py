@@ -245,6 +245,8 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip().splitlines()
+    if isinstance(exc, CloisterError) and text:
+        return text[0]  # already a message for the user
     return f"{exc.__class__.__name__}: {text[0]}" if text else exc.__class__.__name__
 
 

@@ -303,33 +303,46 @@ class Run:
         return node.private or node.host
 
     def _wait_ready(self, procs: list[Proc], *, deadline: float) -> None:
-        """Poll over the open connections until every proc listens (or logs readiness); fail fast."""
+        """Poll over the open connections until every proc listens (or logs readiness); fail fast,
+        naming every host where a process exited at start-up."""
         pending = {p.host for p in procs}
         delay = 0.02
         while pending:
             grp = hosts.CappedGroup.of([self.cxn[h] for h in pending], concurrency=self.group.concurrency)
             result = hosts.check(hosts.call(grp, lambda c: c.run(
                 _probe_script(self.bench, self.run_id, with_logs=True), warn=True, timeout=30)), what="readiness")
+            exited: dict[str, str] = {}
             for cxn, res in result.items():
                 probe = parse_probe(res.stdout)
                 mine = [p for p in procs if p.host == cxn.host]
-                for proc in mine:
-                    if proc.pid not in probe.alive:
-                        proc.status = "exited early"
-                        proc.exit = probe.exits.get(proc.key)
-                        raise ExperimentError(
-                            f"[{cxn.host}] {proc.key} exited at start-up"
-                            f"{'' if proc.exit is None else f' with exit {proc.exit}'}: "
-                            f"{self._log_tail(cxn, proc)}", benchmark=self.bench.name, run_id=self.run_id)
-                if all(self._is_ready(p, probe) for p in mine):
+                dead = [p for p in mine if p.pid not in probe.alive]
+                for proc in dead:
+                    proc.status = "exited early"
+                    proc.exit = probe.exits.get(proc.key)
+                if dead:
+                    first = dead[0]
+                    more = f" (and {len(dead) - 1} more)" if len(dead) > 1 else ""
+                    exited[cxn.host] = (f"{first.key}{more} exited at start-up"
+                                        f"{'' if first.exit is None else f' with exit {first.exit}'}: "
+                                        f"{self._log_tail(cxn, first)}")
+                elif all(self._is_ready(p, probe) for p in mine):
                     pending.discard(cxn.host)
+            if exited:
+                raise HostsFailed(exited, total=len({p.host for p in procs}), what="start-up")
             if not pending:
                 return
             if time.monotonic() > deadline:
-                raise ExperimentError(f"not ready after {self.bench.ready_timeout:.0f}s on "
-                                      f"{', '.join(sorted(pending))}", benchmark=self.bench.name, run_id=self.run_id)
+                raise ExperimentError(f"not ready after {self.bench.ready_timeout:g}s on {', '.join(sorted(pending))} "
+                                      f"({self._awaited(procs)})", benchmark=self.bench.name, run_id=self.run_id)
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+    def _awaited(self, procs: list[Proc]) -> str:
+        if self.bench.ready_log and any(p.role == "worker" for p in procs):
+            return f"waiting for {self.bench.ready_log!r} in the worker logs"
+        ports = sorted({p.port for p in procs if p.port is not None})
+        shown = f"{ports[0]}-{ports[-1]}" if len(ports) > 2 else ", ".join(map(str, ports))
+        return f"waiting for port{'s' if len(ports) > 1 else ''} {shown} to listen"
 
     def _is_ready(self, proc: Proc, probe: Probe) -> bool:
         if self.bench.ready_log and proc.role == "worker":
