@@ -640,14 +640,19 @@ def killall(grp: hosts.CappedGroup, bench: Benchmark) -> dict[str, int | BaseExc
     return out
 
 
-def clean_remote(grp: hosts.CappedGroup, *, benchmark: str | None, run_id: str | None) -> dict[str, str]:
-    """Remove a run's (or a benchmark's, or every) remote logs; return per-host errors."""
+def clean_remote(grp: hosts.CappedGroup, *, benchmark: str | None,
+                 run_id: str | None) -> tuple[dict[str, str], list[str]]:
+    """Remove a run's (or a benchmark's, or every) remote logs: (per-host errors, hosts that had them)."""
     target = f'"$HOME"/{REMOTE_RUNS}'
     if benchmark:
         target += f"/{shlex.quote(benchmark)}"
         if run_id:
             target += f"/{shlex.quote(run_id)}"
-    return hosts.failures(hosts.call(grp, lambda c: c.run(f"rm -rf -- {target}", warn=False, timeout=60)))
+    result = hosts.call(grp, lambda c: c.run(f"if [ -e {target} ]; then rm -rf -- {target} && echo removed; fi",
+                                             warn=False, timeout=60))
+    had = [cxn.host for cxn, value in result.items()
+           if not isinstance(value, BaseException) and value.stdout.strip() == "removed"]
+    return hosts.failures(result), had
 
 
 def local_runs(runs_dir: str | os.PathLike, benchmark: str | None = None) -> list[dict[str, Any]]:

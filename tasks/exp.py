@@ -207,9 +207,12 @@ def logs(c, benchmark=None, run=None, config=None):
         errors = runlib.download_run(grp, benchmark=bench.name, run_id=run_id, local_dir=local_dir)
     finally:
         grp.close()
-    print(f"logs of {bench.name} run {run_id} in {local_dir}/")
     if errors:
         raise HostsFailed(errors, total=len(info.cluster_nodes))
+    if not local_dir.is_dir():
+        raise Exit(f"no host has logs of {bench.name} run {run_id} (~/{runlib.REMOTE_RUNS}/{bench.name}/{run_id}/)",
+                   code=1)
+    print(f"logs of {bench.name} run {run_id} in {local_dir}/")
 
 
 @task(help={"benchmark": BENCH_HELP, "run": "run id to remove (default: the latest run in runs/)",
@@ -223,11 +226,11 @@ def clean(c, benchmark=None, run=None, all=False, config=None):
     run_id = None if all else _pick_run(c, bench.name, run)
     grp = hostlib.group(info, info.cluster_nodes, concurrency=conf.concurrency, connect_timeout=conf.connect_timeout)
     try:
-        errors = runlib.clean_remote(grp, benchmark=bench.name if bench else None, run_id=run_id)
+        errors, had = runlib.clean_remote(grp, benchmark=bench.name if bench else None, run_id=run_id)
     finally:
         grp.close()
     what = run_id or ("every run of " + bench.name if bench else "every run")
-    print(f"removed {what} from {len(info.cluster_nodes) - len(errors)} hosts")
+    print(f"removed {what} from {len(had)} hosts" if had else f"no host had {what}; nothing to remove")
     if errors:
         raise HostsFailed(errors, total=len(info.cluster_nodes))
 

@@ -546,3 +546,13 @@ def test_manager_local_runs_through_c_run_here(exp, tmp_path):
     workers = f"{w1}:50000,{w1}:50001,{w2}:50000,{w2}:50001"
     assert proc.stdout.splitlines() == [
         f"manager {exp.info.master.host} 40000 {workers} 4 sourced here it's $(not run)", str(bench_dir)]
+
+
+def test_logs_and_clean_of_a_run_that_does_not_exist(exp):
+    missing = "20991125-002233-8543"
+    proc = exp.inv("exp.logs", "--benchmark", "dsum", "--run", missing)
+    assert one_line_error(proc) == f"no host has logs of dsum run {missing} (~/cloister/runs/dsum/{missing}/)"
+    assert not (exp.runs_dir / "dsum" / missing).exists()
+    proc = exp.inv("exp.clean", "--benchmark", "dsum", "--run", missing)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"no host had {missing}; nothing to remove"
