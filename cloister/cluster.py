@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import hosts
 from .config import ClusterConfig
 from .errors import CloisterError, HostsFailed, ProviderError
-from .local import STATE_FILE, LocalCluster
+from .local import STATE_FILE, LocalCluster, claimed_local_clusters
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Settings:
 class LaunchResult:
     info: ClusterInfo
     created: bool
+    replaced: str | None = None  # the other cluster servers/ described before this launch
 
 
 def local_cluster(cfg: ClusterConfig, settings: Settings) -> LocalCluster:
@@ -97,6 +98,10 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
     info = replace(info, extra={**info.extra, "config": str(Path(cfg.source).resolve()),
                                 "named_by_flag": "cluster_name" in cfg.from_flags})
     try:
+        previous = read_servers(settings.servers_dir).cluster_name
+    except CloisterError:
+        previous = None
+    try:
         write_servers(settings.servers_dir, info)
         if wait:
             _wait_and_copy(info, settings)
@@ -111,7 +116,8 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
             local_cluster(cfg, settings).destroy()
             clear_own_servers(cfg, settings)
         raise
-    return LaunchResult(info=info, created=created)
+    return LaunchResult(info=info, created=created,
+                        replaced=previous if previous not in (None, info.cluster_name) else None)
 
 
 def _wait_and_copy(info: ClusterInfo, settings: Settings) -> None:
@@ -343,11 +349,15 @@ def list_clusters(cfg: ClusterConfig, *, settings: Settings) -> list[dict[str, A
     if cfg.provider == "static":
         return [{"cluster": cfg.cluster_name, "masters": 1, "workers": len(cfg.hosts or []) - 1, "states": "static"}]
     rows = []
-    for state in sorted((Path(settings.state_dir) / "local").glob(f"*/{STATE_FILE}")):
-        lc = LocalCluster(state_root=settings.state_dir, cluster=state.parent.name)
+    # Every local cluster on this machine: this state_dir's, and any other whose addresses are claimed.
+    found = {state.parent.resolve() for state in (Path(settings.state_dir) / "local").glob(f"*/{STATE_FILE}")}
+    found |= {folder for folder in claimed_local_clusters() if (folder / STATE_FILE).exists()}
+    for folder in sorted(found):
+        lc = LocalCluster(state_root=folder.parent.parent, cluster=folder.name)
         nodes = lc.status()
         states = Counter(node["state"] for node in nodes)
-        rows.append({"cluster": lc.cluster, "masters": sum(n["role"] == "master" for n in nodes),
+        rows.append({"cluster": lc.cluster if folder.parent.parent == Path(settings.state_dir).resolve()
+                     else f"{lc.cluster} ({folder})", "masters": sum(n["role"] == "master" for n in nodes),
                      "workers": sum(n["role"] == "worker" for n in nodes),
                      "states": ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
                      "age_s": max((n["uptime_s"] or 0 for n in nodes), default=None)})

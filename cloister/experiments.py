@@ -51,6 +51,12 @@ class Benchmark:
     def worker_port(self, local_index: int) -> int:
         return self.worker_base + local_index
 
+    @property
+    def metric_name(self) -> str:
+        """The metric regex's first named group names it: time_s=(?P<time_s>[0-9.]+)."""
+        names = list(re.compile(self.metric).groupindex) if self.metric else []
+        return names[0] if names else "metric"
+
 
 @dataclass(frozen=True)
 class Registry:

@@ -170,6 +170,20 @@ def _claim_subnets(count: int, owner: Path) -> list[int]:
     raise ProviderError("no free 127.0.S.0/24 block left for another local cluster", provider="local")
 
 
+def claimed_local_clusters() -> set[Path]:
+    """State folders of every local cluster on this machine that holds addresses."""
+    if not CLAIMS_DIR.is_dir():
+        return set()
+    owners = set()
+    for claim in CLAIMS_DIR.iterdir():
+        if claim.name.isdigit():
+            try:
+                owners.add(Path(claim.read_text().strip()))
+            except OSError:
+                continue
+    return owners
+
+
 def _release_subnets(subnets: list[int], owner: Path) -> None:
     with _claims_lock():
         for subnet in subnets:

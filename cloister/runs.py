@@ -548,10 +548,29 @@ class Run:
         }
 
     def _write_record(self, status: str, error: str | None, failures: dict[str, str]) -> None:
+        _write_json(self.local_dir / "run.json", self.record(status, error, failures))
+
+    def record_by_hand(self) -> None:
+        """exp.manager/workers/master: add this call's processes to the run's run.json, so the run is
+        listed and is the latest one for exp.logs and exp.clean even before any log is downloaded."""
+        self.local_dir.mkdir(parents=True, exist_ok=True)
         path = self.local_dir / "run.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.record(status, error, failures), indent=2) + "\n")
-        os.replace(tmp, path)
+        record = self.record("started by hand", None, {})
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            earlier = None
+        if earlier:
+            record["roles"] = earlier.get("roles", []) + record["roles"]
+            record["exit_codes"] = {**earlier.get("exit_codes", {}), **record["exit_codes"]}
+            record["started"] = earlier.get("started", record["started"])
+        _write_json(path, record)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def read_metric(path: Path, pattern: str) -> float | str | None:

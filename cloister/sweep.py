@@ -167,7 +167,7 @@ def plot(state: SweepState, *, benchmark: str, metric_name: str | None) -> Path 
         highs = [max(points[k]) - m for m, k in zip(means, ks)]
         ax.errorbar(ks, means, yerr=[lows, highs], marker="o", capsize=4, label=label)
     ax.set_xlabel("k (worker hosts)")
-    ax.set_ylabel(_metric_label(metric_name) if use_metric else "run duration (s)")
+    ax.set_ylabel(metric_name if use_metric else "run duration (s)")
     ax.set_title(f"{benchmark}: sweep {state.dir.name}")
     ax.set_xticks(sorted({int(r["k"]) for r in ok}))
     ax.grid(True, alpha=0.3)
@@ -178,12 +178,6 @@ def plot(state: SweepState, *, benchmark: str, metric_name: str | None) -> Path 
     plt.close(fig)
     os.replace(tmp, state.plot_path)
     return state.plot_path
-
-
-def _metric_label(pattern: str) -> str:
-    """The regex's first named group names the metric: time_s=(?P<time_s>[0-9.]+)."""
-    names = list(re.compile(pattern).groupindex)
-    return names[0] if names else "metric (from the master log)"
 
 
 def _is_number(text: str) -> bool:

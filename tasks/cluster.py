@@ -54,6 +54,10 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
         raise Exit(f"interrupted: launch of '{cfg.cluster_name}' stopped" +
                    (" and the hosts it had started were ended" if cfg.provider == "local" else left), code=130)
     info = result.info
+    if result.replaced:
+        print(f"note: {settings(c).servers_dir}/ described cluster '{result.replaced}', which this launch does not "
+              f"stop; tasks now address '{cfg.cluster_name}' (give each cluster its own INVOKE_CLOISTER_SERVERS_DIR "
+              f"to use both)", file=sys.stderr)
     verb = "launched" if result.created else "found running"
     print(f"{verb} {cfg.provider} cluster '{cfg.cluster_name}': 1 master, {len(info.workers)} workers"
           + (", 1 dev host" if info.dev else "") + f" in {time.monotonic() - start:.1f}s")

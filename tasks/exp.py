@@ -91,7 +91,7 @@ def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True,
     _summary(result.record)
     print(f"logs: {result.local_dir}/ (run.json, one folder per host)")
     if result.record.get("metric") is not None:
-        print(f"metric: {result.record['metric']}")
+        print(f"{run_.bench.metric_name}: {result.record['metric']}")
     if not result.ok:
         lines = [f"[{host}] {err}" for host, err in result.failures.items()]
         if result.record.get("error") and not lines:
@@ -119,6 +119,7 @@ def _start_role(c, role, *, config, benchmark, k, p, args, run_id):
     finally:
         run_.download()
         run_.group.close()
+        run_.record_by_hand()
     for proc in procs:
         print(f"[{proc.host}] {proc.key} pid {proc.pid} {proc.status}"
               + ("" if proc.exit is None else f" exit {proc.exit}"))
@@ -245,7 +246,7 @@ def list_(c, benchmark=None):
     console = Console()
     table = Table(title=f"benchmarks ({registry.source})")
     for column in ("name", "directory", "binary", "ports (manager/master/workers)", "timeout"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for b in registry.benchmarks.values():
         table.add_row(b.name, b.dir, b.binary, f"{b.manager_port}/{b.master_port}/{b.worker_base}+",
                       f"{b.timeout:g}s")
@@ -253,7 +254,9 @@ def list_(c, benchmark=None):
     past = runlib.local_runs(c.cloister.runs_dir, benchmark)
     runs_table = Table(title=f"past runs ({c.cloister.runs_dir}/)")
     for column in ("benchmark", "run id", "k", "p", "status", "duration", "metric"):
-        runs_table.add_column(column)
+        # A run id is copied into --run: never cut it.
+        runs_table.add_column(column, no_wrap=column == "run id", min_width=20 if column == "run id" else None,
+                              overflow="fold")
     for r in past:
         total = (r.get("timings") or {}).get("total_s")
         runs_table.add_row(r.get("benchmark", "?"), r.get("run_id", "?"), str(r.get("k")), str(r.get("p")),
@@ -346,7 +349,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         rows = sweeplib.run_sweep(state=state, all_combos=all_combos, run_one=run_one,
                                   cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
                                   on_progress=on_progress)
-    image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric)
+    image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else ""))
     if failed:

@@ -56,8 +56,11 @@ def test_create_list_latest_launch_and_prune(own_cluster, tmp_path):
         lib.destroy(cfg, settings=settings)
 
     # The other cluster is gone; this one is listed, and it is not an EBS cluster to stop.
-    (row,) = lib.list_clusters(env.cfg, settings=env.settings)
-    assert (row["cluster"], row["masters"], row["workers"], row["states"]) == (prefix, 1, 1, "3 running")
+    # Other clusters on this machine (other tests' state dirs) are listed too, with their folder.
+    rows = {r["cluster"]: r for r in lib.list_clusters(env.cfg, settings=env.settings)}
+    row = rows[prefix]
+    assert (row["masters"], row["workers"], row["states"]) == (1, 1, "3 running")
+    assert not any(name.startswith(f"{cfg.cluster_name} ") or name == cfg.cluster_name for name in rows)
     with pytest.raises(ProviderError, match="cluster.stop is for ec2 clusters; .* uses the local provider"):
         lib.stop(env.cfg, settings=env.settings)
 
