@@ -81,7 +81,8 @@ def _atomic(path: Path, text: str) -> None:
 
 
 class SweepState:
-    """The on-disk state of one sweep."""
+    """The on-disk state of one sweep; ``spec`` is its grid (benchmark, k, p, args), not its repeat
+    count, so running it again with a larger --repeat adds runs to the same sweep."""
 
     def __init__(self, directory: Path, spec: dict[str, Any]):
         self.dir = directory
@@ -112,6 +113,15 @@ class SweepState:
         except FileNotFoundError:
             return []
 
+    def drop_failed(self) -> int:
+        """Forget the combinations that did not succeed, so that they run again; return how many."""
+        kept = [r for r in self.rows if r["status"] == "ok"]
+        dropped = len(self.rows) - len(kept)
+        if dropped:
+            self.rows = kept
+            self._write_rows()
+        return dropped
+
     def done(self) -> set[str]:
         return {f"k={r['k']} p={r['p']} args={r['args']} repeat={r['repeat']}" for r in self.rows}
 
@@ -126,13 +136,16 @@ class SweepState:
                           "status": result_record["status"],
                           "duration_s": "" if total is None else f"{total:.4f}",
                           "metric": "" if result_record.get("metric") is None else str(result_record["metric"])})
+        self._write_rows()
+        self.current = None
+        self._save()
+
+    def _write_rows(self) -> None:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         _atomic(self.csv_path, out.getvalue())
-        self.current = None
-        self._save()
 
     def _save(self) -> None:
         _atomic(self.state_path, json.dumps({"spec": self.spec, "current": self.current}, indent=2) + "\n")

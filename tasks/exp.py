@@ -21,7 +21,7 @@ from ._common import load, number, settings, task
 
 BENCH_HELP = "benchmark name from experiments.yaml"
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
-K_HELP = "number of worker hosts (the first K of servers.txt)"
+K_HELP = "number of worker hosts: the first K of servers.txt (default: every worker)"
 P_HELP = "worker processes per host"
 ARGS_HELP = "extra arguments for the master, e.g. --args='-n 5' (shell operators are refused)"
 
@@ -288,17 +288,18 @@ def make(c, benchmark=None, config=None):
         raise HostsFailed(failed, total=len(info.cluster_nodes))
 
 
-@task(help={"benchmark": BENCH_HELP, "k": "comma-separated worker host counts, e.g. 1,2,4,8",
-            "p": "comma-separated processes per host, e.g. 1,4",
+@task(help={"benchmark": BENCH_HELP, "k": "comma-separated worker host counts, e.g. 1,2,4,8 (default: 1)",
+            "p": "comma-separated processes per host, e.g. 1,4 (default: 1)",
             "args_grid": "FLAG=v1,v2: one more grid axis passed to the master as FLAG v (repeatable; "
                          "a bare name means --name)",
-            "repeat": "runs of every combination", "name": "sweep name (default: benchmark + a hash of the grid); "
-                                                              "the same name resumes",
+            "repeat": "runs of every combination (a larger value later adds runs to the same sweep)",
+            "name": "sweep name (default: benchmark + a hash of the grid); the same name resumes",
             "fail_fast": "stop at the first failed combination", "config": CONFIG_HELP,
+            "retry_failed": "run the combinations that failed before again (resuming skips them otherwise)",
             "timeout": "seconds each master may run (default: the benchmark's timeout)"},
       iterable=["args_grid"])
 def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, fail_fast=False, config=None,
-          timeout=None):
+          timeout=None, retry_failed=False):
     """Run every k x p x args combination, resumably; write results.csv and plot.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
@@ -315,11 +316,13 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         raise Exit("--repeat: expected a positive integer", code=1)
     if max(ks) > len(info.workers):
         raise Exit(f"-k {max(ks)}: the cluster has {len(info.workers)} workers", code=1)
-    spec = {"benchmark": bench.name, "k": ks, "p": ps, "grid": grid, "repeat": repeat}
+    spec = {"benchmark": bench.name, "k": ks, "p": ps, "grid": grid}
     sweep_name = name or sweeplib.default_name(bench.name, spec)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep_name):
         raise Exit(f"--name {sweep_name!r}: expected letters, digits, '_', '.' or '-'", code=1)
     state = sweeplib.SweepState(Path(c.cloister.runs_dir) / "sweeps" / sweep_name, spec)
+    if retry_failed and (dropped := state.drop_failed()):
+        print(f"retrying {dropped} failed combination(s)")
     all_combos = sweeplib.combos(ks=ks, ps=ps, grid=grid, repeat=repeat)
 
     def run_one(combo, run_id):
@@ -346,9 +349,13 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
             progress.update(bar, completed=done,
                             description=f"sweep {sweep_name}: " + (combo.key if combo else "done"))
 
-        rows = sweeplib.run_sweep(state=state, all_combos=all_combos, run_one=run_one,
-                                  cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
-                                  on_progress=on_progress)
+        try:
+            rows = sweeplib.run_sweep(state=state, all_combos=all_combos, run_one=run_one,
+                                      cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
+                                      on_progress=on_progress)
+        except KeyboardInterrupt:
+            raise Exit(f"interrupted: {len(state.rows)}/{len(all_combos)} runs of sweep {sweep_name} recorded; "
+                       f"the same command resumes it", code=130)
     image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else ""))

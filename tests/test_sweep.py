@@ -43,7 +43,7 @@ def test_combos_cover_the_grid():
 
 
 def test_state_resumes_and_refuses_another_grid(tmp_path):
-    spec = {"benchmark": "b", "k": [1, 2], "p": [1], "grid": {}, "repeat": 1}
+    spec = {"benchmark": "b", "k": [1, 2], "p": [1], "grid": {}}
     combos = sweeplib.combos(ks=[1, 2], ps=[1], grid={}, repeat=1)
     state = sweeplib.SweepState(tmp_path / "s", spec)
     state.begin(combos[0], "20260101-000000-aaaa")
@@ -65,7 +65,20 @@ def test_state_resumes_and_refuses_another_grid(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "failed"]
     assert rows[0]["metric"] == "0.25" and rows[0]["duration_s"] == "1.5000"
     with pytest.raises(ExperimentError, match="another grid"):
-        sweeplib.SweepState(tmp_path / "s", {**spec, "repeat": 2})
+        sweeplib.SweepState(tmp_path / "s", {**spec, "k": [1, 2, 4]})
+    assert again.drop_failed() == 1 and [r["status"] for r in again.rows] == ["ok"]
+    assert [c.key for c in sweeplib.pending(sweeplib.SweepState(tmp_path / "s", spec), combos)] == [combos[1].key]
+
+
+def test_a_larger_repeat_adds_runs_to_the_same_sweep(tmp_path):
+    spec = {"benchmark": "b", "k": [1], "p": [1, 2], "grid": {}}
+    state = sweeplib.SweepState(tmp_path / "s", spec)
+    once = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=1)
+    for combo in once:
+        state.finish(combo, {"run_id": f"r{combo.p}", "status": "ok", "timings": {}})
+    twice = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=2)
+    todo = list(sweeplib.pending(sweeplib.SweepState(tmp_path / "s", spec), twice))
+    assert [(c.p, c.repeat) for c in todo] == [(1, 2), (2, 2)]
 
 
 def test_fail_fast_stops_at_the_first_failure(tmp_path):
