@@ -157,10 +157,12 @@ class CappedGroup(ThreadingGroup):
         return results
 
 
-def run_bytes(cxn: Connection, command: str, *, timeout: float) -> tuple[int, bytes, str]:
-    """Run ``command`` on an (opened) Connection and return (exit code, raw stdout, stderr).
+def stream(cxn: Connection, command: str, *, timeout: float,
+           on_stdout: Callable[[bytes], None] | None = None) -> tuple[int, bytes, str]:
+    """Run ``command`` on a Connection; return (exit code, raw stdout, stderr).
 
-    Fabric decodes output as text; an archive streamed back (a run's logs) needs the bytes.
+    Fabric decodes output as text and cannot be stopped early; an archive (a run's logs) needs the
+    bytes, and a master's output is passed to ``on_stdout`` as it arrives. Raises CommandTimedOut.
     """
     import select
 
@@ -175,7 +177,10 @@ def run_bytes(cxn: Connection, command: str, *, timeout: float) -> tuple[int, by
                 raise CommandTimedOut(None, timeout)
             select.select([channel], [], [], 0.1)
             while channel.recv_ready():
-                out += channel.recv(1 << 16)
+                chunk = channel.recv(1 << 16)
+                out += chunk
+                if on_stdout:
+                    on_stdout(chunk)
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(1 << 16)
         return channel.recv_exit_status(), bytes(out), err.decode(errors="replace")

@@ -9,13 +9,13 @@ with one folder per host and ``run.json``.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
 import os
 import re
 import secrets
-import select
 import shlex
 import signal
 import socket
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut
 
 from . import __version__, hosts
 from .errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
@@ -382,42 +383,31 @@ class Run:
         """Start the master detached, stream its log as ``[master]`` lines, wait for it or time out."""
         proc = self._proc("master", self.master, port=self.bench.master_port)
         self._start({self.master.host: [proc]})
-        cxn = self.cxn[self.master.host]
-        logfile = f"{remote_run_dir(self.bench.name, self.run_id)}/{log_name('master', None, self.run_id)}"
-        # -F, not -f: the log may not exist yet when the PID is already known.
-        command = f"tail -n +1 -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null"
-        channel = cxn.client.get_transport().open_session()
-        channel.exec_command(f"bash -c {shlex.quote(command)}")
+        rdir = remote_run_dir(self.bench.name, self.run_id)
+        logfile = f"{rdir}/{log_name('master', None, self.run_id)}"
+        # -F, not -f: the log may not exist yet when the PID is already known. The exit code comes back
+        # on stderr once tail ends with the master, so no second round trip asks for it.
+        command = (f"tail -n +1 -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null; "
+                   f"cat {rdir}/{proc.key}.exit >&2 2>/dev/null; true")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         writer = hosts.PrefixWriter("master", self.out, _OUTPUT_LOCK) if self.out else None
-        deadline = time.monotonic() + self.timeout
-        timed_out = False
         try:
-            while not (channel.exit_status_ready() and not channel.recv_ready()):
-                if time.monotonic() > deadline:
-                    timed_out = True
-                    break
-                ready, _, _ = select.select([channel], [], [], 0.2)
-                if ready:
-                    data = channel.recv(65536)
-                    if writer and data:
-                        writer.write(data.decode(errors="replace"))
-        finally:
-            if writer:
-                writer.flush()
-            channel.close()
-        if timed_out:
+            _, _, exit_text = hosts.stream(self.cxn[self.master.host], f"bash -c {shlex.quote(command)}",
+                                           timeout=self.timeout,
+                                           on_stdout=(lambda chunk: writer.write(decoder.decode(chunk))) if writer
+                                           else None)
+        except CommandTimedOut:
             proc.status = "timeout"
             outcome = "left running (--keep)" if self.keep else "killed"
             raise RunTimeout(f"[{self.master.host}] master still running after the {self.timeout:g}s timeout; {outcome}",
                              benchmark=self.bench.name, run_id=self.run_id, timeout=self.timeout)
-        probe = self._probe(self.master.host)
-        proc.exit = probe.exits.get(proc.key)
+        finally:
+            if writer:
+                writer.flush()
+        code = exit_text.strip()
+        proc.exit = int(code) if code.lstrip("-").isdigit() else None
         proc.status = "ok" if proc.exit == 0 else "failed"
         return proc
-
-    def _probe(self, host: str) -> Probe:
-        result = self.cxn[host].run(_probe_script(self.bench, self.run_id, with_logs=False), warn=True, timeout=30)
-        return parse_probe(result.stdout)
 
     def _final_states(self, probes: dict[str, Probe]) -> dict[str, str]:
         """After the master: a worker or manager that died on its own is a failure."""
@@ -599,7 +589,7 @@ def download_run(grp: hosts.CappedGroup, *, benchmark: str, run_id: str, local_d
     script = (f"( {before}\n) 1>&2\n" if before else "") + f"cd {rdir} 2>/dev/null || exit 0\ntar -czf - ."
 
     def fetch(cxn: Connection) -> int:
-        code, data, err = hosts.run_bytes(cxn, f"bash -c {shlex.quote(script)}", timeout=120)
+        code, data, err = hosts.stream(cxn, f"bash -c {shlex.quote(script)}", timeout=120)
         if code != 0:
             raise CloisterError(f"exit {code}: " + (err.strip().splitlines() or ["(no message)"])[-1])
         if not data:
