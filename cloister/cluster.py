@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shlex
@@ -200,22 +199,19 @@ def node_cluster_json(info: ClusterInfo) -> str:
 
 def copy_dns(info: ClusterInfo, *, settings: Settings) -> int:
     """Copy servers/*.txt, cluster.json and known_hosts to ~/cloister/ on every node, the key to the master."""
-    files = {f"{REMOTE_DIR}/servers/{name}": text for name, text in text_files(info).items()}
-    files[f"{REMOTE_DIR}/servers/cluster.json"] = node_cluster_json(info)
+    files = {f"{REMOTE_DIR}/servers/{name}": (text.encode(), 0o644) for name, text in text_files(info).items()}
+    files[f"{REMOTE_DIR}/servers/cluster.json"] = (node_cluster_json(info).encode(), 0o644)
     known = Path(os.path.expanduser(info.known_hosts)) if info.known_hosts else None
     if known and known.exists():
-        files[f"{REMOTE_DIR}/known_hosts"] = known.read_text()
-    key_text = Path(os.path.expanduser(info.ssh_key)).read_bytes() if info.ssh_key else None
+        files[f"{REMOTE_DIR}/known_hosts"] = (known.read_bytes(), 0o644)
+    on_master = dict(files)
+    if info.ssh_key:
+        on_master[REMOTE_KEY] = (Path(os.path.expanduser(info.ssh_key)).read_bytes(), 0o600)
     master = info.master.host if info.master else None
 
     def push(cxn) -> None:
         cxn.run(f"mkdir -p {REMOTE_DIR}/servers .ssh && chmod 700 .ssh", warn=False, timeout=30)
-        sftp = cxn.sftp()
-        for path, text in files.items():
-            sftp.putfo(io.BytesIO(text.encode()), path)
-        if cxn.host == master and key_text:
-            sftp.putfo(io.BytesIO(key_text), REMOTE_KEY)
-            sftp.chmod(REMOTE_KEY, 0o600)
+        hosts.put_files(cxn, on_master if cxn.host == master else files)
 
     nodes = info.nodes
     grp = hosts.group(info, nodes, concurrency=settings.concurrency, connect_timeout=settings.connect_timeout)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import posixpath
 import queue
@@ -39,7 +38,7 @@ import paramiko
 from fabric import Connection
 
 from . import hosts, transfer
-from .cluster import NODE_STATE
+from .cluster import NODE_STATE, REMOTE_KEY
 from .errors import CloisterError
 from .servers import ClusterInfo, Node
 
@@ -49,7 +48,6 @@ KEEP_ON_NODES = tuple(f"/{path}" for path in NODE_STATE)
 DEFAULT_CONCURRENCY = 8
 TREE_SEEDS = 2
 SESSIONS_PER_CONNECTION = 8          # OpenSSH's default MaxSessions is 10
-REMOTE_KEY = ".ssh/cloister_key"     # the same place copy-dns puts the key on the master
 REMOTE_KNOWN_HOSTS = ".ssh/cloister_known_hosts"
 CONTROL_PATH = "~/.ssh/cloister-cm-%C"
 CONTROL_PERSIST = "10m"
@@ -220,19 +218,6 @@ class _Leases:
             cxn.close()
 
 
-def _install(cxn: Connection, files: dict[str, tuple[bytes, int]]) -> None:
-    """Write ``files`` (path relative to home -> (content, mode)) atomically over one SFTP session."""
-    sftp = cxn.sftp()
-    try:
-        for path, (data, mode) in files.items():
-            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-            sftp.putfo(io.BytesIO(data), tmp)
-            sftp.chmod(tmp, mode)
-            sftp.posix_rename(tmp, path)
-    finally:
-        sftp.close()
-
-
 def _prepare_dev(cxn: Connection, paths: list[str], files: dict[str, tuple[bytes, int]],
                  timeout: float) -> tuple[list[str], list[str]]:
     """Check rsync and the paths on the dev instance, install key/known_hosts; return (present, missing)."""
@@ -256,7 +241,7 @@ def _prepare_dev(cxn: Connection, paths: list[str], files: dict[str, tuple[bytes
     stale = {path: (data, mode) for path, (data, mode) in files.items()
              if have.get(path) != hashlib.sha256(data).hexdigest() or modes.get(path) != f"{mode:o}"}
     if stale:  # a repeated redeploy skips the SFTP session
-        _install(cxn, stale)
+        hosts.put_files(cxn, stale)
     return present, missing
 
 
@@ -399,7 +384,7 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
                             fresh = source.host not in prepared
                             prepared.add(source.host)
                         if fresh:
-                            _install(cxn, files)
+                            hosts.put_files(cxn, files)
                         result = transfer.rsync_from(cxn, present, target_address(target), ssh=node_ssh,
                                                      delete=delete, timeout=timeout, exclude=KEEP_ON_NODES)
                     finally:
@@ -471,7 +456,8 @@ def _fan_out(info: ClusterInfo, nodes: Sequence[Node], one: Callable[[Connection
     return [results[n.host] for n in nodes]
 
 
-def put(info: ClusterInfo, local: str, remote: str, *, nodes: Sequence[Node], concurrency: int = 64,
+def put(info: ClusterInfo, local: str, remote: str, *, nodes: Sequence[Node],
+        concurrency: int = hosts.DEFAULT_CONCURRENCY,
         connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT, timeout: float | None = None,
         on_result: OnResult | None = None) -> list[Transfer]:
     """Copy a local file or directory to ``remote`` on every node (rsync semantics; parents created).
@@ -498,7 +484,8 @@ def put(info: ClusterInfo, local: str, remote: str, *, nodes: Sequence[Node], co
                     on_result=on_result)
 
 
-def get(info: ClusterInfo, remote: str, local_dir: str, *, nodes: Sequence[Node], concurrency: int = 64,
+def get(info: ClusterInfo, remote: str, local_dir: str, *, nodes: Sequence[Node],
+        concurrency: int = hosts.DEFAULT_CONCURRENCY,
         connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT, timeout: float | None = None,
         on_result: OnResult | None = None) -> list[Transfer]:
     """Copy ``remote`` (a file, directory or glob) from every node into ``local_dir/{host}/``."""

@@ -8,6 +8,7 @@ node) is trusted on first contact and recorded.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import resource
 import socket
@@ -186,6 +187,20 @@ def stream(cxn: Connection, command: str, *, timeout: float,
         return channel.recv_exit_status(), bytes(out), err.decode(errors="replace")
     finally:
         channel.close()
+
+
+def put_files(cxn: Connection, files: dict[str, tuple[bytes, int]]) -> None:
+    """Write ``files`` (path relative to home -> (content, mode)) over one SFTP session, each atomically
+    (temporary file, then rename), so a reader on the node never sees half a file."""
+    sftp = cxn.sftp()
+    try:
+        for path, (data, mode) in files.items():
+            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+            sftp.putfo(io.BytesIO(data), tmp)
+            sftp.chmod(tmp, mode)
+            sftp.posix_rename(tmp, path)
+    finally:
+        sftp.close()
 
 
 def select_nodes(info: ClusterInfo, *, role: str = "all", k: int | None = None,
