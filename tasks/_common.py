@@ -49,10 +49,10 @@ def number(flag: str, value: str | None, kind: type = int, *, positive: bool = F
 
 def settings(c) -> Settings:
     conf = c.cloister
-    return Settings(servers_dir=conf.servers_dir, state_dir=conf.state_dir, concurrency=int(conf.concurrency),
+    return Settings(servers_dir=conf.servers_dir, state_dir=conf.state_dir,
+                    concurrency=_positive_int(conf.concurrency, "cloister.concurrency"),
                     connect_timeout=float(conf.connect_timeout), ssh_timeout=float(conf.ssh_timeout),
-                    redeploy_concurrency=_positive_int(conf.get("redeploy_concurrency", 8),
-                                                       "cloister.redeploy_concurrency"))
+                    redeploy_concurrency=_positive_int(conf.redeploy_concurrency, "cloister.redeploy_concurrency"))
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -18,6 +18,22 @@ from ._common import confirm, load, number, progress_bar, settings, task
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
 
 
+def _print_rows(title: str, rows: list[dict], keys: tuple[str, ...], *, caption: str | None = None) -> None:
+    """A table of the ``keys`` any row has; ``*_s`` keys are durations."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [k for k in keys if any(k in r for r in rows)]
+    table = Table(title=title, caption=caption)
+    labels = {"uptime_s": "uptime", "age_s": "age", "ttl_left_s": "ttl left"}
+    for column in columns:
+        # Piped output is 80 columns wide: wrap long public DNS names rather than cut them.
+        table.add_column(labels.get(column, column), overflow="fold")
+    for row in rows:
+        table.add_row(*[_duration(row.get(k)) if k.endswith("_s") else str(row.get(k, "-")) for k in columns])
+    Console().print(table)
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -44,10 +60,11 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
     if cfg.provider == "ec2" and cfg.ttl_seconds == 0:
         print(f"warning: ttl 0: the instances of '{cfg.cluster_name}' never terminate themselves; "
               f"remember inv cluster.destroy", file=sys.stderr)
+    conf = settings(c)
     start = time.monotonic()
     try:
         with progress_bar() as bar:
-            result = lib.launch(cfg, settings=settings(c), wait=wait, confirm=None if yes else bar.confirm,
+            result = lib.launch(cfg, settings=conf, wait=wait, confirm=None if yes else bar.confirm,
                                 progress=bar.update)
     except KeyboardInterrupt:
         left = "" if cfg.provider == "local" else "; inv cluster.status shows what is left"
@@ -55,13 +72,13 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
                    (" and the hosts it had started were ended" if cfg.provider == "local" else left), code=130)
     info = result.info
     if result.replaced:
-        print(f"note: {settings(c).servers_dir}/ described cluster '{result.replaced}', which this launch does not "
+        print(f"note: {conf.servers_dir}/ described cluster '{result.replaced}', which this launch does not "
               f"stop; tasks now address '{cfg.cluster_name}' (give each cluster its own INVOKE_CLOISTER_SERVERS_DIR "
               f"to use both)", file=sys.stderr)
     verb = "launched" if result.created else "found running"
     print(f"{verb} {cfg.provider} cluster '{cfg.cluster_name}': 1 master, {len(info.workers)} workers"
           + (", 1 dev host" if info.dev else "") + f" in {time.monotonic() - start:.1f}s")
-    print(f"master {info.master.host if info.master else '-'}; servers/ written to {settings(c).servers_dir}/")
+    print(f"master {info.master.host if info.master else '-'}; servers/ written to {conf.servers_dir}/")
 
 
 @task(help={"config": CONFIG_HELP, "yes": "do not ask for confirmation"})
@@ -80,25 +97,16 @@ def destroy(c, config=None, yes=False):
 @task(help={"config": CONFIG_HELP})
 def status(c, config=None):
     """Show every node of the cluster with its role, state and uptime."""
-    from rich.console import Console
-    from rich.table import Table
-
     cfg = load(c, config)
     rows = lib.status(cfg, settings=settings(c))
     if not rows:
         raise Exit(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running; run inv cluster.launch", code=1)
-    columns = [k for k in ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost")
-               if any(k in r for r in rows)]
-    table = Table(title=f"{cfg.provider} cluster '{cfg.cluster_name}'")
-    for column in columns:
-        # Piped output is 80 columns wide: wrap long public DNS names rather than cut them.
-        table.add_column({"uptime_s": "uptime", "ttl_left_s": "ttl left"}.get(column, column), overflow="fold")
-    for row in rows:
-        table.add_row(*[_duration(row.get(k)) if k.endswith("_s") else str(row.get(k, "-")) for k in columns])
-    if "cost" in columns:
+    caption = None
+    if any("cost" in r for r in rows):
         total = sum(r["cost_usd"] for r in rows if r.get("cost_usd") is not None)
-        table.caption = f"cost so far {prices.dollars(total)}, {prices.NOTE}"
-    Console().print(table)
+        caption = f"cost so far {prices.dollars(total)}, {prices.NOTE}"
+    _print_rows(f"{cfg.provider} cluster '{cfg.cluster_name}'", rows,
+                ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost"), caption=caption)
     down = [r for r in rows if r["state"] not in ("running", "reachable")]
     if down:
         raise Exit(f"{len(down)}/{len(rows)} nodes not running: " + ", ".join(r["id"] for r in down), code=1)
@@ -130,8 +138,8 @@ def login(c, config=None, worker=None, dev=False):
 def copy_dns(c, config=None):
     """Copy servers/ and the known hosts to every node and the cluster key to the master."""
     cfg = load(c, config)
-    info = lib.ensure_running(cfg, settings=settings(c))
-    count = lib.copy_dns(info, settings=settings(c))
+    conf = settings(c)
+    count = lib.copy_dns(lib.ensure_running(cfg, settings=conf), settings=conf)
     print(f"copied servers/ to ~/{lib.REMOTE_DIR}/servers on {count} nodes; key on the master")
 
 
@@ -149,9 +157,10 @@ def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, comm
         raise Exit('give the command to run, e.g. inv cluster.run "hostname; uptime"', code=1)
     timeout = number("--timeout", timeout, float, positive=True)
     cfg = load(c, config)
-    info = lib.ensure_running(cfg, settings=settings(c))
+    conf = settings(c)
+    info = lib.ensure_running(cfg, settings=conf)
     nodes = hostlib.select_nodes(info, role=role, hosts=hosts.split(",") if hosts else None)
-    outputs = lib.run(info, command, nodes=nodes, settings=settings(c), stream=sys.stdout if stream else None,
+    outputs = lib.run(info, command, nodes=nodes, settings=conf, stream=sys.stdout if stream else None,
                       timeout=timeout)
     if not stream:
         for names, out in lib.fold(outputs):
@@ -307,33 +316,25 @@ def stop(c, config=None):
 def start(c, config=None, wait=True):
     """Start a stopped ec2 cluster and rewrite servers/ with its new addresses."""
     cfg = load(c, config)
+    conf = settings(c)
     with progress_bar() as bar:
-        info = lib.start(cfg, settings=settings(c), wait=wait, progress=bar.update)
+        info = lib.start(cfg, settings=conf, wait=wait, progress=bar.update)
     print(f"started ec2 cluster '{cfg.cluster_name}': {len(info.nodes)} nodes; master "
-          f"{info.master.host if info.master else '-'}; servers/ rewritten in {settings(c).servers_dir}/")
+          f"{info.master.host if info.master else '-'}; servers/ rewritten in {conf.servers_dir}/")
 
 
 @task(name="list", help={"config": CONFIG_HELP + "; its provider and region are listed",
                          "region": "ec2: list this region instead of the config's"})
 def list_(c, config=None, region=None):
     """List every cloister cluster (in the config's region for ec2), so none is forgotten."""
-    from rich.console import Console
-    from rich.table import Table
-
     cfg = load(c, config, region=region)
     rows = lib.list_clusters(cfg, settings=settings(c))
     where = f"in {cfg.region}" if cfg.provider == "ec2" else f"({cfg.provider} provider)"
     if not rows:
         print(f"no cloister clusters {where}")
         return
-    columns = [k for k in ("cluster", "masters", "workers", "states", "types", "age_s", "ttl_left_s")
-               if any(k in r for r in rows)]
-    table = Table(title=f"cloister clusters {where}")
-    for column in columns:
-        table.add_column({"age_s": "age", "ttl_left_s": "ttl left"}.get(column, column), overflow="fold")
-    for row in rows:
-        table.add_row(*[_duration(row.get(k)) if k.endswith("_s") else str(row.get(k, "-")) for k in columns])
-    Console().print(table)
+    _print_rows(f"cloister clusters {where}", rows,
+                ("cluster", "masters", "workers", "states", "types", "age_s", "ttl_left_s"))
 
 
 ns = Collection("cluster", launch, destroy, status, login, copy_dns, run, redeploy, put, get, stop, start, list_)
