@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cloister import cluster as lib  # noqa: E402
-from cloister.cluster import Settings  # noqa: E402
+from cloister.settings import Settings  # noqa: E402
 from cloister.config import load_config  # noqa: E402
 from cloister.errors import CloisterError  # noqa: E402
 from cloister.local import LocalCluster  # noqa: E402

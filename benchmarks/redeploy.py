@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from cloister import cluster as lib  # noqa: E402
 from cloister import deploy, hosts, transfer  # noqa: E402
-from cloister.cluster import Settings  # noqa: E402
+from cloister.settings import Settings  # noqa: E402
 from cloister.config import load_config  # noqa: E402
 from cloister.local import LocalCluster  # noqa: E402
 

@@ -16,6 +16,7 @@ from . import hosts
 from .config import ClusterConfig
 from .errors import CloisterError, HostsFailed, ProviderError
 from .local import STATE_FILE, LocalCluster, claimed_local_clusters
+from .settings import Settings
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
 
 if TYPE_CHECKING:
@@ -29,18 +30,6 @@ REMOTE_KEY = ".ssh/cloister_key"
 # What cloister keeps on every node under ~/cloister (copy-dns, experiment runs): the default
 # redeploy_paths include cloister/, and a redeploy must neither overwrite nor --delete these.
 NODE_STATE = (f"{REMOTE_DIR}/servers/", f"{REMOTE_DIR}/known_hosts", f"{REMOTE_DIR}/runs/")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Where cloister keeps its files and how hard it pushes SSH; from c.cloister."""
-
-    servers_dir: str = "servers"
-    state_dir: str = ".cloister"
-    concurrency: int = hosts.DEFAULT_CONCURRENCY
-    connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT
-    ssh_timeout: float = 600.0
-    redeploy_concurrency: int = 8
 
 
 @dataclass(frozen=True)

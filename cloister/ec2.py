@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import images, prices
-from .cluster import LaunchResult, Settings, clear_own_servers
+from .cluster import LaunchResult, clear_own_servers
+from .settings import Settings
 from .config import ClusterConfig
 from .errors import AwsError, CloisterError, ProviderError
 from .images import Image

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ServersError
+from .files import atomic_write
 
 ROLES = ("master", "worker", "dev")
 TEXT_FILES = ("manager.txt", "master.txt", "servers.txt", "servers_private.txt", "servers_public.txt")
@@ -74,19 +74,6 @@ class ClusterInfo:
                    extra=data.get("extra") or {}, **fields)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def text_files(info: ClusterInfo) -> dict[str, str]:
     """The contents of the old plain-text files, one host per line."""
     master = info.master
@@ -109,8 +96,8 @@ def write_servers(directory: str | os.PathLike, info: ClusterInfo) -> Path:
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in text_files(info).items():
-        _atomic_write(folder / name, text)
-    _atomic_write(folder / "cluster.json", json.dumps(info.to_json(), indent=2) + "\n")
+        atomic_write(folder / name, text)
+    atomic_write(folder / "cluster.json", json.dumps(info.to_json(), indent=2) + "\n")
     return folder
 
 

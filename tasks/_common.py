@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from invoke import Exit
 from invoke import task as invoke_task
 
-from cloister.cluster import Settings
+from cloister.settings import Settings
 from cloister.config import ClusterConfig, load_config
 from cloister.errors import CloisterError
 
@@ -49,7 +47,8 @@ def number(flag: str, value: str | None, kind: type = int, *, positive: bool = F
 
 def settings(c) -> Settings:
     conf = c.cloister
-    return Settings(servers_dir=conf.servers_dir, state_dir=conf.state_dir,
+    return Settings(config=conf.config, experiments=conf.experiments, runs_dir=conf.runs_dir,
+                    servers_dir=conf.servers_dir, state_dir=conf.state_dir,
                     concurrency=_positive_int(conf.concurrency, "cloister.concurrency"),
                     connect_timeout=float(conf.connect_timeout), ssh_timeout=float(conf.ssh_timeout),
                     redeploy_concurrency=_positive_int(conf.redeploy_concurrency, "cloister.redeploy_concurrency"))
@@ -94,48 +93,6 @@ def _named_by_flag(c, cfg: ClusterConfig) -> str | None:
     if same_file and info.extra.get("named_by_flag") and info.provider == cfg.provider:
         return info.cluster_name
     return None
-
-
-def confirm(question: str) -> bool:
-    """Ask on the terminal; no terminal means no."""
-    if not sys.stdin or not sys.stdin.isatty():
-        return False
-    try:
-        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-    except EOFError:
-        return False
-
-
-class ProgressBar:
-    """A rich progress bar on stderr for cloister's waits, which call ``update`` once per poll."""
-
-    def __init__(self, bar, task_id):
-        self.bar = bar
-        self.task_id = task_id
-
-    def update(self, text: str, done: int, total: int) -> None:
-        self.bar.update(self.task_id, description=text, completed=done, total=total, visible=True)
-
-    def confirm(self, question: str) -> bool:
-        """``confirm`` with the bar paused, so the question is not drawn over."""
-        self.bar.stop()
-        try:
-            return confirm(question)
-        finally:
-            self.bar.start()
-
-
-@contextlib.contextmanager
-def progress_bar() -> Iterator[ProgressBar]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    console = Console(stderr=True)
-    # Off without a terminal: scripts and logs get the result lines only.
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        # Hidden until a wait reports, so providers without progress show nothing.
-        yield ProgressBar(bar, bar.add_task("", total=None, visible=False))
 
 
 def install_error_hook() -> None:

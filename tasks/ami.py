@@ -13,7 +13,8 @@ from cloister import hosts as hostlib
 from cloister import images
 from cloister.servers import ClusterInfo
 
-from ._common import confirm, load, progress_bar, settings, task
+from ._common import load, settings, task
+from ._output import confirm, progress_bar
 from .cluster import CONFIG_HELP
 
 

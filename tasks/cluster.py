@@ -13,32 +13,10 @@ from cloister import hosts as hostlib
 from cloister import deploy, prices
 from cloister.errors import HostsFailed
 
-from ._common import confirm, load, number, progress_bar, settings, task
+from ._common import load, number, settings, task
+from ._output import confirm, files, progress_bar, records, size
 
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
-
-
-def _print_rows(title: str, rows: list[dict], keys: tuple[str, ...], *, caption: str | None = None) -> None:
-    """A table of the ``keys`` any row has; ``*_s`` keys are durations."""
-    from rich.console import Console
-    from rich.table import Table
-
-    columns = [k for k in keys if any(k in r for r in rows)]
-    table = Table(title=title, caption=caption)
-    labels = {"uptime_s": "uptime", "age_s": "age", "ttl_left_s": "ttl left"}
-    for column in columns:
-        # Piped output is 80 columns wide: wrap long public DNS names rather than cut them.
-        table.add_column(labels.get(column, column), overflow="fold")
-    for row in rows:
-        table.add_row(*[_duration(row.get(k)) if k.endswith("_s") else str(row.get(k, "-")) for k in columns])
-    Console().print(table)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @task(help={"config": CONFIG_HELP, "nworkers": "number of workers (overrides the config's nworkers)",
@@ -105,7 +83,7 @@ def status(c, config=None):
     if any("cost" in r for r in rows):
         total = sum(r["cost_usd"] for r in rows if r.get("cost_usd") is not None)
         caption = f"cost so far {prices.dollars(total)}, {prices.NOTE}"
-    _print_rows(f"{cfg.provider} cluster '{cfg.cluster_name}'", rows,
+    records(f"{cfg.provider} cluster '{cfg.cluster_name}'", rows,
                 ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost"), caption=caption)
     down = [r for r in rows if r["state"] not in ("running", "reachable")]
     if down:
@@ -177,21 +155,8 @@ def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, comm
         raise Exit(str(failed), code=1)
 
 
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
-
-
-def _files(count: int) -> str:
-    return f"{count} file" if count == 1 else f"{count} files"
-
-
 def _moved(t: deploy.Transfer) -> str:
-    text = f"{_files(t.stats.files)}, {_size(t.stats.size)}"
+    text = f"{files(t.stats.files)}, {size(t.stats.size)}"
     if t.stats.deleted:
         text += f", {t.stats.deleted} deleted"
     return text + f" in {t.duration:.2f}s"
@@ -223,7 +188,7 @@ def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False
             return
         if dry_run:
             s = t.stats
-            print(f"[{t.host}] would send {_files(s.files)} ({_size(s.size)})"
+            print(f"[{t.host}] would send {files(s.files)} ({size(s.size)})"
                   + (f", delete {s.deleted}" if s.deleted else "") + f"; {s.changed} changed items", flush=True)
             if s.items:
                 changes.setdefault(s.items, []).append(t.host)
@@ -246,7 +211,7 @@ def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False
     what = "dry run of" if dry_run else "redeployed"
     print(f"{what} {' '.join(report.paths)} from {report.dev} to {ok}/{total} nodes in {report.duration:.2f}s "
           f"({report.mode}, {conf.redeploy_concurrency} at a time, {report.auth} auth; "
-          f"dev sent {_size(report.dev_sent)})")
+          f"dev sent {size(report.dev_sent)})")
     if report.failed:
         raise HostsFailed(report.failed, total=total, what="dry run" if dry_run else "redeploy")
 
@@ -333,7 +298,7 @@ def list_(c, config=None, region=None):
     if not rows:
         print(f"no cloister clusters {where}")
         return
-    _print_rows(f"cloister clusters {where}", rows,
+    records(f"cloister clusters {where}", rows,
                 ("cluster", "masters", "workers", "states", "types", "age_s", "ttl_left_s"))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cloister import cluster as lib
-from cloister.cluster import Settings
+from cloister.settings import Settings
 from cloister.config import ClusterConfig, load_config
 from cloister.servers import ClusterInfo
 

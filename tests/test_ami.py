@@ -14,7 +14,7 @@ import pytest
 
 from cloister import cluster as lib
 from cloister import images
-from cloister.cluster import Settings
+from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import ProviderError
 

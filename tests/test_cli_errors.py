@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cloister import cluster as lib
-from cloister.cluster import Settings
+from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.servers import ClusterInfo, Node, write_servers
 from conftest import REPO, run_inv

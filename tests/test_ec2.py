@@ -23,7 +23,7 @@ import yaml
 import moto_server as ms  # before anything imports moto
 from cloister import cluster as lib
 from cloister import ec2, hosts, images
-from cloister.cluster import Settings
+from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import AwsError, HostsFailed, ProviderError
 from cloister.servers import read_servers

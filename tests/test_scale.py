@@ -158,7 +158,7 @@ def test_every_task_at_128_workers(big):
     step(big, "cluster.copy-dns", "cluster.copy-dns")
     step(big, "cluster.status", "cluster.status")
 
-    from cloister.cluster import Settings
+    from cloister.settings import Settings
     from cloister.config import load_config
     from cloister.servers import read_servers
     from conftest import ClusterEnv

@@ -1,0 +1,177 @@
+"""The contract every provider fulfils, and the typed rows it answers with.
+
+A provider turns a ``ClusterConfig`` into machines and back: launch, destroy, status, list, and a
+rollback for a launch that failed after it created something. Capabilities not every provider has
+(stop/start, a dry-run plan, images for ``ami.*``) raise ``ProviderError("provider X cannot Y")``
+unless the provider overrides them. Code outside ``cloister/providers/`` talks to providers only
+through this class; it never asks which provider it holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import ClassVar
+
+from ..config import ClusterConfig
+from ..errors import ProviderError
+from ..servers import ClusterInfo
+from ..settings import Settings
+
+# (text, done, total): one call per poll, for a progress bar.
+Progress = Callable[[str, int, int], None]
+# Asked before anything is terminated; answers True to go ahead.
+Confirm = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node as its provider sees it now."""
+
+    role: str
+    id: str
+    host: str
+    state: str
+    uptime_s: float | None = None
+    name: str = ""
+    type: str = ""
+    ttl_left_s: float | None = None
+    cost: str = ""  # for people: "$0.12", "-" or "unknown"
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterRow:
+    """One cluster in ``cluster.list``."""
+
+    cluster: str
+    masters: int
+    workers: int
+    states: str
+    age_s: float | None = None
+    types: str = ""
+    ttl_left_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What a provider's launch brought up; ``created`` is False when it found the cluster running."""
+
+    info: ClusterInfo
+    created: bool
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image ``ami.*`` lists, creates and prunes: an AMI (``id`` = ami-...) or a local directory."""
+
+    id: str
+    name: str
+    created: datetime
+    state: str = "available"
+    snapshots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a launch would do, for ``cluster.launch --dry-run``; nothing was created."""
+
+    lines: tuple[str, ...]
+    denied: tuple[str, ...] = ()
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class ImageStore(ABC):
+    """A provider's images, named ``{prefix}-{yyyymmdd-hhmm}`` (see ``cloister.images``)."""
+
+    where: str = ""  # for messages: "owned by you in us-west-2", "under .cloister/images"
+
+    @abstractmethod
+    def list(self, pattern: str) -> list[Image]:
+        """Own images whose name matches ``pattern`` (``prefix-*``), newest first."""
+
+    @abstractmethod
+    def create(self, name: str, *, progress: Progress | None = None) -> Image:
+        """Image the dev instance as ``name`` and wait until the image can be launched."""
+
+    @abstractmethod
+    def delete(self, doomed: list[Image]) -> list[str]:
+        """Delete ``doomed`` with everything that backs them; one line per image."""
+
+
+class Provider(ABC):
+    """One provider bound to one cluster config; built by ``cloister.providers.get``."""
+
+    name: ClassVar[str]
+    # Machines that exist already answer SSH now or never; fresh ones take the full ssh_timeout.
+    ssh_wait_cap: ClassVar[float | None] = None
+    # True when destroy() asks ``confirm`` itself, with what it will end.
+    confirms_destroy: ClassVar[bool] = False
+
+    def __init__(self, cfg: ClusterConfig, settings: Settings):
+        self.cfg = cfg
+        self.settings = settings
+
+    def cannot(self, what: str) -> ProviderError:
+        return ProviderError(f"provider {self.name} cannot {what} (cluster '{self.cfg.cluster_name}')",
+                             provider=self.name, cluster=self.cfg.cluster_name)
+
+    # -- the contract ---------------------------------------------------------------------
+
+    @abstractmethod
+    def launch(self, *, nworkers: int, confirm: Confirm | None = None,
+               progress: Progress | None = None) -> Launched:
+        """Bring the cluster up with ``nworkers`` workers, or find it running (idempotent)."""
+
+    @abstractmethod
+    def rollback(self, cause: BaseException, *, info: ClusterInfo, confirm: Confirm | None = None,
+                 progress: Progress | None = None) -> None:
+        """A launch that created ``info`` failed later (``cause``): end what it created.
+
+        May raise an error that tells what became of the machines instead of returning; the caller
+        re-raises ``cause`` when it returns.
+        """
+
+    @abstractmethod
+    def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
+        """Tear the cluster down; one line for each thing done."""
+
+    @abstractmethod
+    def status(self) -> list[NodeStatus]:
+        """Every node of the cluster now; empty when nothing of it exists."""
+
+    @abstractmethod
+    def list_clusters(self) -> list[ClusterRow]:
+        """Every cluster this provider can see (ec2: in the region; local: on this machine)."""
+
+    def ensure_running(self, info: ClusterInfo) -> None:
+        """Raise ProviderError when the cluster recorded in ``info`` is known to be gone."""
+
+    def launch_warnings(self) -> list[str]:
+        """What a person should know before this launch (a cluster without a TTL, say)."""
+        return []
+
+    def interrupted_note(self) -> str:
+        """Said after a launch was interrupted: what became of the machines."""
+        return ""
+
+    # -- optional capabilities ---------------------------------------------------------
+
+    def stop(self, *, progress: Progress | None = None) -> list[str]:
+        raise self.cannot("stop a cluster")
+
+    def start(self, *, progress: Progress | None = None) -> ClusterInfo:
+        raise self.cannot("start a stopped cluster")
+
+    def plan(self, *, nworkers: int) -> Plan:
+        raise self.cannot("plan a launch (--dry-run)")
+
+    def images(self) -> ImageStore:
+        raise self.cannot("keep images (ami.*)")
+
+    def dev_info(self) -> tuple[ClusterInfo, str]:
+        """How to reach the dev instance for ``ami.login``: (cluster record with its key, host)."""
+        raise self.cannot("name a dev instance")
+
