@@ -16,39 +16,16 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
+# The built-in providers; the registry (cloister.providers) may know more.
 PROVIDERS = ("ec2", "local", "static")
 CLUSTER_NAME_RE = re.compile(r"[a-z0-9-]{1,40}")
 TTL_RE = re.compile(r"(\d+)\s*([smhd]?)")
 DEFAULT_REDEPLOY_PATHS = ["clamor/", "weld/", "cloister/", ".bashrc"]
-
-# Cluster keys whose built-in default is shared with invoke.yaml (tasks/__init__.py).
-DEFAULTS: dict[str, Any] = {
-    "cluster_name": None,
-    "provider": "ec2",
-    "region": None,
-    "ami": None,
-    "ami_tag": None,
-    "instance_type": "m5.large",
-    "master_instance_type": None,
-    "nworkers": 1,
-    "key_name": None,
-    "ssh_key": None,
-    "user": "ubuntu",
-    "root_size": 50,
-    "ami_instance_ip": None,
-    "placement_group": None,
-    "spot": False,
-    "ttl": "8h",
-    "ssh_cidr": "auto",
-    "redeploy_paths": list(DEFAULT_REDEPLOY_PATHS),
-    "image": None,
-    "dev_host": True,
-    "hosts": None,
-}
 
 # Old key -> new key (None: accepted and ignored, with a notice).
 LEGACY_KEYS: dict[str, str | None] = {
@@ -85,7 +62,7 @@ def _int(value: Any) -> bool:
 _CHECKS: dict[str, tuple[Any, str]] = {
     "cluster_name": (lambda v: isinstance(v, str) and bool(CLUSTER_NAME_RE.fullmatch(v)),
                      "a name of 1-40 characters from a-z, 0-9 and '-'"),
-    "provider": (lambda v: v in PROVIDERS, "one of " + ", ".join(PROVIDERS)),
+    "provider": (lambda v: isinstance(v, str) and v != "", "a provider name"),
     "region": (_opt_str, "a region name such as 'us-west-2'"),
     "ami": (lambda v: v is None or (isinstance(v, str) and (v == "latest" or v.startswith("ami-"))),
             "an AMI id ('ami-...') or 'latest'"),
@@ -113,7 +90,6 @@ _CHECKS: dict[str, tuple[Any, str]] = {
               "a list of host names, the master first"),
 }
 
-assert set(_CHECKS) == set(DEFAULTS)
 
 
 def _is_cidr(value: str) -> bool:
@@ -174,6 +150,16 @@ class ClusterConfig:
 
     def replace(self, **changes: Any) -> "ClusterConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+# The cluster-config keys with their built-in defaults, read off ClusterConfig (defined once there);
+# tasks/__init__.py hands them to Invoke, and invoke.yaml mirrors them.
+DEFAULTS: dict[str, Any] = {"cluster_name": None, **{f.name: _field_default(f) for f in dataclasses.fields(ClusterConfig)
+                                                     if f.name in _CHECKS and f.name != "cluster_name"}}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -250,8 +236,11 @@ def _where(file: str, sources: Mapping[str, str], key: str) -> str:
 
 
 def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None = None,
-                overrides: Mapping[str, Any] | None = None) -> ClusterConfig:
-    """Read ``path`` and merge it over ``defaults`` and under ``overrides`` (None values skipped)."""
+                overrides: Mapping[str, Any] | None = None, providers: Collection[str] = PROVIDERS) -> ClusterConfig:
+    """Read ``path`` and merge it over ``defaults`` and under ``overrides`` (None values skipped).
+
+    ``providers`` are the provider names the registry knows (``cloister.providers.names()``).
+    """
     file = str(path)
     data = _read_json(Path(path))
     file_values, notices, legacy = _translate(data, file=file, layer="")
@@ -272,6 +261,9 @@ def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None =
         value = merged[key]
         if key == "cluster_name" and value is None:
             raise ConfigError(file=file, key=key, expected="missing; every cluster needs a name")
+        if key == "provider" and value not in providers:
+            raise ConfigError(file=_where(file, sources, key), key=key,
+                              expected=f"expected one of {', '.join(providers)}, got {json.dumps(value)}")
         if not check(value):
             raise ConfigError(file=_where(file, sources, key), key=key, expected=f"expected {expected}, got {json.dumps(value)}")
     provider = merged["provider"]

@@ -38,17 +38,18 @@ import paramiko
 from fabric import Connection
 
 from . import hosts, transfer
-from .cluster import NODE_STATE, REMOTE_KEY
+from .layout import KEY as REMOTE_KEY
+from .layout import NODE_STATE, SSH_KNOWN_HOSTS
 from .errors import CloisterError
 from .servers import ClusterInfo, Node
+from .settings import Settings
 
 # Anchored at the home directory (rsync runs with --relative there): cloister's own files per node.
 KEEP_ON_NODES = tuple(f"/{path}" for path in NODE_STATE)
 
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = Settings.redeploy_concurrency
 TREE_SEEDS = 2
 SESSIONS_PER_CONNECTION = 8          # OpenSSH's default MaxSessions is 10
-REMOTE_KNOWN_HOSTS = ".ssh/cloister_known_hosts"
 CONTROL_PATH = "~/.ssh/cloister-cm-%C"
 CONTROL_PERSIST = "10m"
 
@@ -335,14 +336,14 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
     use_agent = agent_holds_key(info.ssh_key) if agent is None else agent
     if not use_agent and not info.ssh_key:
         raise CloisterError("no cluster key (ssh_key) to give the dev instance, and no SSH agent holding one")
-    files: dict[str, tuple[bytes, int]] = {REMOTE_KNOWN_HOSTS: (node_known_hosts(info).encode(), 0o644)}
+    files: dict[str, tuple[bytes, int]] = {SSH_KNOWN_HOSTS: (node_known_hosts(info).encode(), 0o644)}
     if not use_agent:
         try:
             files[REMOTE_KEY] = (Path(os.path.expanduser(info.ssh_key)).read_bytes(), 0o600)
         except OSError as err:
             raise CloisterError(f"cannot read the cluster key {info.ssh_key}: {err.strerror}")
     node_ssh = transfer.Ssh(user=info.user, key=None if use_agent else "~/" + REMOTE_KEY,
-                            known_hosts="~/" + REMOTE_KNOWN_HOSTS, connect_timeout=int(connect_timeout))
+                            known_hosts="~/" + SSH_KNOWN_HOSTS, connect_timeout=int(connect_timeout))
     dev_ssh = node_ssh
     if control_persist:
         dev_ssh = dataclasses.replace(node_ssh, control_path=CONTROL_PATH, control_persist=control_persist)

@@ -26,10 +26,10 @@ from fabric.group import GroupResult, ThreadingGroup
 from invoke.exceptions import CommandTimedOut, ThreadException, UnexpectedExit
 
 from .errors import CloisterError, HostsFailed
+from .poll import Backoff
 from .servers import ClusterInfo, Node
+from .settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
 
-DEFAULT_CONCURRENCY = 64
-DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
 def raise_nofile_limit() -> int:
@@ -303,22 +303,17 @@ def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0
     """Wait until every node answers a command over SSH; name the ones that never do."""
     pending = list(nodes)
     total = len(pending)
-    deadline = time.monotonic() + timeout
-    last: dict[str, str] = {}
-    delay = 0.05
+    backoff = Backoff(timeout, initial=0.05, maximum=5.0)
     while pending:
-        grp = group(info, pending, concurrency=concurrency, connect_timeout=probe_timeout)
-        result = call(grp, lambda cxn: cxn.run("true", timeout=probe_timeout))
-        grp.close()
+        with group(info, pending, concurrency=concurrency, connect_timeout=probe_timeout) as grp:
+            result = call(grp, lambda cxn: cxn.run("true", timeout=probe_timeout))
         last = failures(result)
         pending = [n for n in pending if n.host in last]
         if not pending:
             return
-        if time.monotonic() + delay > deadline:
+        if not backoff.wait():
             raise HostsFailed({n.host: last[n.host] for n in pending}, total=total,
                               what=f"no SSH after {timeout:.0f}s")
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
 
 
 class PrefixWriter:

@@ -10,6 +10,7 @@ from invoke import Exit
 from invoke import task as invoke_task
 
 from cloister.settings import Settings
+from cloister import providers
 from cloister.config import ClusterConfig, load_config
 from cloister.errors import CloisterError
 
@@ -68,7 +69,7 @@ def _positive_int(value: Any, name: str) -> int:
 def load(c, config: str | None, **overrides: Any) -> ClusterConfig:
     """The cluster config: ``--config`` or cloister.config, under flags, over invoke.yaml/env."""
     path = config or c.cloister.config
-    cfg = load_config(path, defaults=dict(c.cloister), overrides=overrides)
+    cfg = load_config(path, defaults=dict(c.cloister), overrides=overrides, providers=providers.names())
     for notice in cfg.notices:
         print(f"note: {notice}", file=sys.stderr)
     launched = _named_by_flag(c, cfg)

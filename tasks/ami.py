@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from invoke import Collection, Exit
 
 from cloister import cluster as lib
 from cloister import hosts as hostlib
 from cloister import images
-from cloister.servers import ClusterInfo
 
 from ._common import load, settings, task
 from ._output import confirm, progress_bar
@@ -26,22 +24,7 @@ def _describe(image: images.Image) -> str:
 def login(c, config=None):
     """Log in to the dev instance (ami_instance_ip), or the local cluster's dev host."""
     cfg = load(c, config)
-    if cfg.provider == "local":
-        info = lib.ensure_running(cfg, settings=settings(c))
-        if info.dev is None:
-            raise Exit(f"local cluster '{cfg.cluster_name}' has no dev host; set dev_host: true and launch again",
-                       code=1)
-        host = info.dev.host
-    else:
-        if not cfg.ami_instance_ip or not cfg.ssh_key:
-            raise Exit(f"{cfg.source}: keys 'ami_instance_ip' and 'ssh_key' name the dev instance and its key; "
-                       f"set both", code=1)
-        host = cfg.ami_instance_ip
-        # The dev instance outlives clusters, so its host key is kept apart from theirs.
-        known = Path(settings(c).state_dir).resolve() / cfg.provider / "dev_known_hosts"
-        known.parent.mkdir(parents=True, exist_ok=True)
-        info = ClusterInfo(provider=cfg.provider, cluster_name=cfg.cluster_name, user=cfg.user, ssh_key=cfg.ssh_key,
-                           nodes=[], known_hosts=str(known))
+    info, host = lib.provider(cfg, settings=settings(c)).dev_info()
     argv = hostlib.ssh_argv(info, host)
     sys.stdout.flush()
     os.execvp(argv[0], argv)
@@ -51,7 +34,7 @@ def login(c, config=None):
 def latest(c, config=None):
     """Print the image that `ami: latest` resolves to (newest with the ami_tag prefix)."""
     cfg = load(c, config)
-    print(_describe(images.latest(cfg, state_dir=settings(c).state_dir)))
+    print(_describe(images.latest(cfg, settings=settings(c))))
 
 
 @task(name="list", help={"config": CONFIG_HELP})
@@ -61,7 +44,7 @@ def list_(c, config=None):
     from rich.table import Table
 
     cfg = load(c, config)
-    found = images.list_images(cfg, state_dir=settings(c).state_dir)
+    found = images.list_images(cfg, settings=settings(c))
     if not found:
         print(f"no images named '{images.pattern(cfg)}'")
         return
@@ -85,7 +68,7 @@ def create(c, config=None, name=None):
         print(f"note: '{name}' does not match '{images.pattern(cfg)}', so `ami: latest` will not pick it",
               file=sys.stderr)
     with progress_bar() as bar:
-        image = images.create(cfg, state_dir=settings(c).state_dir, name=name, progress=bar.update)
+        image = images.create(cfg, settings=settings(c), name=name, progress=bar.update)
     print(f"created {_describe(image)}")
 
 
@@ -100,7 +83,7 @@ def prune(c, config=None, keep=None, yes=False):
     except ValueError:
         raise Exit(f"--keep {keep!r}: expected an integer", code=1)
     cfg = load(c, config)
-    doomed = images.prunable(cfg, state_dir=settings(c).state_dir, keep=count)
+    doomed = images.prunable(cfg, settings=settings(c), keep=count)
     if not doomed:
         print(f"nothing to prune: at most {count} images named '{images.pattern(cfg)}'")
         return
@@ -108,7 +91,7 @@ def prune(c, config=None, keep=None, yes=False):
         print(f"will delete {_describe(image)}")
     if not yes and not confirm(f"Delete these {len(doomed)} images?"):
         raise Exit("not confirmed; pass --yes to prune without asking", code=1)
-    for message in images.delete(cfg, doomed=doomed):
+    for message in images.delete(cfg, settings=settings(c), doomed=doomed):
         print(message)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -10,11 +11,11 @@ from invoke import Collection, Exit
 
 from cloister import cluster as lib
 from cloister import hosts as hostlib
-from cloister import deploy, prices
+from cloister import deploy, layout
 from cloister.errors import HostsFailed
 
 from ._common import load, number, settings, task
-from ._output import confirm, files, progress_bar, records, size
+from ._output import confirm, files, progress_bar, records, size, warning
 
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
 
@@ -31,23 +32,21 @@ CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
 def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False):
     """Launch the cluster (or find the running one), wait for SSH and write servers/."""
     cfg = load(c, config, nworkers=number("--nworkers", nworkers), cluster_name=name, ttl=ttl)
+    conf = settings(c)
     if dry_run:
-        for line in lib.plan(cfg).lines():
+        for line in lib.plan(cfg, settings=conf).lines():
             print(line)
         return
-    if cfg.provider == "ec2" and cfg.ttl_seconds == 0:
-        print(f"warning: ttl 0: the instances of '{cfg.cluster_name}' never terminate themselves; "
-              f"remember inv cluster.destroy", file=sys.stderr)
-    conf = settings(c)
+    for text in lib.provider(cfg, settings=conf).launch_warnings():
+        warning(text)
     start = time.monotonic()
     try:
         with progress_bar() as bar:
             result = lib.launch(cfg, settings=conf, wait=wait, confirm=None if yes else bar.confirm,
                                 progress=bar.update)
     except KeyboardInterrupt:
-        left = "" if cfg.provider == "local" else "; inv cluster.status shows what is left"
-        raise Exit(f"interrupted: launch of '{cfg.cluster_name}' stopped" +
-                   (" and the hosts it had started were ended" if cfg.provider == "local" else left), code=130)
+        raise Exit(f"interrupted: launch of '{cfg.cluster_name}' stopped"
+                   + lib.provider(cfg, settings=conf).interrupted_note(), code=130)
     info = result.info
     if result.replaced:
         print(f"note: {conf.servers_dir}/ described cluster '{result.replaced}', which this launch does not "
@@ -63,11 +62,13 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
 def destroy(c, config=None, yes=False):
     """Destroy the cluster named in the config and forget its servers/."""
     cfg = load(c, config)
-    # ec2 asks itself, once it knows what the tag finds.
-    if cfg.provider != "ec2" and not yes and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):
+    conf = settings(c)
+    # A provider that asks itself does so once it knows what it would end.
+    asks = lib.provider(cfg, settings=conf).confirms_destroy
+    if not asks and not yes and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):
         raise Exit("not confirmed; pass --yes to destroy without asking", code=1)
     with progress_bar() as bar:
-        messages = lib.destroy(cfg, settings=settings(c), confirm=None if yes else bar.confirm, progress=bar.update)
+        messages = lib.destroy(cfg, settings=conf, confirm=None if yes else bar.confirm, progress=bar.update)
     for message in messages:
         print(message)
 
@@ -76,18 +77,15 @@ def destroy(c, config=None, yes=False):
 def status(c, config=None):
     """Show every node of the cluster with its role, state and uptime."""
     cfg = load(c, config)
-    rows = lib.status(cfg, settings=settings(c))
+    prov = lib.provider(cfg, settings=settings(c))
+    rows = prov.status()
     if not rows:
         raise Exit(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running; run inv cluster.launch", code=1)
-    caption = None
-    if any("cost" in r for r in rows):
-        total = sum(r["cost_usd"] for r in rows if r.get("cost_usd") is not None)
-        caption = f"cost so far {prices.dollars(total)}, {prices.NOTE}"
-    records(f"{cfg.provider} cluster '{cfg.cluster_name}'", rows,
-                ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost"), caption=caption)
-    down = [r for r in rows if r["state"] not in ("running", "reachable")]
+    records(f"{cfg.provider} cluster '{cfg.cluster_name}'", [dataclasses.asdict(r) for r in rows],
+            ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost"), caption=prov.status_caption(rows))
+    down = [r for r in rows if r.state not in ("running", "reachable")]
     if down:
-        raise Exit(f"{len(down)}/{len(rows)} nodes not running: " + ", ".join(r["id"] for r in down), code=1)
+        raise Exit(f"{len(down)}/{len(rows)} nodes not running: " + ", ".join(r.id for r in down), code=1)
 
 
 @task(help={"config": CONFIG_HELP, "worker": "log in to worker N (1-based) instead of the master",
@@ -118,7 +116,7 @@ def copy_dns(c, config=None):
     cfg = load(c, config)
     conf = settings(c)
     count = lib.copy_dns(lib.ensure_running(cfg, settings=conf), settings=conf)
-    print(f"copied servers/ to ~/{lib.REMOTE_DIR}/servers on {count} nodes; key on the master")
+    print(f"copied servers/ to ~/{layout.SERVERS_DIR} on {count} nodes; key on the master")
 
 
 @task(help={"command": "shell command to run on every selected host",
@@ -293,12 +291,13 @@ def start(c, config=None, wait=True):
 def list_(c, config=None, region=None):
     """List every cloister cluster (in the config's region for ec2), so none is forgotten."""
     cfg = load(c, config, region=region)
-    rows = lib.list_clusters(cfg, settings=settings(c))
-    where = f"in {cfg.region}" if cfg.provider == "ec2" else f"({cfg.provider} provider)"
+    prov = lib.provider(cfg, settings=settings(c))
+    rows = prov.list_clusters()
+    where = prov.scope()
     if not rows:
         print(f"no cloister clusters {where}")
         return
-    records(f"cloister clusters {where}", rows,
+    records(f"cloister clusters {where}", [dataclasses.asdict(r) for r in rows],
                 ("cluster", "masters", "workers", "states", "types", "age_s", "ttl_left_s"))
 
 

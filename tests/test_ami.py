@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from cloister import images
 from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import ProviderError
+from cloister.providers.local.images import dev_home
 
 from conftest import REPO, run_inv
 
@@ -24,12 +26,12 @@ from conftest import REPO, run_inv
 def test_create_list_latest_launch_and_prune(own_cluster, tmp_path):
     env = own_cluster("img", nworkers=1, dev=True)
     prefix = env.cfg.cluster_name
-    home = images.dev_home(env.cfg, state_dir=env.settings.state_dir)
+    home = dev_home(env.cfg, state_dir=env.settings.state_dir)
     (home / "build-id").write_text("v1\n")
 
     made = env.inv("ami.create")
     assert made.returncode == 0, made.stderr
-    (first,) = images.list_images(env.cfg, state_dir=env.settings.state_dir)
+    (first,) = images.list_images(env.cfg, settings=env.settings)
     assert re.fullmatch(rf"{prefix}-\d{{8}}-\d{{4}}", first.name) and f"created {first.id}" in made.stdout
     assert Path(first.id).parent == Path(env.settings.state_dir).resolve() / "images"
     assert (Path(first.id) / "build-id").read_text() == "v1\n"
@@ -51,17 +53,17 @@ def test_create_list_latest_launch_and_prune(own_cluster, tmp_path):
         master_home = Path(settings.state_dir).resolve() / "local" / cfg.cluster_name / "hosts" / info.master.name
         assert (master_home / "home" / "build-id").read_text() == "v2\n"
         with pytest.raises(ProviderError, match="no dev host home at .*: launch the local cluster"):
-            images.create(cfg, state_dir=settings.state_dir)
+            images.create(cfg, settings=settings)
     finally:
         lib.destroy(cfg, settings=settings)
 
     # The other cluster is gone; this one is listed, and it is not an EBS cluster to stop.
     # Other clusters on this machine (other tests' state dirs) are listed too, with their folder.
-    rows = {r["cluster"]: r for r in lib.list_clusters(env.cfg, settings=env.settings)}
+    rows = {r.cluster: asdict(r) for r in lib.list_clusters(env.cfg, settings=env.settings)}
     row = rows[prefix]
     assert (row["masters"], row["workers"], row["states"]) == (1, 1, "3 running")
     assert not any(name.startswith(f"{cfg.cluster_name} ") or name == cfg.cluster_name for name in rows)
-    with pytest.raises(ProviderError, match="cluster.stop is for ec2 clusters; .* uses the local provider"):
+    with pytest.raises(ProviderError, match="provider local cannot stop a cluster"):
         lib.stop(env.cfg, settings=env.settings)
 
     refused = env.inv("ami.prune", "--keep", "1")
@@ -69,7 +71,7 @@ def test_create_list_latest_launch_and_prune(own_cluster, tmp_path):
     assert f"will delete {first.id}" in refused.stdout
     pruned = env.inv("ami.prune", "--keep", "1", "--yes")
     assert pruned.returncode == 0 and f"deleted {first.name}" in pruned.stdout
-    assert [i.name for i in images.list_images(env.cfg, state_dir=env.settings.state_dir)] == [f"{prefix}-v2"]
+    assert [i.name for i in images.list_images(env.cfg, settings=env.settings)] == [f"{prefix}-v2"]
 
 
 def test_ami_errors_are_one_line(tmp_path):
@@ -88,4 +90,4 @@ def test_ami_errors_are_one_line(tmp_path):
 
     static = load_config(REPO / "tests" / "data" / "configs" / "static.json")
     with pytest.raises(ProviderError, match="ami.* needs the ec2 or local provider"):
-        images.list_images(static, state_dir=str(tmp_path))
+        images.list_images(static, settings=Settings(state_dir=str(tmp_path)))

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,9 @@ import yaml
 
 import moto_server as ms  # before anything imports moto
 from cloister import cluster as lib
-from cloister import ec2, hosts, images
+from cloister import hosts, images
+from cloister.providers.ec2 import aws as ec2_aws
+from cloister.providers.ec2 import launch as ec2_launch
 from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import AwsError, HostsFailed, ProviderError
@@ -279,8 +281,8 @@ def test_latest_ami_is_the_newest_with_the_prefix(aws, make_cfg, settings):
     time.sleep(1.1)  # CreationDate has one-second resolution; the newer image must sort by date, not name
     newest = make_image(client, "alice-clamor-aaa-newer", source)
     cfg = make_cfg(ami="latest", ami_tag="alice-clamor", nworkers=1)
-    assert images.latest(cfg, state_dir=settings.state_dir).id == newest
-    assert [i.id for i in images.list_images(cfg, state_dir=settings.state_dir)] == [newest, older]
+    assert images.latest(cfg, settings=settings).id == newest
+    assert [i.id for i in images.list_images(cfg, settings=settings)] == [newest, older]
     lib.launch(cfg, settings=settings, wait=False)
     assert {i["ImageId"] for i in live(client, "t1")} == {newest}
 
@@ -439,12 +441,12 @@ def test_throttling_after_every_retry_and_missing_credentials_read_as_one_line()
 
     throttled = ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}},
                             "DescribeInstances")
-    assert str(ec2.aws_error(throttled, region="eu-west-1")) == (
+    assert str(ec2_aws.aws_error(throttled, region="eu-west-1")) == (
         "EC2 kept throttling requests after 10 attempts (RequestLimitExceeded: Request limit exceeded.); "
         "wait a minute and retry; another tool may be calling EC2 heavily")
-    assert str(ec2.aws_error(NoCredentialsError(), region="eu-west-1")).startswith("no AWS credentials found")
+    assert str(ec2_aws.aws_error(NoCredentialsError(), region="eu-west-1")).startswith("no AWS credentials found")
     unreachable = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
-    assert "cannot reach the EC2 endpoint" in str(ec2.aws_error(unreachable, region="eu-west-1"))
+    assert "cannot reach the EC2 endpoint" in str(ec2_aws.aws_error(unreachable, region="eu-west-1"))
 
 
 # -- destroy, stop, start, status, list ---------------------------------------------------
@@ -528,7 +530,7 @@ def test_stop_and_start_rewrite_servers(aws, make_cfg, settings):
     known_hosts.write_text(f"{before.master.host} ssh-ed25519 AAAA\n")
     assert lib.stop(cfg, settings=settings) == ["stopped 3 instances of ec2 cluster 't1'"]
     assert {i["State"]["Name"] for i in live(client, "t1")} == {"stopped"}
-    assert {r["state"] for r in lib.status(cfg, settings=settings)} == {"stopped"}
+    assert {r.state for r in lib.status(cfg, settings=settings)} == {"stopped"}
     after = lib.start(cfg, settings=settings, wait=False)
     assert [n.id for n in after.nodes] == [n.id for n in before.nodes]
     assert all(a.public != b.public for a, b in zip(after.nodes, before.nodes))
@@ -543,7 +545,7 @@ def test_status_rows_with_uptime_ttl_and_cost(aws, make_cfg, settings):
     client, _ = aws
     cfg = make_cfg(nworkers=2, instance_type="t2.nano", master_instance_type="m5.large")
     lib.launch(cfg, settings=settings, wait=False)
-    master, *workers = lib.status(cfg, settings=settings)
+    master, *workers = [asdict(r) for r in lib.status(cfg, settings=settings)]
     assert (master["role"], master["type"], master["state"]) == ("master", "m5.large", "running")
     assert master["host"].startswith("ec2-") and 0 <= master["uptime_s"] < 60
     assert 7000 < master["ttl_left_s"] <= 7200
@@ -557,7 +559,7 @@ def test_list_shows_every_cloister_cluster_in_the_region(aws, make_cfg, settings
     lib.launch(make_cfg(nworkers=2), settings=settings, wait=False)
     lib.launch(make_cfg(cluster_name="t2", nworkers=1, instance_type="c5.large", ttl=0), settings=settings,
                wait=False)
-    rows = lib.list_clusters(make_cfg(), settings=settings)
+    rows = [asdict(r) for r in lib.list_clusters(make_cfg(), settings=settings)]
     assert [(r["cluster"], r["masters"], r["workers"], r["states"]) for r in rows] == [
         ("t1", 1, 2, "3 running"), ("t2", 1, 1, "2 running")]
     assert rows[1]["types"] == "c5.large" and rows[1]["ttl_left_s"] is None
@@ -568,7 +570,7 @@ def test_dry_run_resolves_and_checks_but_creates_nothing(aws, make_cfg, settings
     client, inject = aws
     make_image(client, "alice-clamor-20250101-0000")
     cfg = make_cfg(ami="latest", ami_tag="alice-clamor", nworkers=8, spot=True, ttl="6h")
-    lines = lib.plan(cfg).lines()
+    lines = lib.plan(cfg, settings=settings).lines()
     text = "\n".join(lines)
     assert "alice-clamor-20250101-0000" in text and "1 x m5.large on-demand" in text
     assert "8 x m5.large spot" in text and f"tcp 22 from {SSH_CIDR}" in text
@@ -579,7 +581,7 @@ def test_dry_run_resolves_and_checks_but_creates_nothing(aws, make_cfg, settings
 
     inject.on("before-send.ec2.CreateSecurityGroup",
               lambda request, **_: ms.error_response(request, "UnauthorizedOperation", "not allowed"))
-    assert lib.plan(cfg).denied == ("CreateSecurityGroup",)
+    assert lib.plan(cfg, settings=settings).denied == ("CreateSecurityGroup",)
 
 
 def test_ssh_readiness_names_the_nodes_that_never_answer(aws, make_cfg, settings):
@@ -592,7 +594,7 @@ def test_ssh_readiness_names_the_nodes_that_never_answer(aws, make_cfg, settings
         hosts.wait_ssh(dead, dead.nodes, timeout=0.5, probe_timeout=0.3)
     assert sorted(never.value.failures) == ["127.0.254.1", "127.0.254.2", "127.0.254.3"]
     with pytest.raises(ProviderError) as failed:
-        ec2.abandon(cfg, never.value, settings=settings, ids=[n.id for n in info.nodes])
+        ec2_launch.abandon(cfg, never.value, settings=settings, ids=[n.id for n in info.nodes])
     lines = str(failed.value).splitlines()
     assert lines[0].startswith("[127.0.254.1] connection refused")
     assert lines[-1] == "launch of ec2 cluster 't1' failed; terminated the 3 instances it created"
@@ -609,28 +611,28 @@ def test_ami_create_list_prune(aws, make_cfg, settings):
     dev = client.run_instances(ImageId=ms.UBUNTU_AMI, InstanceType="t3.large", MinCount=1, MaxCount=1)
     dev = dev["Instances"][0]
     by_dns = make_cfg(ami="latest", ami_tag="alice-clamor", ami_instance_ip=dev["PublicDnsName"])
-    first = images.create(by_dns, state_dir=settings.state_dir)
+    first = images.create(by_dns, settings=settings)
     assert first.name.startswith("alice-clamor-") and len(first.name) == len("alice-clamor-yyyymmdd-hhmm")
     assert first.state == "available" and first.snapshots
     by_ip = make_cfg(ami="latest", ami_tag="alice-clamor", ami_instance_ip=dev["PublicIpAddress"])
     time.sleep(1.1)
-    second = images.create(by_ip, state_dir=settings.state_dir, name="alice-clamor-second")
+    second = images.create(by_ip, settings=settings, name="alice-clamor-second")
     created = [p for a, p in inject.calls if a == "CreateImage"]
     assert {p["InstanceId"] for p in created} == {dev["InstanceId"]}
     assert len(snapshot_tags) == 2 and "alice-clamor" in snapshot_tags[0].values()
-    assert [i.id for i in images.list_images(by_dns, state_dir=settings.state_dir)] == [second.id, first.id]
+    assert [i.id for i in images.list_images(by_dns, settings=settings)] == [second.id, first.id]
 
-    doomed = images.prunable(by_dns, state_dir=settings.state_dir, keep=1)
+    doomed = images.prunable(by_dns, settings=settings, keep=1)
     assert doomed == [first]
-    (message,) = images.delete(by_dns, doomed=doomed)
+    (message,) = images.delete(by_dns, settings=settings, doomed=doomed)
     assert message.startswith(f"deregistered {first.name} ({first.id}) and deleted snap-")
-    assert [i.id for i in images.list_images(by_dns, state_dir=settings.state_dir)] == [second.id]
+    assert [i.id for i in images.list_images(by_dns, settings=settings)] == [second.id]
     left = {s["SnapshotId"] for s in client.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
     assert not set(first.snapshots) & left and set(second.snapshots) <= left
 
     nowhere = make_cfg(ami_tag="alice-clamor", ami_instance_ip="203.0.113.99")
     with pytest.raises(ProviderError, match="no instance with address 203.0.113.99"):
-        images.create(nowhere, state_dir=settings.state_dir)
+        images.create(nowhere, settings=settings)
 
 
 def test_legacy_config_launches_unchanged(aws, tmp_path, settings, monkeypatch):

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloister import cluster as lib
 from cloister import hosts
 from cloister.errors import ProviderError
-from cloister.local import LocalCluster
+from cloister.providers.local.machines import LocalCluster
 from conftest import INV, REPO
 
 

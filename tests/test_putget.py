@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cloister.local import LocalCluster
+from cloister.providers.local.machines import LocalCluster
 
 from test_redeploy import home, no_traceback
 

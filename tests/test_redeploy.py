@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from cloister import deploy, transfer
-from cloister.cluster import NODE_STATE
-from cloister.local import LocalCluster
+from cloister.layout import NODE_STATE
+from cloister.providers.local.machines import LocalCluster
 from cloister.servers import Node
 
 from conftest import INV, REPO, ClusterEnv, make_cluster, run_inv
@@ -364,7 +364,7 @@ def test_a_dead_node_is_named_and_the_others_complete(own_cluster):
     # Host keys are checked from the dev host: a node whose recorded key no longer matches is refused.
     spoofed = env.info.workers[0]
     lc = LocalCluster(state_root=env.settings.state_dir, cluster=env.cfg.cluster_name)
-    _, other_key = __import__("cloister.local", fromlist=["_keypair"])._keypair()
+    _, other_key = __import__("cloister.providers.local.machines", fromlist=["_keypair"])._keypair()
     for path in (Path(env.info.known_hosts), lc.host_dir(env.info.dev.name) / "etc_ssh" / "ssh_known_hosts"):
         lines = path.read_text().splitlines()
         path.write_text("".join((f"{line.split()[0]} {other_key}" if spoofed.host in line.split()[0].split(",")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar
 
@@ -78,9 +78,33 @@ class Image:
 class Plan:
     """What a launch would do, for ``cluster.launch --dry-run``; nothing was created."""
 
-    lines: tuple[str, ...]
-    denied: tuple[str, ...] = ()
-    extra: dict[str, object] = field(default_factory=dict)
+    text: tuple[str, ...]
+    denied: tuple[str, ...] = ()  # calls the provider refused
+
+    def lines(self) -> list[str]:
+        return list(self.text)
+
+
+TIMESTAMP = "%Y%m%d-%H%M"
+
+
+def prefix(cfg: ClusterConfig) -> str:
+    """The image name prefix: ``ami_tag``, or the cluster name when a local config has none."""
+    return cfg.ami_tag or cfg.cluster_name
+
+
+def pattern(cfg: ClusterConfig) -> str:
+    """Names of this config's images: the prefix and a dash, so 'alice-clamor' never takes 'alice-clamor2-...'."""
+    return f"{prefix(cfg)}-*"
+
+
+def matches(cfg: ClusterConfig, name: str) -> bool:
+    return name.startswith(f"{prefix(cfg)}-")
+
+
+def no_images_error(cfg: ClusterConfig, *, where: str) -> ProviderError:
+    return ProviderError(f"no available image named '{pattern(cfg)}' {where}; run inv ami.create first "
+                         f"(or check ami_tag in {cfg.source})", provider=cfg.provider, cluster=cfg.cluster_name)
 
 
 class ImageStore(ABC):
@@ -148,6 +172,14 @@ class Provider(ABC):
 
     def ensure_running(self, info: ClusterInfo) -> None:
         """Raise ProviderError when the cluster recorded in ``info`` is known to be gone."""
+
+    def scope(self) -> str:
+        """Where ``list_clusters`` looked, for people: "in us-west-2", "(local provider)"."""
+        return f"({self.name} provider)"
+
+    def status_caption(self, rows: list[NodeStatus]) -> str | None:
+        """A line under the status table (the cost so far, say)."""
+        return None
 
     def launch_warnings(self) -> list[str]:
         """What a person should know before this launch (a cluster without a TTL, say)."""

@@ -8,8 +8,6 @@ is a directory copied into each new host's home.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import pwd
@@ -22,12 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ProviderError
-from .servers import ClusterInfo, Node
+from ...errors import ProviderError
+from ...files import atomic_write
+from ...poll import Backoff
+from ...servers import ClusterInfo, Node
+from ..base import NodeStatus
+from .procs import alive, children, cmdline, pids, reap
+from .subnets import HOSTS_PER_SUBNET, claim_subnets, release_subnets
 
 SSHD = "/usr/sbin/sshd"
-HOSTS_PER_SUBNET = 250
-CLAIMS_DIR = Path("/tmp/cloister-local-claims")
 STATE_FILE = "cluster-state.json"
 
 SSHD_CONFIG = """\
@@ -98,15 +99,6 @@ def _keypair() -> tuple[bytes, str]:
     return private, public
 
 
-def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    if isinstance(data, str):
-        data = data.encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, mode)
-
-
 def check_requirements() -> None:
     """Raise ProviderError unless this machine can run local hosts."""
     if os.geteuid() != 0:
@@ -136,62 +128,6 @@ def ensure_user(user: str) -> pwd.struct_passwd:
     return entry
 
 
-@contextlib.contextmanager
-def _claims_lock():
-    CLAIMS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CLAIMS_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _subnet_in_use(subnet: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.2)
-        return probe.connect_ex((f"127.0.{subnet}.1", 22)) == 0
-
-
-def _claim_subnets(count: int, owner: Path) -> list[int]:
-    """Reserve ``count`` consecutive 127.0.S.0/24 blocks machine-wide for one cluster."""
-    with _claims_lock():
-        def taken(subnet: int) -> bool:
-            claim = CLAIMS_DIR / str(subnet)
-            if claim.exists():
-                holder = Path(claim.read_text().strip())
-                if holder.exists() and holder != owner:
-                    return True
-            return _subnet_in_use(subnet)
-
-        for first in range(1, 255 - count):
-            block = list(range(first, first + count))
-            if not any(taken(s) for s in block):
-                for subnet in block:
-                    (CLAIMS_DIR / str(subnet)).write_text(str(owner))
-                return block
-    raise ProviderError("no free 127.0.S.0/24 block left for another local cluster", provider="local")
-
-
-def claimed_local_clusters() -> set[Path]:
-    """State folders of every local cluster on this machine that holds addresses."""
-    if not CLAIMS_DIR.is_dir():
-        return set()
-    owners = set()
-    for claim in CLAIMS_DIR.iterdir():
-        if claim.name.isdigit():
-            try:
-                owners.add(Path(claim.read_text().strip()))
-            except OSError:
-                continue
-    return owners
-
-
-def _release_subnets(subnets: list[int], owner: Path) -> None:
-    with _claims_lock():
-        for subnet in subnets:
-            claim = CLAIMS_DIR / str(subnet)
-            if claim.exists() and Path(claim.read_text().strip()) == owner:
-                claim.unlink()
-
-
 def _plan(cluster: str, nworkers: int, dev: bool, subnets: list[int]) -> list[LocalHost]:
     names = [(f"{cluster}-master", "master")]
     names += [(f"{cluster}-worker-{i}", "worker") for i in range(1, nworkers + 1)]
@@ -202,37 +138,6 @@ def _plan(cluster: str, nworkers: int, dev: bool, subnets: list[int]) -> list[Lo
         subnet = subnets[index // HOSTS_PER_SUBNET]
         hosts.append(LocalHost(name=name, role=role, address=f"127.0.{subnet}.{index % HOSTS_PER_SUBNET + 1}"))
     return hosts
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 class LocalCluster:
@@ -281,16 +186,16 @@ class LocalCluster:
 
     def _host_alive(self, name: str) -> bool:
         pid = self.init_pid(name)
-        return pid is not None and _alive(pid) and "sshd" in _cmdline(pid)
+        return pid is not None and alive(pid) and "sshd" in cmdline(pid)
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[NodeStatus]:
         state = self._state() or {"hosts": [], "launched": time.time()}
         rows = []
         for h in state["hosts"]:
-            alive = self._host_alive(h["name"])
-            rows.append({"role": h["role"], "id": h["name"], "host": h["address"],
-                         "state": "running" if alive else "dead", "pid": self.init_pid(h["name"]),
-                         "uptime_s": time.time() - state["launched"] if alive else None})
+            up = self._host_alive(h["name"])
+            rows.append(NodeStatus(role=h["role"], id=h["name"], host=h["address"], name=h["name"],
+                                   state="running" if up else "dead",
+                                   uptime_s=time.time() - state["launched"] if up else None))
         return rows
 
     # -- launch ------------------------------------------------------------
@@ -314,7 +219,7 @@ class LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         count = 1 + nworkers + (1 if dev else 0)
-        subnets = _claim_subnets(-(-count // HOSTS_PER_SUBNET), self.dir)
+        subnets = claim_subnets(-(-count // HOSTS_PER_SUBNET), self.dir)
         hosts = _plan(self.cluster, nworkers, dev, subnets)
         try:
             self._prepare(hosts, entry, image)
@@ -329,12 +234,12 @@ class LocalCluster:
 
     def _prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None) -> None:
         private, public = _keypair()
-        _write(self.key, private, 0o600)
-        _write(self.key.with_suffix(".pub"), public + "\n")
+        atomic_write(self.key, private, mode=0o600)
+        atomic_write(self.key.with_suffix(".pub"), public + "\n")
         host_keys = [_keypair() for _ in hosts]
         known = "".join(f"{h.address} {pub}\n" for h, (_, pub) in zip(hosts, host_keys))
         known_names = "".join(f"{h.name},{h.address} {pub}\n" for h, (_, pub) in zip(hosts, host_keys))
-        _write(self.known_hosts, known)
+        atomic_write(self.known_hosts, known)
         etc_hosts = "127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in hosts)
 
         def prepare(pair: tuple[LocalHost, tuple[bytes, str]]) -> None:
@@ -342,19 +247,19 @@ class LocalCluster:
             hdir = self.host_dir(host.name)
             etc = hdir / "etc_ssh"
             etc.mkdir(parents=True, exist_ok=True)
-            _write(etc / "sshd_config", SSHD_CONFIG.format(address=host.address, user=entry.pw_name))
-            _write(etc / "ssh_config", SSH_CONFIG)
-            _write(etc / "ssh_host_ed25519_key", host_private, 0o600)
-            _write(etc / "ssh_host_ed25519_key.pub", host_public + "\n")
-            _write(etc / "ssh_known_hosts", known_names)
-            _write(hdir / "etc_hosts", etc_hosts)
-            _write(hdir / "etc_hostname", host.name + "\n")
+            atomic_write(etc / "sshd_config", SSHD_CONFIG.format(address=host.address, user=entry.pw_name))
+            atomic_write(etc / "ssh_config", SSH_CONFIG)
+            atomic_write(etc / "ssh_host_ed25519_key", host_private, mode=0o600)
+            atomic_write(etc / "ssh_host_ed25519_key.pub", host_public + "\n")
+            atomic_write(etc / "ssh_known_hosts", known_names)
+            atomic_write(hdir / "etc_hosts", etc_hosts)
+            atomic_write(hdir / "etc_hostname", host.name + "\n")
             home = hdir / "home"
             if image:
                 shutil.copytree(image, home, symlinks=False, dirs_exist_ok=True)
             ssh_dir = home / ".ssh"
             ssh_dir.mkdir(parents=True, exist_ok=True)
-            _write(ssh_dir / "authorized_keys", public + "\n", 0o600)
+            atomic_write(ssh_dir / "authorized_keys", public + "\n", mode=0o600)
             os.chmod(home, 0o755)
             os.chmod(ssh_dir, 0o700)
             for root, dirs, files in os.walk(home):
@@ -363,15 +268,15 @@ class LocalCluster:
             tmp = hdir / "tmp"
             tmp.mkdir(exist_ok=True)
             os.chmod(tmp, 0o1777)
-            _write(hdir / "init.sh", INIT_SCRIPT.format(hostdir=hdir, hostname=host.name, home=entry.pw_dir,
-                                                        sshd=SSHD), 0o755)
+            atomic_write(hdir / "init.sh", INIT_SCRIPT.format(hostdir=hdir, hostname=host.name, home=entry.pw_dir,
+                                                        sshd=SSHD), mode=0o755)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(prepare, zip(hosts, host_keys)))
         state = {"cluster": self.cluster, "user": entry.pw_name, "launched": time.time(),
                  "subnets": sorted({int(h.address.split(".")[2]) for h in hosts}),
                  "hosts": [{"name": h.name, "role": h.role, "address": h.address} for h in hosts]}
-        _write(self.dir / STATE_FILE, json.dumps(state, indent=2))
+        atomic_write(self.dir / STATE_FILE, json.dumps(state, indent=2))
 
     def _start(self, hosts: list[LocalHost]) -> None:
         for host in hosts:
@@ -381,12 +286,11 @@ class LocalCluster:
                     ["unshare", "--pid", "--fork", "--kill-child=SIGTERM", "--mount", "--uts", "--mount-proc",
                      "--propagation", "private", "/bin/sh", str(hdir / "init.sh")],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
-            _write(hdir / "unshare.pid", str(proc.pid))
+            atomic_write(hdir / "unshare.pid", str(proc.pid))
 
     def _wait_listening(self, hosts: list[LocalHost], timeout: float) -> None:
         pending = {h.name: h for h in hosts}
-        deadline = time.monotonic() + timeout
-        delay = 0.01
+        backoff = Backoff(timeout, initial=0.01, maximum=0.2)
         while pending:
             for name, host in list(pending.items()):
                 with socket.socket() as probe:
@@ -395,17 +299,15 @@ class LocalCluster:
                         del pending[name]
                         continue
                 pid = self._unshare_pid(name)
-                if pid is not None and not _alive(pid):
-                    _reap(pid)
+                if pid is not None and not alive(pid):
+                    reap(pid)
                     raise ProviderError(f"[{name}] sshd exited at start-up: {self.log_tail(name)}",
                                         provider="local", cluster=self.cluster)
             if not pending:
                 break
-            if time.monotonic() > deadline:
+            if not backoff.wait():
                 raise ProviderError(f"{len(pending)} local host(s) not listening after {timeout:.0f}s: "
                                     f"{', '.join(list(pending)[:8])}", provider="local", cluster=self.cluster)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
 
     def _unshare_pid(self, name: str) -> int | None:
         try:
@@ -415,10 +317,10 @@ class LocalCluster:
 
     def _record_init_pid(self, host: LocalHost) -> None:
         outer = self._unshare_pid(host.name)
-        children = _children(outer) if outer else []
-        if not children:
+        inits = children(outer) if outer else []
+        if not inits:
             raise ProviderError(f"[{host.name}] namespace init not found", provider="local", cluster=self.cluster)
-        _write(self.host_dir(host.name) / "init.pid", str(children[0]))
+        atomic_write(self.host_dir(host.name) / "init.pid", str(inits[0]))
 
     def log_tail(self, name: str, lines: int = 3) -> str:
         try:
@@ -436,22 +338,24 @@ class LocalCluster:
     def _end_namespace(self, outer: int | None, hdir: str, *, init: int | None = None) -> bool:
         """SIGKILL the namespace init (found as unshare's child if it was not recorded), then reap unshare."""
         killed = False
-        outer_ours = outer is not None and _alive(outer) and hdir in _cmdline(outer)
-        if (init is None or not _alive(init)) and outer_ours:
-            init = next(iter(_children(outer)), None)
-        if init is not None and _alive(init) and ("sshd" in _cmdline(init) or hdir in _cmdline(init)):
-            if outer is None or not _alive(outer) or init in _children(outer):
+        outer_ours = outer is not None and alive(outer) and hdir in cmdline(outer)
+        if (init is None or not alive(init)) and outer_ours:
+            init = next(iter(children(outer)), None)
+        if init is not None and alive(init) and ("sshd" in cmdline(init) or hdir in cmdline(init)):
+            if outer is None or not alive(outer) or init in children(outer):
                 os.kill(init, signal.SIGKILL)
                 killed = True
         if outer_ours:
-            deadline = time.monotonic() + 5
-            while _alive(outer) and time.monotonic() < deadline:
-                _reap(outer)
-                time.sleep(0.005)
-            if _alive(outer):
+            # unshare exits once its child (the namespace's init) is gone.
+            backoff = Backoff(5.0, initial=0.005, maximum=0.005)
+            while alive(outer):
+                reap(outer)
+                if not backoff.wait():
+                    break
+            if alive(outer):
                 os.kill(outer, signal.SIGKILL)
                 killed = True
-            _reap(outer)
+            reap(outer)
         return killed
 
     def destroy(self) -> int:
@@ -465,13 +369,13 @@ class LocalCluster:
         # A launch interrupted between starting a host and recording its PID leaves no pid file:
         # find every unshare still running one of this cluster's init scripts.
         hosts_dir = f"{self.dir}/hosts/"
-        for pid in _pids():
-            cmdline = _cmdline(pid)
-            if cmdline.startswith("unshare ") and hosts_dir in cmdline:
-                hdir = cmdline.split(hosts_dir, 1)[1].split("/", 1)[0]
+        for pid in pids():
+            argv = cmdline(pid)
+            if argv.startswith("unshare ") and hosts_dir in argv:
+                hdir = argv.split(hosts_dir, 1)[1].split("/", 1)[0]
                 self._end_namespace(pid, hosts_dir + hdir)
         subnets = state.get("subnets", []) if state else []
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-        _release_subnets(subnets, self.dir)
+        release_subnets(subnets, self.dir)
         return running

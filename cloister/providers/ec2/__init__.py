@@ -1,0 +1,98 @@
+"""The EC2 provider: every boto3 call cloister makes lives in this package.
+
+Membership is the tag ``cloister:cluster`` on every resource; one DescribeInstances filtered by that
+tag answers each poll for the whole cluster, so the number of requests does not grow with it.
+``aws`` translates errors, ``instances`` finds and waits, ``network`` holds the security and
+placement groups, ``images`` the AMIs, ``launch`` and ``lifecycle`` the cluster's life, ``plan``
+the dry run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import prices
+from ...errors import ProviderError
+from ...servers import ClusterInfo
+from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
+from . import images, launch, lifecycle, plan
+
+
+class Ec2Images(ImageStore):
+    """Own AMIs in the config's region."""
+
+    def __init__(self, provider: "Ec2Provider"):
+        self.cfg = provider.cfg
+        self.where = f"owned by you in {self.cfg.region}"
+
+    def list(self, pattern: str) -> list[Image]:
+        return images.list_images(self.cfg)
+
+    def create(self, name: str, *, progress: Progress | None = None) -> Image:
+        return images.create_image(self.cfg, name=name, progress=progress)
+
+    def delete(self, doomed: list[Image]) -> list[str]:
+        return images.delete_images(self.cfg, doomed=doomed)
+
+
+class Ec2Provider(Provider):
+    name = "ec2"
+    confirms_destroy = True
+
+    def launch(self, *, nworkers: int, confirm: Confirm | None = None,
+               progress: Progress | None = None) -> Launched:
+        return launch.launch(self.cfg, nworkers=nworkers, settings=self.settings, confirm=confirm, progress=progress)
+
+    def rollback(self, cause: BaseException, *, info: ClusterInfo, confirm: Confirm | None = None,
+                 progress: Progress | None = None) -> None:
+        launch.abandon(self.cfg, cause, settings=self.settings, ids=[n.id for n in info.nodes], confirm=confirm,
+                       progress=progress)
+
+    def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
+        return lifecycle.destroy(self.cfg, settings=self.settings, confirm=confirm, progress=progress)
+
+    def status(self) -> list[NodeStatus]:
+        return lifecycle.status(self.cfg)
+
+    def list_clusters(self) -> list[ClusterRow]:
+        return lifecycle.list_clusters(self.cfg)
+
+    def scope(self) -> str:
+        return f"in {self.cfg.region}"
+
+    def status_caption(self, rows: list[NodeStatus]) -> str | None:
+        total = sum(r.cost_usd for r in rows if r.cost_usd is not None)
+        return f"cost so far {prices.dollars(total)}, {prices.NOTE}"
+
+    def launch_warnings(self) -> list[str]:
+        if self.cfg.ttl_seconds == 0:
+            return [f"ttl 0: the instances of '{self.cfg.cluster_name}' never terminate themselves; "
+                    f"remember inv cluster.destroy"]
+        return []
+
+    def interrupted_note(self) -> str:
+        return "; inv cluster.status shows what is left"
+
+    def stop(self, *, progress: Progress | None = None) -> list[str]:
+        return lifecycle.stop(self.cfg, settings=self.settings, progress=progress)
+
+    def start(self, *, progress: Progress | None = None) -> ClusterInfo:
+        return lifecycle.start(self.cfg, settings=self.settings, progress=progress)
+
+    def plan(self, *, nworkers: int) -> Plan:
+        return plan.plan(self.cfg, nworkers=nworkers)
+
+    def images(self) -> ImageStore:
+        return Ec2Images(self)
+
+    def dev_info(self) -> tuple[ClusterInfo, str]:
+        cfg = self.cfg
+        if not cfg.ami_instance_ip or not cfg.ssh_key:
+            raise ProviderError(f"{cfg.source}: keys 'ami_instance_ip' and 'ssh_key' name the dev instance and its "
+                                f"key; set both", provider=self.name, cluster=cfg.cluster_name)
+        # The dev instance outlives clusters, so its host key is kept apart from theirs.
+        known = Path(self.settings.state_dir).resolve() / self.name / "dev_known_hosts"
+        known.parent.mkdir(parents=True, exist_ok=True)
+        info = ClusterInfo(provider=self.name, cluster_name=cfg.cluster_name, user=cfg.user, ssh_key=cfg.ssh_key,
+                           nodes=[], known_hosts=str(known))
+        return info, cfg.ami_instance_ip

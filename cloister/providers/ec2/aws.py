@@ -1,0 +1,115 @@
+"""AWS clients and errors: every botocore error becomes one AwsError line saying what happened and what to do.
+
+boto3 is imported inside ``client_for`` so that ``inv --list`` and non-EC2 tasks never pay for it.
+Retries are botocore's adaptive mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from ...config import ClusterConfig
+from ...errors import AwsError
+
+RETRIES = {"mode": "adaptive", "max_attempts": 10}
+
+
+# (codes, (what happened, what to do)); {region} and {operation} are filled in.
+_EXPLAIN_GROUPS: list[tuple[tuple[str, ...], tuple[str, str]]] = [
+    (("AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
+      "ExpiredToken", "RequestExpired"),
+     ("AWS rejected the credentials", "check them with `aws sts get-caller-identity` (and the clock)")),
+    (("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"),
+     ("not permitted to call {operation}", "ask your AWS administrator for the ec2:{operation} permission")),
+    (("InvalidAMIID.NotFound", "InvalidAMIID.Malformed", "InvalidAMIID.Unavailable"),
+     ("the AMI is not available in {region}", "check `ami` in the config, or run inv ami.list")),
+    (("InvalidKeyPair.NotFound",),
+     ("the key pair does not exist in {region}",
+      "check `key_name`, or import your public key with aws ec2 import-key-pair")),
+    (("InvalidInstanceType", "InvalidInstanceType.NotFound", "Unsupported"),
+     ("the instance type is not offered here", "check instance_type and master_instance_type")),
+    (("InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity"),
+     ("AWS has no spare capacity for this request in {region} right now",
+      "retry in a few minutes, choose another instance type, or drop placement_group")),
+    (("VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded"),
+     ("your vCPU quota in {region} is too small for this launch",
+      "ask for a higher 'Running On-Demand/Spot instances' quota in Service Quotas, "
+      "or use fewer or smaller instances")),
+    (("RequestLimitExceeded", "Throttling", "ThrottlingException"),
+     (f"EC2 kept throttling requests after {RETRIES['max_attempts']} attempts",
+      "wait a minute and retry; another tool may be calling EC2 heavily")),
+    (("SpotMaxPriceTooLow",),
+     ("the spot max price is below the current spot price", "raise `spot` in the config, or set it to true")),
+    (("DependencyViolation", "InvalidPlacementGroup.InUse"),
+     ("a resource is still in use", "wait a minute and run inv cluster.destroy again")),
+]
+
+
+_EXPLAIN = {code: text for codes, text in _EXPLAIN_GROUPS for code in codes}
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def aws_error(exc: Exception, *, region: str | None, cluster: str | None = None) -> AwsError:
+    """One line for a botocore exception: what happened, AWS's own words, and what to do."""
+    from botocore import exceptions as bx
+    from botocore.parsers import ResponseParserError
+
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "Unknown")
+        what, todo = _EXPLAIN.get(code, ("EC2 {operation} failed in {region}", ""))
+        fill = {"region": region, "operation": exc.operation_name}
+        message = f"{what.format(**fill)} ({code}: {one_line(error.get('Message', ''))})"
+        if todo:
+            message += f"; {todo.format(**fill)}"
+        return AwsError(message, code=code, operation=exc.operation_name, region=region, cluster=cluster)
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        message = ("no AWS credentials found: run `aws configure`, or set AWS_PROFILE, or "
+                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    elif isinstance(exc, bx.NoRegionError):
+        message = "no AWS region: set `region` in the cluster config"
+    elif isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError)):
+        message = (f"cannot reach the EC2 endpoint ({one_line(exc)}): check the network, or "
+                   f"AWS_ENDPOINT_URL_EC2 if you set it")
+    elif isinstance(exc, bx.ReadTimeoutError):
+        message = f"EC2 did not answer in time ({one_line(exc)}); retry in a minute"
+    elif isinstance(exc, ResponseParserError):
+        message = (f"the EC2 endpoint answered with something other than EC2's XML ({one_line(exc, 120)}); "
+                   f"check AWS_ENDPOINT_URL_EC2 or any proxy in between")
+    else:
+        message = f"AWS client error: {one_line(exc)}"
+    return AwsError(message, code=type(exc).__name__, region=region, cluster=cluster)
+
+
+@contextlib.contextmanager
+def aws_errors(cfg: ClusterConfig) -> Iterator[None]:
+    """Turn botocore errors raised inside into AwsError (no traceback for the user)."""
+    try:
+        yield
+    except botocore_errors() as exc:
+        raise aws_error(exc, region=cfg.region, cluster=cfg.cluster_name) from None
+
+
+def botocore_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.parsers import ResponseParserError
+
+    return ClientError, BotoCoreError, ResponseParserError
+
+
+def client_for(region: str | None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("ec2", region_name=region, config=Config(retries=RETRIES))
+
+
+def error_code(exc: Exception) -> str | None:
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+

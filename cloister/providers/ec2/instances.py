@@ -1,0 +1,171 @@
+"""Instances of a cluster: found by the tag ``cloister:cluster``, one DescribeInstances per poll for all of them."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ...config import ClusterConfig
+from ...errors import ProviderError
+from ...poll import Backoff
+from ...servers import ClusterInfo, Node
+from ...settings import Settings
+from ..base import Progress
+
+TAG_CLUSTER = "cloister:cluster"
+
+
+TAG_ROLE = "cloister:role"
+
+
+TAG_TTL = "cloister:ttl-expires"
+
+
+TAG_IMAGE = "cloister:ami-tag"
+
+
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+
+
+WAIT_TIMEOUT = 900.0
+
+
+def cluster_filter(cluster: str) -> dict[str, Any]:
+    return {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]}
+
+
+def live_filter() -> dict[str, Any]:
+    return {"Name": "instance-state-name", "Values": list(LIVE_STATES)}
+
+
+def describe(client, *filters: dict[str, Any]) -> list[dict[str, Any]]:
+    pages = client.get_paginator("describe_instances").paginate(Filters=list(filters))
+    return [inst for page in pages for reservation in page["Reservations"] for inst in reservation["Instances"]]
+
+
+def find(client, cluster: str) -> list[dict[str, Any]]:
+    """The cluster's instances that are not (being) terminated, master first, workers by launch index."""
+    found = describe(client, cluster_filter(cluster), live_filter())
+    return sorted(found, key=lambda i: (role_of(i) != "master", i.get("AmiLaunchIndex", 0), i["InstanceId"]))
+
+
+def tags_of(instance: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+
+
+def role_of(instance: dict[str, Any]) -> str:
+    return tags_of(instance).get(TAG_ROLE, "worker")
+
+
+def state_of(instance: dict[str, Any]) -> str:
+    return instance["State"]["Name"]
+
+
+def node_of(instance: dict[str, Any], cluster: str) -> Node:
+    # One RunInstances call launches every worker with the same tags, so a worker's number is its
+    # launch index; tagging each worker's Name separately would cost one request per worker.
+    role = role_of(instance)
+    name = f"{cluster}-master" if role == "master" else f"{cluster}-worker-{instance.get('AmiLaunchIndex', 0) + 1}"
+    public = instance.get("PublicDnsName") or instance.get("PublicIpAddress") or ""
+    private = instance.get("PrivateIpAddress") or ""
+    return Node(role=role, id=instance["InstanceId"], host=public or private, private=private, public=public,
+                name=name)
+
+
+def known_hosts_path(settings: Settings, cluster: str) -> Path:
+    return state_path(settings, cluster) / "known_hosts"
+
+
+def state_path(settings: Settings, cluster: str) -> Path:
+    return Path(settings.state_dir).resolve() / "ec2" / cluster
+
+
+def cluster_info(cfg: ClusterConfig, instances: list[dict[str, Any]], settings: Settings) -> ClusterInfo:
+    nodes = [node_of(i, cfg.cluster_name) for i in instances]
+    groups = sorted({g["GroupId"] for i in instances for g in i.get("SecurityGroups", [])})
+    return ClusterInfo(provider="ec2", cluster_name=cfg.cluster_name, user=cfg.user, ssh_key=cfg.ssh_key or "",
+                       nodes=nodes, known_hosts=str(known_hosts_path(settings, cfg.cluster_name)),
+                       region=cfg.region, extra={"security_groups": groups})
+
+
+def forget_host_keys(settings: Settings, cluster: str) -> None:
+    """New instances, or old ones with new addresses: a recorded key for a reused address would be refused."""
+    known_hosts_path(settings, cluster).unlink(missing_ok=True)
+
+
+def summary(instances: list[dict[str, Any]]) -> str:
+    by_role = Counter((role_of(i), i["InstanceType"]) for i in instances)
+    return ", ".join(f"{n} {role}{'s' if n > 1 else ''} ({kind})" for (role, kind), n in sorted(by_role.items()))
+
+
+def wait_for(client, cluster: str, ids: list[str], target: str, progress: Progress | None,
+              timeout: float = WAIT_TIMEOUT) -> list[dict[str, Any]]:
+    """Poll with one DescribeInstances per round until every id in ``ids`` is in state ``target``."""
+    wanted = set(ids)
+    backoff = Backoff(timeout, initial=1.0, maximum=5.0, factor=1.5)
+    while True:
+        seen = {i["InstanceId"]: i for i in describe(client, cluster_filter(cluster))
+                if i["InstanceId"] in wanted}
+        # Right after RunInstances an instance may not be listed yet; after termination it may be gone.
+        absent = "terminated" if target == "terminated" else "pending"
+        states = {i: state_of(seen[i]) if i in seen else absent for i in ids}
+        counts = Counter(states.values())
+        if progress:
+            progress(f"{cluster}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), counts[target],
+                     len(ids))
+        if counts[target] == len(ids):
+            return [seen[i] for i in ids if i in seen]
+        if target != "terminated":
+            lost = [i for i, s in states.items() if s in ("shutting-down", "terminated")]
+            if lost:
+                reasons = {(seen[i].get("StateReason") or {}).get("Message", "no reason given") for i in lost}
+                raise ProviderError(f"{len(lost)} instance(s) terminated while waiting for {target}: "
+                                    f"{', '.join(lost[:8])} ({'; '.join(sorted(reasons))})",
+                                    provider="ec2", cluster=cluster)
+        if not backoff.wait():
+            late = [i for i, s in states.items() if s != target]
+            raise ProviderError(f"{len(late)} instance(s) not {target} after {timeout:.0f}s: {', '.join(late[:8])}",
+                                provider="ec2", cluster=cluster)
+
+
+def dev_instance(client, cfg: ClusterConfig) -> dict[str, Any]:
+    """The running dev instance named by ``ami_instance_ip`` (public or private DNS name or IP, or id)."""
+    address = cfg.ami_instance_ip
+    if not address:
+        raise ProviderError(f"{cfg.source}: key 'ami_instance_ip': missing; name the dev instance to image",
+                            provider="ec2", cluster=cfg.cluster_name)
+    try:
+        ipaddress.ip_address(address)
+        fields = ("ip-address", "private-ip-address")
+    except ValueError:
+        fields = ("instance-id",) if address.startswith("i-") else ("dns-name", "private-dns-name")
+    for field in fields:
+        found = describe(client, {"Name": field, "Values": [address]}, live_filter())
+        if found:
+            return found[0]
+    raise ProviderError(f"no instance with address {address} (ami_instance_ip in {cfg.source}) in {cfg.region}",
+                        provider="ec2", cluster=cfg.cluster_name)
+
+
+def tag_spec(kind: str, cluster: str, *extra: tuple[str, str]) -> dict[str, Any]:
+    tags = [(TAG_CLUSTER, cluster), *extra]
+    return {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags]}
+
+
+def find_existing(client, cfg: ClusterConfig) -> list[dict[str, Any]]:
+    found = find(client, cfg.cluster_name)
+    if not found:
+        raise ProviderError(f"no ec2 cluster '{cfg.cluster_name}' in {cfg.region}", provider="ec2",
+                            cluster=cfg.cluster_name)
+    return found
+
+
+def ttl_left(instance: dict[str, Any], now: datetime) -> float | None:
+    expires = tags_of(instance).get(TAG_TTL)
+    if not expires:
+        return None
+    return (datetime.fromisoformat(expires.replace("Z", "+00:00")) - now).total_seconds()
+

@@ -1,0 +1,211 @@
+"""Launch a cluster (or adopt the running one) and give up cleanly on a failed launch."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any, NoReturn
+
+from ...config import ClusterConfig
+from ...errors import AwsError, CloisterError, ProviderError
+from ...settings import Settings
+from ..base import Confirm, Launched, Progress
+from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
+from .images import launch_image
+from .instances import (TAG_ROLE, TAG_TTL, cluster_filter, cluster_info, find, forget_host_keys,
+                        role_of, state_of, state_path, tag_spec, wait_for)
+from .network import allowed_ssh_source, ensure_placement_group, ensure_security_group, until_free
+
+# bootcmd runs on every boot, so a stopped and restarted node keeps its expiry; systemd-run talks to
+# PID 1 directly, which works that early in boot, while `shutdown +N` needs logind over D-Bus.
+TTL_USER_DATA = """\
+#cloud-config
+# cloister: power off at the cluster's TTL ({expires}); the instance was launched with
+# InstanceInitiatedShutdownBehavior=terminate, so powering off terminates it.
+bootcmd:
+  - |
+    left=$(( {epoch} - $(date +%s) ))
+    [ "$left" -gt 60 ] || left=60
+    systemd-run --unit=cloister-ttl --on-active="$left" /bin/systemctl poweroff
+"""
+
+
+def run_args(cfg: ClusterConfig, *, image: dict[str, Any], role: str, count: int, token: str,
+              expires: datetime | None) -> dict[str, Any]:
+    """RunInstances parameters for one role; the same for the real call and the DryRun check."""
+    instance_type = cfg.master_type if role == "master" else cfg.instance_type
+    name = f"{cfg.cluster_name}-{role}"
+    extra = [(TAG_ROLE, role)] + ([(TAG_TTL, f"{expires:%Y-%m-%dT%H:%M:%SZ}")] if expires else [])
+    args: dict[str, Any] = {
+        "ImageId": image["ImageId"], "InstanceType": instance_type, "MinCount": count, "MaxCount": count,
+        "KeyName": cfg.key_name,
+        # The same token on a retried call makes EC2 return the first call's instances instead of new ones.
+        "ClientToken": f"{cfg.cluster_name}-{role[0]}-{token}",
+        "TagSpecifications": [tag_spec("instance", cfg.cluster_name, ("Name", name), *extra),
+                              tag_spec("volume", cfg.cluster_name, *extra)],
+    }
+    if cfg.root_size:
+        args["BlockDeviceMappings"] = [{"DeviceName": image["RootDeviceName"],
+                                        "Ebs": {"VolumeSize": cfg.root_size, "VolumeType": "gp3",
+                                                "DeleteOnTermination": True}}]
+    if expires:
+        args["InstanceInitiatedShutdownBehavior"] = "terminate"
+        args["UserData"] = TTL_USER_DATA.format(expires=f"{expires:%Y-%m-%dT%H:%M:%SZ}",
+                                                epoch=int(expires.timestamp()))
+    if cfg.placement_group:
+        args["Placement"] = {"GroupName": cfg.placement_group}
+    if role == "worker" and cfg.spot:
+        options: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+        if not isinstance(cfg.spot, bool):
+            options["MaxPrice"] = str(cfg.spot)
+        args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+    return args
+
+
+def expiry(cfg: ClusterConfig) -> datetime | None:
+    seconds = cfg.ttl_seconds
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds) if seconds else None
+
+
+def _check_complete(cfg: ClusterConfig, found: list[dict[str, Any]], nworkers: int) -> None:
+    """Refuse to adopt a cluster that is stopped, lacks its master, or has other workers than asked for."""
+    name = cfg.cluster_name
+    stopped = [i["InstanceId"] for i in found if state_of(i) in ("stopping", "stopped")]
+    if stopped:
+        raise ProviderError(f"ec2 cluster '{name}' exists but {len(stopped)} of its {len(found)} instances are "
+                            f"stopped; run inv cluster.start (or inv cluster.destroy)", provider="ec2", cluster=name)
+    masters = [i for i in found if role_of(i) == "master"]
+    indexes = {i.get("AmiLaunchIndex", 0) for i in found if role_of(i) != "master"}
+    launched = max(indexes) + 1 if indexes else 0
+    missing = [f"worker-{k + 1}" for k in range(max(launched, nworkers)) if k not in indexes]
+    problems = []
+    if len(masters) != 1:
+        problems.append("no master" if not masters else f"{len(masters)} masters")
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        problems.append("missing " + ", ".join(missing[:8]) + more)
+    elif len(indexes) != nworkers:
+        problems.append(f"{len(indexes)} workers, not the {nworkers} asked for")
+    if problems:
+        raise ProviderError(f"ec2 cluster '{name}' already exists with {len(masters)} master(s) and {len(indexes)} "
+                            f"worker(s): {'; '.join(problems)}; run inv cluster.destroy --yes, then launch again",
+                            provider="ec2", cluster=name)
+
+
+def launch(cfg: ClusterConfig, *, nworkers: int, settings: Settings, confirm: Confirm | None = None,
+           progress: Progress | None = None) -> Launched:
+    """Find the cluster by tag or launch it; return once every instance is running.
+
+    After a failure or Ctrl-C that follows the first RunInstances, ``confirm`` is asked whether to
+    terminate what was created (None: terminate without asking); the error is raised either way.
+    """
+    name = cfg.cluster_name
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        found = find(client, name)
+        if found:
+            _check_complete(cfg, found, nworkers)
+            running = wait_for(client, name, [i["InstanceId"] for i in found], "running", progress)
+            return Launched(info=cluster_info(cfg, running, settings), created=False)
+        image = launch_image(client, cfg)
+        ssh_source = allowed_ssh_source(cfg)
+        if cfg.placement_group:
+            ensure_placement_group(client, cfg)
+        group_id = ensure_security_group(client, cfg, ssh_source)
+    token = secrets.token_hex(8)
+    expires = expiry(cfg)
+    ids: list[str] = []
+    try:
+        with aws_errors(cfg):
+            for role, count in (("master", 1), ("worker", nworkers)):
+                if count:
+                    args = run_args(cfg, image=image, role=role, count=count, token=token, expires=expires)
+                    reply = client.run_instances(SecurityGroupIds=[group_id], **args)
+                    ids += [i["InstanceId"] for i in reply["Instances"]]
+            running = wait_for(client, name, ids, "running", progress)
+    except BaseException as exc:
+        abandon(cfg, exc, settings=settings, ids=ids, confirm=confirm, progress=progress)
+    forget_host_keys(settings, name)
+    return Launched(info=cluster_info(cfg, running, settings), created=True)
+
+
+def confirmed(confirm: Confirm | None, question: str) -> bool:
+    if confirm is None:
+        return True
+    try:
+        return confirm(question)
+    except (KeyboardInterrupt, EOFError):
+        return False
+
+
+def as_error(exc: BaseException, cfg: ClusterConfig) -> CloisterError:
+    if isinstance(exc, CloisterError):
+        return exc
+    if isinstance(exc, botocore_errors()):
+        return aws_error(exc, region=cfg.region, cluster=cfg.cluster_name)
+    if isinstance(exc, KeyboardInterrupt):
+        return ProviderError("interrupted (Ctrl-C)", provider="ec2", cluster=cfg.cluster_name)
+    return ProviderError(f"{type(exc).__name__}: {one_line(exc)}", provider="ec2", cluster=cfg.cluster_name)
+
+
+def abandon(cfg: ClusterConfig, cause: BaseException, *, settings: Settings, ids: Iterable[str] = (),
+            confirm: Confirm | None = None, progress: Progress | None = None) -> NoReturn:
+    """A launch failed or was interrupted: offer to terminate what it created, then raise one clear error.
+
+    Instances are found by tag as well as by ``ids``, so one whose RunInstances answer was lost to the
+    failure is found too (tags are set at creation).
+    """
+    name = cfg.cluster_name
+    error = as_error(cause, cfg)
+    known = list(ids)
+    try:
+        with aws_errors(cfg):
+            client = client_for(cfg.region)
+            known += [i["InstanceId"] for i in find(client, name) if i["InstanceId"] not in known]
+            if not known:
+                outcome = "no instances were created"
+            elif confirmed(confirm, f"launch of ec2 cluster '{name}' failed ({one_line(error, 120)}); "
+                                     f"terminate the {len(known)} instances it created?"):
+                teardown(client, cfg, known, settings=settings, progress=progress)
+                outcome = f"terminated the {len(known)} instances it created"
+            else:
+                outcome = (f"left {len(known)} instances running (they terminate at their TTL); "
+                           f"inv cluster.destroy --yes removes them")
+    except CloisterError as cleanup:
+        outcome = f"could not clean up ({one_line(cleanup, 200)}); inv cluster.destroy --yes removes what is left"
+    text = str(error)
+    summary = f"launch of ec2 cluster '{name}' failed"
+    message = f"{text}\n{summary}; {outcome}" if "\n" in text else f"{summary}: {text}; {outcome}"
+    if isinstance(error, AwsError):
+        raise AwsError(message, code=error.code, operation=error.operation, region=error.region,
+                       cluster=name) from cause
+    if isinstance(cause, (CloisterError, KeyboardInterrupt)):
+        raise ProviderError(message, provider="ec2", cluster=name) from cause
+    # A bug, not a user error: keep its traceback, with what became of the instances.
+    cause.add_note(f"{summary}; {outcome}")
+    raise cause
+
+
+def teardown(client, cfg: ClusterConfig, ids: list[str], *, settings: Settings,
+              progress: Progress | None) -> list[str]:
+    """Terminate ``ids`` and wait; then delete the cluster's security groups and its placement group."""
+    messages = []
+    if ids:
+        client.terminate_instances(InstanceIds=ids)
+        wait_for(client, cfg.cluster_name, ids, "terminated", progress)
+    groups = client.describe_security_groups(Filters=[cluster_filter(cfg.cluster_name)])["SecurityGroups"]
+    for group in groups:
+        until_free(lambda: client.delete_security_group(GroupId=group["GroupId"]), codes=("DependencyViolation",))
+        messages.append(f"deleted security group {group['GroupName']} ({group['GroupId']})")
+    # Only a group cloister created is tagged; one the user made stays.
+    if cfg.placement_group:
+        placement = client.describe_placement_groups(Filters=[cluster_filter(cfg.cluster_name)])["PlacementGroups"]
+        for pg in placement:
+            until_free(lambda: client.delete_placement_group(GroupName=pg["GroupName"]),
+                        codes=("InvalidPlacementGroup.InUse",))
+            messages.append(f"deleted placement group {pg['GroupName']}")
+    shutil.rmtree(state_path(settings, cfg.cluster_name), ignore_errors=True)
+    return messages
+

@@ -1,0 +1,120 @@
+"""A cluster after launch: destroy, stop, start, status and the list of every cluster in a region."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+from ... import prices
+from ...config import ClusterConfig
+from ...errors import ProviderError
+from ...servers import ClusterInfo
+from ...settings import Settings
+from ..base import ClusterRow, Confirm, NodeStatus, Progress
+from .aws import aws_errors, client_for
+from .instances import (TAG_CLUSTER, cluster_info, describe, find, find_existing, forget_host_keys, live_filter,
+                        node_of, role_of, state_of, summary, tags_of, ttl_left, wait_for)
+from .launch import confirmed, teardown
+
+def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None = None,
+            progress: Progress | None = None) -> list[str]:
+    """Terminate the instances tagged with the cluster (after ``confirm``, if given) and delete its groups."""
+    name = cfg.cluster_name
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        found = find(client, name)
+        what = summary(found)
+        if found and confirm is not None and not confirmed(
+                confirm, f"Terminate {len(found)} instances of ec2 cluster '{name}' in {cfg.region}: {what}?"):
+            raise ProviderError("not confirmed; pass --yes to destroy without asking", provider="ec2", cluster=name)
+        ids = [i["InstanceId"] for i in found]
+        messages = teardown(client, cfg, ids, settings=settings, progress=progress)
+    head = (f"terminated {len(ids)} instances of ec2 cluster '{name}': {what}" if ids
+            else f"no instances tagged {TAG_CLUSTER}={name} in {cfg.region}; nothing to terminate")
+    return [head, *messages]
+
+
+def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = None) -> list[str]:
+    """Stop every running instance of the cluster (EBS volumes are kept) and wait until stopped."""
+    name = cfg.cluster_name
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        found = find_existing(client, cfg)
+        spot = [i["InstanceId"] for i in found if i.get("InstanceLifecycle") == "spot"]
+        if spot:
+            raise ProviderError(f"{len(spot)} instances of '{name}' are one-time spot instances, which EC2 cannot "
+                                f"stop; destroy the cluster instead (or launch it without spot)",
+                                provider="ec2", cluster=name)
+        ids = [i["InstanceId"] for i in found if state_of(i) in ("pending", "running")]
+        if ids:
+            client.stop_instances(InstanceIds=ids)
+        wait_for(client, name, [i["InstanceId"] for i in found], "stopped", progress)
+    return [f"stopped {len(ids)} instances of ec2 cluster '{name}'" + (
+        f" ({len(found) - len(ids)} were already stopped)" if len(found) > len(ids) else "")]
+
+
+def start(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = None) -> ClusterInfo:
+    """Start a stopped cluster and wait until it runs; its addresses change, so the result is new."""
+    name = cfg.cluster_name
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        found = find_existing(client, cfg)
+        now = datetime.now(timezone.utc)
+        expired = [i["InstanceId"] for i in found if (left := ttl_left(i, now)) is not None and left <= 0]
+        if expired:
+            raise ProviderError(f"the TTL of {len(expired)} instances of '{name}' has passed, so they would power "
+                                f"off (terminate) a minute after boot; destroy the cluster and launch again",
+                                provider="ec2", cluster=name)
+        stopping = [i["InstanceId"] for i in found if state_of(i) == "stopping"]
+        if stopping:
+            wait_for(client, name, stopping, "stopped", progress)
+        ids = [i["InstanceId"] for i in found if state_of(i) in ("stopping", "stopped")]
+        if ids:
+            client.start_instances(InstanceIds=ids)
+        running = wait_for(client, name, [i["InstanceId"] for i in found], "running", progress)
+    forget_host_keys(settings, name)
+    return cluster_info(cfg, running, settings)
+
+
+def status(cfg: ClusterConfig) -> list[NodeStatus]:
+    """One row per instance: role, id, public host, type, state, uptime, TTL left, estimated cost so far."""
+    with aws_errors(cfg):
+        found = find(client_for(cfg.region), cfg.cluster_name)
+    now = datetime.now(timezone.utc)
+    rows = []
+    for inst in found:
+        node = node_of(inst, cfg.cluster_name)
+        up = (now - inst["LaunchTime"]).total_seconds() if state_of(inst) == "running" else None
+        rate = prices.hourly(inst["InstanceType"])
+        cost = None if rate is None or up is None else rate * up / 3600
+        left = ttl_left(inst, now)
+        rows.append(NodeStatus(
+            role=node.role, id=node.id, name=node.name, host=node.host or "-",
+            type=inst["InstanceType"] + (" (spot)" if inst.get("InstanceLifecycle") == "spot" else ""),
+            state=state_of(inst), uptime_s=up, ttl_left_s=None if left is None else max(left, 0.0),
+            cost="-" if up is None else prices.dollars(cost), cost_usd=cost))
+    return rows
+
+
+def list_clusters(cfg: ClusterConfig) -> list[ClusterRow]:
+    """Every cloister cluster in the config's region (any name), from one DescribeInstances."""
+    with aws_errors(cfg):
+        found = describe(client_for(cfg.region), {"Name": "tag-key", "Values": [TAG_CLUSTER]}, live_filter())
+    now = datetime.now(timezone.utc)
+    clusters: dict[str, list[dict[str, Any]]] = {}
+    for inst in found:
+        clusters.setdefault(tags_of(inst)[TAG_CLUSTER], []).append(inst)
+    rows = []
+    for name, members in sorted(clusters.items()):
+        states = Counter(state_of(i) for i in members)
+        lefts = [left for i in members if (left := ttl_left(i, now)) is not None]
+        rows.append(ClusterRow(
+            cluster=name, masters=sum(role_of(i) == "master" for i in members),
+            workers=sum(role_of(i) != "master" for i in members),
+            states=", ".join(f"{n} {s}" for s, n in sorted(states.items())),
+            types=", ".join(sorted({i["InstanceType"] for i in members})),
+            age_s=max((now - i["LaunchTime"]).total_seconds() for i in members),
+            ttl_left_s=max(min(lefts), 0.0) if lefts else None))
+    return rows
+

@@ -1,0 +1,99 @@
+"""The dry-run plan: what a launch would create, checked with EC2's DryRun; creates nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ... import prices
+from ...config import ClusterConfig
+from ..base import Image, Plan
+from .aws import aws_errors, client_for, error_code
+from .images import launch_image, to_image
+from .instances import find
+from .launch import expiry, run_args
+from .network import allowed_ssh_source, security_group_name
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What ``cluster.launch`` would do, checked with EC2's DryRun; nothing was created."""
+
+    cfg: ClusterConfig
+    nworkers: int
+    image: Image
+    ssh_source: str
+    existing: int
+    ttl_expires: datetime | None
+    hourly: float | None
+    denied: tuple[str, ...]
+
+    def lines(self) -> list[str]:
+        cfg = self.cfg
+        spot = ""
+        if cfg.spot:
+            spot = " spot" + (f" (max ${cfg.spot}/h)" if not isinstance(cfg.spot, bool) else "")
+        lines = [
+            f"plan for ec2 cluster '{cfg.cluster_name}' in {cfg.region} (dry run: nothing was created)",
+            f"  image      {self.image.id} ({self.image.name}, {self.image.created:%Y-%m-%d %H:%M} UTC)",
+            f"  master     1 x {cfg.master_type} on-demand",
+            f"  workers    {self.nworkers} x {cfg.instance_type}{spot or ' on-demand'}",
+            f"  root       {cfg.root_size} GiB gp3 per node" if cfg.root_size else "  root       the AMI's default",
+            f"  key        {cfg.key_name}",
+            f"  group      {security_group_name(cfg.cluster_name)}: tcp 22 from {self.ssh_source}; "
+            f"all traffic between members; nothing else",
+        ]
+        if cfg.placement_group:
+            lines.append(f"  placement  {cfg.placement_group} (cluster strategy; created if missing)")
+        lines.append(f"  ttl        every node terminates itself at {self.ttl_expires:%Y-%m-%d %H:%M} UTC"
+                     if self.ttl_expires else "  ttl        none (ttl 0): nodes run until destroyed")
+        cost = prices.dollars(self.hourly)
+        lines.append(f"  cost       {cost}/hour, {prices.NOTE}" + (", spot costs less" if cfg.spot else ""))
+        if self.existing:
+            lines.append(f"  existing   {self.existing} instances are tagged with this cluster: launch would "
+                         f"adopt them and create nothing")
+        lines.append("  dry run    EC2 refused: " + ", ".join(self.denied) if self.denied
+                     else "  dry run    EC2 would allow every call")
+        return lines
+
+
+def _allowed(call: Callable[..., Any], **kwargs: Any) -> bool:
+    """EC2's DryRun: answered with an error either way; DryRunOperation means it would have succeeded."""
+    try:
+        call(DryRun=True, **kwargs)
+    except Exception as exc:
+        if error_code(exc) == "DryRunOperation":
+            return True
+        if error_code(exc) == "UnauthorizedOperation":
+            return False
+        raise
+    return True
+
+
+def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
+    """Resolve everything a launch would use and check its permissions with DryRun; create nothing."""
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        existing = len(find(client, cfg.cluster_name))
+        image = launch_image(client, cfg)
+        ssh_source = allowed_ssh_source(cfg)
+        expires = expiry(cfg)
+        checks: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
+            "CreateSecurityGroup": (client.create_security_group,
+                                    {"GroupName": security_group_name(cfg.cluster_name), "Description": "dry run"}),
+            "RunInstances (master)": (client.run_instances, run_args(
+                cfg, image=image, role="master", count=1, token="dry-run", expires=expires)),
+        }
+        if nworkers:
+            checks["RunInstances (workers)"] = (client.run_instances, run_args(
+                cfg, image=image, role="worker", count=nworkers, token="dry-run", expires=expires))
+        if cfg.placement_group:
+            checks["CreatePlacementGroup"] = (client.create_placement_group,
+                                              {"GroupName": cfg.placement_group, "Strategy": "cluster"})
+        denied = tuple(what for what, (call, kwargs) in checks.items() if not _allowed(call, **kwargs))
+    hourly = prices.cluster_hourly(master_type=cfg.master_type, worker_type=cfg.instance_type, nworkers=nworkers)
+    found = LaunchPlan(cfg=cfg, nworkers=nworkers, image=to_image(image), ssh_source=ssh_source, existing=existing,
+                       ttl_expires=expires, hourly=hourly, denied=denied)
+    return Plan(text=tuple(found.lines()), denied=denied)
+
