@@ -75,6 +75,7 @@ def _wait_and_copy(prov: Provider, info: ClusterInfo) -> None:
     timeout = min(settings.ssh_timeout, prov.ssh_wait_cap or settings.ssh_timeout)
     hosts.wait_ssh(info, info.nodes, timeout=timeout, concurrency=settings.concurrency,
                    probe_timeout=min(settings.connect_timeout, 5.0))
+    prov.verify_nodes(info)
     copy_dns(info, settings=settings)
 
 

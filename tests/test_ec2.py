@@ -25,6 +25,7 @@ from cloister import cluster as lib
 from cloister import hosts, images
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
+from cloister.providers.ec2 import ttl as ec2_ttl
 from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import AwsError, HostsFailed, ProviderError
@@ -141,16 +142,21 @@ def make_image(client, name: str, source: str | None = None) -> str:
 
 
 def scheduled_poweroff(boot_command: str, tmp_path: Path) -> int:
-    """Run a bootcmd entry as cloud-init would (sh) with systemd-run replaced by a recorder; seconds asked."""
-    stub = tmp_path / "bin" / "systemd-run"
-    stub.parent.mkdir(exist_ok=True)
-    stub.write_text('#!/bin/sh\necho "$@"\n')
-    stub.chmod(0o755)
+    """Run a bootcmd entry as cloud-init would (sh) with systemd-run (and systemctl) replaced by recorders;
+    return the seconds asked. The timer must stay out of boot's way: no default dependencies, no waiting."""
+    for tool in ("systemd-run", "systemctl"):
+        stub = tmp_path / "bin" / tool
+        stub.parent.mkdir(exist_ok=True)
+        stub.write_text(f'#!/bin/sh\n[ {tool} = systemd-run ] && echo "$@"\nexit 0\n')
+        stub.chmod(0o755)
     ran = subprocess.run(["sh", "-c", boot_command], capture_output=True, text=True, timeout=10,
                          env={**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"})
     args = ran.stdout.split()
-    assert ran.returncode == 0 and args[0] == "--unit=cloister-ttl" and args[2:] == ["/bin/systemctl", "poweroff"]
-    return int(args[1].removeprefix("--on-active="))
+    assert ran.returncode == 0 and args[-2:] == ["/bin/systemctl", "poweroff"], ran
+    assert {"--unit=cloister-ttl", "--no-block", "--timer-property=DefaultDependencies=no",
+            "--timer-property=AccuracySec=1s"} <= set(args), args
+    (active,) = [a for a in args if a.startswith("--on-active=")]
+    return int(active.removeprefix("--on-active="))
 
 
 # -- launch ---------------------------------------------------------------------------
@@ -701,3 +707,17 @@ def test_inv_list_does_not_import_boto3():
     probe = subprocess.run([sys.executable, "-c", "import sys, tasks; print('boto3' in sys.modules)"],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+@pytest.mark.parametrize("output, armed, pending, reason", [
+    ("armed\n", True, False, ""),
+    ("booting\n", False, True, ""),
+    ("missing no-cloud-init\n", False, False, "the image has no cloud-init"),
+    ("missing done\n", False, False, "after cloud-init finished (status: done)"),
+    ("missing error\n", False, False, "(status: error)"),
+    ("", False, False, "(status: no answer)"),
+    ("garbage here\n", False, False, "(status: garbage here)"),
+])
+def test_ttl_check_answers_are_read_strictly(output, armed, pending, reason):
+    state = ec2_ttl.parse_check(output)
+    assert (state.armed, state.pending) == (armed, pending) and reason in state.reason

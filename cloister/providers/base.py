@@ -170,6 +170,9 @@ class Provider(ABC):
     def list_clusters(self) -> list[ClusterRow]:
         """Every cluster this provider can see (ec2: in the region; local: on this machine)."""
 
+    def verify_nodes(self, info: ClusterInfo) -> None:
+        """Once SSH answers on every node: check what the provider promised (a TTL armed, say)."""
+
     def ensure_running(self, info: ClusterInfo) -> None:
         """Raise ProviderError when the cluster recorded in ``info`` is known to be gone."""
 

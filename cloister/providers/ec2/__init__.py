@@ -15,7 +15,7 @@ from ... import prices
 from ...errors import ProviderError
 from ...servers import ClusterInfo
 from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
-from . import images, launch, lifecycle, plan
+from . import images, launch, lifecycle, plan, ttl
 
 
 class Ec2Images(ImageStore):
@@ -47,6 +47,10 @@ class Ec2Provider(Provider):
                  progress: Progress | None = None) -> None:
         launch.abandon(self.cfg, cause, settings=self.settings, ids=[n.id for n in info.nodes], confirm=confirm,
                        progress=progress)
+
+    def verify_nodes(self, info: ClusterInfo) -> None:
+        if self.cfg.ttl_seconds:
+            ttl.wait_armed(info, info.nodes, settings=self.settings)
 
     def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
         return lifecycle.destroy(self.cfg, settings=self.settings, confirm=confirm, progress=progress)

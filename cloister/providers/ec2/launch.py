@@ -12,25 +12,12 @@ from ...config import ClusterConfig
 from ...errors import AwsError, CloisterError, ProviderError
 from ...settings import Settings
 from ..base import Confirm, Launched, Progress
+from . import ttl
 from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
 from .images import launch_image
 from .instances import (TAG_ROLE, TAG_TTL, cluster_filter, cluster_info, find, forget_host_keys,
                         role_of, state_of, state_path, tag_spec, wait_for)
 from .network import allowed_ssh_source, ensure_placement_group, ensure_security_group, until_free
-
-# bootcmd runs on every boot, so a stopped and restarted node keeps its expiry; systemd-run talks to
-# PID 1 directly, which works that early in boot, while `shutdown +N` needs logind over D-Bus.
-TTL_USER_DATA = """\
-#cloud-config
-# cloister: power off at the cluster's TTL ({expires}); the instance was launched with
-# InstanceInitiatedShutdownBehavior=terminate, so powering off terminates it.
-bootcmd:
-  - |
-    left=$(( {epoch} - $(date +%s) ))
-    [ "$left" -gt 60 ] || left=60
-    systemd-run --unit=cloister-ttl --on-active="$left" /bin/systemctl poweroff
-"""
-
 
 def run_args(cfg: ClusterConfig, *, image: dict[str, Any], role: str, count: int, token: str,
               expires: datetime | None) -> dict[str, Any]:
@@ -52,8 +39,7 @@ def run_args(cfg: ClusterConfig, *, image: dict[str, Any], role: str, count: int
                                                 "DeleteOnTermination": True}}]
     if expires:
         args["InstanceInitiatedShutdownBehavior"] = "terminate"
-        args["UserData"] = TTL_USER_DATA.format(expires=f"{expires:%Y-%m-%dT%H:%M:%SZ}",
-                                                epoch=int(expires.timestamp()))
+        args["UserData"] = ttl.user_data(expires=f"{expires:%Y-%m-%dT%H:%M:%SZ}", epoch=int(expires.timestamp()))
     if cfg.placement_group:
         args["Placement"] = {"GroupName": cfg.placement_group}
     if role == "worker" and cfg.spot:
