@@ -721,3 +721,30 @@ def test_inv_list_does_not_import_boto3():
 def test_ttl_check_answers_are_read_strictly(output, armed, pending, reason):
     state = ec2_ttl.parse_check(output)
     assert (state.armed, state.pending) == (armed, pending) and reason in state.reason
+
+
+def test_prune_outlasts_a_snapshot_still_in_use_and_sweeps_orphans(aws, make_cfg, settings):
+    """Right after DeregisterImage, real EC2 often answers InvalidSnapshot.InUse: the snapshot must still go.
+    A snapshot that an earlier prune left behind (tagged by cloister, used by no image) goes too."""
+    client, inject = aws
+    inject.on("before-send.ec2.CreateImage", ms.snapshot_tags_handler([]))
+    dev = client.run_instances(ImageId=ms.UBUNTU_AMI, InstanceType="t3.large", MinCount=1, MaxCount=1)
+    cfg = make_cfg(ami="latest", ami_tag="alice-clamor", ami_instance_ip=dev["Instances"][0]["InstanceId"])
+    image = images.create(cfg, settings=settings)
+    volume = client.create_volume(AvailabilityZone=f"{ms.REGION}a", Size=8)["VolumeId"]
+    orphan = client.create_snapshot(VolumeId=volume, TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
+        {"Key": "cloister:ami-tag", "Value": "alice-clamor"}]}])["SnapshotId"]
+    someone_elses = client.create_snapshot(VolumeId=volume)["SnapshotId"]
+    refusals = []
+
+    def in_use(request, **_):
+        if len(refusals) < 2:
+            refusals.append(ms.params(request)["SnapshotId"])
+            return ms.error_response(request, "InvalidSnapshot.InUse", "The snapshot is currently in use by an AMI")
+
+    inject.on("before-send.ec2.DeleteSnapshot", in_use)
+    messages = images.delete(cfg, settings=settings, doomed=[image])
+    assert refusals == [image.snapshots[0]] * 2
+    assert messages[0].startswith(f"deregistered {image.name}") and orphan in messages[-1]
+    left = {s["SnapshotId"] for s in client.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+    assert not (set(image.snapshots) | {orphan}) & left and someone_elses in left

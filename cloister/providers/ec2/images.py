@@ -7,12 +7,13 @@ from typing import Any
 
 from ...config import ClusterConfig
 from ...errors import ProviderError
-from ...poll import Backoff
+from ...poll import Backoff, retry
 from ..base import Image, Progress, no_images_error, pattern, prefix
-from .aws import aws_errors, client_for
+from .aws import aws_errors, client_for, error_code
 from .instances import TAG_IMAGE, dev_instance
 
 IMAGE_TIMEOUT = 3600.0
+SNAPSHOT_IN_USE_TIMEOUT = 300.0
 
 
 def to_image(raw: dict[str, Any]) -> Image:
@@ -88,16 +89,35 @@ def create_image(cfg: ClusterConfig, *, name: str, progress: Progress | None = N
                                     f"inv ami.list shows when it is ready", provider="ec2", cluster=cfg.cluster_name)
 
 
+def _delete_snapshot(client, snapshot: str) -> None:
+    # Right after DeregisterImage, EC2 often still counts the snapshot as used by the image for a while.
+    retry(lambda: client.delete_snapshot(SnapshotId=snapshot),
+          transient=lambda exc: error_code(exc) == "InvalidSnapshot.InUse", timeout=SNAPSHOT_IN_USE_TIMEOUT)
+
+
+def _orphan_snapshots(client, cfg: ClusterConfig) -> list[str]:
+    """Snapshots cloister tagged for this prefix that no own image uses anymore (a prune that failed half-way)."""
+    tagged = client.describe_snapshots(OwnerIds=["self"], Filters=[
+        {"Name": f"tag:{TAG_IMAGE}", "Values": [prefix(cfg)]}])["Snapshots"]
+    used = {m["Ebs"]["SnapshotId"] for raw in client.describe_images(Owners=["self"])["Images"]
+            for m in raw.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")}
+    return sorted(s["SnapshotId"] for s in tagged if s["SnapshotId"] not in used)
+
+
 def delete_images(cfg: ClusterConfig, *, doomed: list[Image]) -> list[str]:
-    """Deregister each AMI, then delete its snapshots (deregistering leaves them, and they cost money)."""
+    """Deregister each AMI, then delete its snapshots (deregistering leaves them, and they cost money);
+    then delete snapshots of earlier prunes that were left behind."""
     messages = []
     with aws_errors(cfg):
         client = client_for(cfg.region)
         for image in doomed:
             client.deregister_image(ImageId=image.id)
             for snapshot in image.snapshots:
-                client.delete_snapshot(SnapshotId=snapshot)
+                _delete_snapshot(client, snapshot)
             messages.append(f"deregistered {image.name} ({image.id})"
                             + (f" and deleted {', '.join(image.snapshots)}" if image.snapshots else ""))
+        for snapshot in _orphan_snapshots(client, cfg):
+            _delete_snapshot(client, snapshot)
+            messages.append(f"deleted {snapshot}, a snapshot of a '{prefix(cfg)}' image no image uses anymore")
     return messages
 
