@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Redeploy benchmark: flat vs broadcast tree vs the old serial rsync loop (issue 6).
+"""Redeploy benchmark: flat vs broadcast tree vs the old serial rsync loop.
 
 One local cluster (a master, max(--nodes)-1 workers and a dev host) is launched in a temporary
 state directory; a tree of --mb MB of mixed file sizes (many small files, some medium, a few large;
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cloister import cluster as lib  # noqa: E402
-from cloister import deploy, hosts, transfer  # noqa: E402
+from cloister import deploy, hosts, layout, transfer  # noqa: E402
 from cloister.settings import Settings  # noqa: E402
 from cloister.config import load_config  # noqa: E402
 from cloister.providers.local.machines import LocalCluster  # noqa: E402
@@ -137,8 +137,8 @@ def main() -> int:
 
         def serial(nodes) -> tuple[float, int]:
             """The old loop without sleeps: one rsync at a time from the dev host, no shared connections."""
-            ssh = transfer.Ssh(user=info.user, key="~/" + deploy.REMOTE_KEY,
-                               known_hosts="~/" + deploy.REMOTE_KNOWN_HOSTS)
+            ssh = transfer.Ssh(user=info.user, key="~/" + layout.KEY,
+                               known_hosts="~/" + layout.SSH_KNOWN_HOSTS)
             cxn = hosts.connection(info, info.dev)
             sent = 0
             begin = time.monotonic()

@@ -1,4 +1,4 @@
-"""A small rsync wrapper in the spirit of ``patchwork.transfers.rsync`` (SPEC section 2).
+"""A small rsync wrapper in the spirit of ``patchwork.transfers.rsync``, and what one rsync did.
 
 patchwork cannot be installed beside Fabric 3 / Invoke 2, so cloister keeps this one module:
 each function takes a Fabric Connection, honours its user, port and key, runs one rsync and
@@ -9,7 +9,8 @@ returns the Invoke Result (``warn=True``: the caller decides what a non-zero exi
 - ``rsync_from(c, sources, dest_host, target)`` runs rsync ON ``c.host`` and pushes to another
   machine (the dev instance pushing to a node); the ssh it uses there is described by ``Ssh``.
 
-``parse`` turns rsync's ``--stats`` and ``--itemize-changes`` output into ``Stats``.
+``parse`` turns rsync's ``--stats`` and ``--itemize-changes`` output into ``Stats``; ``Transfer`` is
+one node's outcome, which redeploy and put/get both report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fabric import Connection
@@ -26,8 +27,8 @@ from invoke.runners import Result
 #: Cipher preference: AES-GCM is the cheapest on CPUs with AES-NI (every EC2 type); chacha20 next.
 CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
 #: Key exchange: curve25519 first (what Paramiko, and so the rest of cloister, uses). OpenSSH's default
-#: post-quantum exchange costs ~55 ms of client CPU per connection (SPEC section 9), which adds up
-#: over 128 hosts on a small machine.
+#: post-quantum exchange costs ~55 ms of client CPU per connection, which adds up over 128 hosts on
+#: a small machine.
 KEX = "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,diffie-hellman-group14-sha256"
 
 
@@ -249,3 +250,35 @@ EXIT_MEANINGS = {
     24: "some source files vanished", 30: "timeout in data send/receive", 35: "timeout waiting for daemon",
     127: "rsync not found", 255: "ssh failed",
 }
+
+
+# -- per-node outcomes ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Transfer:
+    """One node's outcome: what moved, how long it took, or why it failed."""
+
+    host: str
+    name: str
+    source: str                       # the host that sent it (the dev instance, a node, or "local")
+    ok: bool
+    duration: float
+    stats: Stats = field(default_factory=Stats)
+    error: str | None = None
+    attempts: int = 1
+
+
+OnResult = Callable[[Transfer], None]
+
+
+def outcome(result: Result, *, host: str, name: str, source: str, duration: float, attempts: int = 1,
+            context: str = "") -> Transfer:
+    """The Transfer of one finished rsync; ``context`` leads its error (e.g. which node relayed it)."""
+    ok = result.exited == 0
+    return Transfer(host=host, name=name, source=source, ok=ok, stats=parse(result.stdout), duration=duration,
+                    attempts=attempts, error=None if ok else context + error_line(result))
+
+
+def failures(transfers: Iterable[Transfer]) -> dict[str, str]:
+    """Why each failed node failed, by host."""
+    return {t.host: t.error or "failed" for t in transfers if not t.ok}

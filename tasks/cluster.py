@@ -11,8 +11,9 @@ from invoke import Collection, Exit
 
 from cloister import cluster as lib
 from cloister import hosts as hostlib
-from cloister import deploy, layout
+from cloister import deploy, layout, putget
 from cloister.errors import HostsFailed
+from cloister.transfer import Transfer, failures
 
 from ._common import load, number, settings, task
 from ._output import confirm, files, progress_bar, records, size, warning
@@ -153,7 +154,7 @@ def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, comm
         raise Exit(str(failed), code=1)
 
 
-def _moved(t: deploy.Transfer) -> str:
+def _moved(t: Transfer) -> str:
     text = f"{files(t.stats.files)}, {size(t.stats.size)}"
     if t.stats.deleted:
         text += f", {t.stats.deleted} deleted"
@@ -181,7 +182,7 @@ def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False
 
     changes: dict[tuple[str, ...], list[str]] = {}
 
-    def done(t: deploy.Transfer) -> None:
+    def done(t: Transfer) -> None:
         if not t.ok:
             return
         if dry_run:
@@ -222,7 +223,7 @@ def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False
 def put(c, local, remote, config=None, role="all"):
     """Copy a local file or directory to every node in parallel."""
     _transfer(c, config, role, what="put",
-              run=lambda info, nodes, conf, done: deploy.put(
+              run=lambda info, nodes, conf, done: putget.put(
                   info, local, remote, nodes=nodes, concurrency=conf.concurrency,
                   connect_timeout=conf.connect_timeout, on_result=done),
               line=lambda t: f"[{t.host}] {_moved(t)}",
@@ -236,13 +237,13 @@ def _transfer(c, config, role, *, what, run, line, summary):
     info = lib.ensure_running(cfg, settings=conf)
     nodes = hostlib.select_nodes(info, role=role)
 
-    def done(t: deploy.Transfer) -> None:
+    def done(t: Transfer) -> None:
         if t.ok:
             print(line(t), flush=True)
 
     start = time.monotonic()
     results = run(info, nodes, conf, done)
-    failed = deploy.failures(results)
+    failed = failures(results)
     print(summary(len(results) - len(failed), len(results), time.monotonic() - start))
     if failed:
         raise HostsFailed(failed, total=len(results), what=what)
@@ -256,7 +257,7 @@ def _transfer(c, config, role, *, what, run, line, summary):
 def get(c, remote, localdir, config=None, role="all"):
     """Download a file or directory from every node into LOCALDIR/{host}/."""
     _transfer(c, config, role, what="get",
-              run=lambda info, nodes, conf, done: deploy.get(
+              run=lambda info, nodes, conf, done: putget.get(
                   info, remote, localdir, nodes=nodes, concurrency=conf.concurrency,
                   connect_timeout=conf.connect_timeout, on_result=done),
               line=lambda t: f"[{t.host}] {_moved(t)} -> {os.path.join(localdir, t.host)}/",

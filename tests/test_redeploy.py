@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cloister import deploy, transfer
+from cloister import broadcast, deploy, transfer
 from cloister.layout import NODE_STATE
 from cloister.providers.local.machines import LocalCluster
 from cloister.servers import Node
@@ -161,7 +161,7 @@ def test_tree_redeploy_is_identical_and_spares_the_dev_host(rd):
     lines = node_lines(proc, rd)
     assert len(lines) == 7
     from_dev = [h for h, line in lines.items() if line.endswith(f" from {rd.info.dev.host}")]
-    assert len(from_dev) == deploy.TREE_SEEDS, proc.stdout
+    assert len(from_dev) == broadcast.TREE_SEEDS, proc.stdout
     assert "(tree, " in proc.stdout
     assert_all_match(rd)
 
@@ -397,8 +397,8 @@ def _fake_hops(fail: set[str] = frozenset()):
         log.append((label, target.host))
         time.sleep(0.01)
         ok = target.host not in fail
-        return deploy.Transfer(host=target.host, name=target.name, source=label, ok=ok, duration=0.01,
-                               error=None if ok else "down", attempts=attempt)
+        return transfer.Transfer(host=target.host, name=target.name, source=label, ok=ok, duration=0.01,
+                                 error=None if ok else "down", attempts=attempt)
 
     return hop, log
 
@@ -406,7 +406,7 @@ def _fake_hops(fail: set[str] = frozenset()):
 def test_tree_schedule_doubles_and_dev_seeds_only_two():
     targets = [Node(role="worker", id=str(i), host=f"n{i}") for i in range(16)]
     hop, log = _fake_hops()
-    final, hops = deploy._schedule("dev", targets, tree=True, concurrency=64, hop=hop, on_result=None)
+    final, hops = broadcast.schedule("dev", targets, tree=True, concurrency=64, hop=hop, on_result=None)
     assert len(final) == 16 and all(t.ok for t in final.values())
     assert sum(1 for src, _ in log if src == "dev") == 2
     # every target received exactly once, each from a holder that already had it
@@ -415,14 +415,14 @@ def test_tree_schedule_doubles_and_dev_seeds_only_two():
         assert src in have
         have.add(dst)
     hop, log = _fake_hops()
-    deploy._schedule("dev", targets, tree=False, concurrency=8, hop=hop, on_result=None)
+    broadcast.schedule("dev", targets, tree=False, concurrency=8, hop=hop, on_result=None)
     assert {src for src, _ in log} == {"dev"}
 
 
 def test_tree_schedule_retries_a_failed_hop_from_the_dev_host():
     targets = [Node(role="worker", id=str(i), host=f"n{i}") for i in range(8)]
     hop, log = _fake_hops(fail={"n5"})
-    final, hops = deploy._schedule("dev", targets, tree=True, concurrency=4, hop=hop, on_result=None)
+    final, hops = broadcast.schedule("dev", targets, tree=True, concurrency=4, hop=hop, on_result=None)
     assert not final["n5"].ok and final["n5"].source == "dev"
     assert all(final[t.host].ok for t in targets if t.host != "n5")
     assert max(len([1 for s, d in log if d == t.host]) for t in targets) <= 2
