@@ -45,7 +45,7 @@ from cloister import cluster as lib  # noqa: E402
 from cloister.settings import Settings  # noqa: E402
 from cloister.config import load_config  # noqa: E402
 from cloister.errors import CloisterError  # noqa: E402
-from cloister.local import LocalCluster  # noqa: E402
+from cloister.providers.local.machines import LocalCluster  # noqa: E402
 
 INV = str(Path(sys.executable).parent / "inv")
 DSUM_DIR = REPO / "examples" / "dsum"

@@ -13,7 +13,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExperimentError
-from .runs import new_run_id
+from .files import atomic_write
+from .runs import RunRecord, new_run_id
 
 FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric")
 
@@ -74,12 +74,6 @@ def default_name(benchmark: str, spec: dict[str, Any]) -> str:
     return f"{benchmark}-{digest}"
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class SweepState:
     """The on-disk state of one sweep; ``spec`` is its grid (benchmark, k, p, args), not its repeat
     count, so running it again with a larger --repeat adds runs to the same sweep."""
@@ -129,13 +123,12 @@ class SweepState:
         self.current = {"key": combo.key, "run_id": run_id}
         self._save()
 
-    def finish(self, combo: Combo, result_record: dict[str, Any]) -> None:
-        total = (result_record.get("timings") or {}).get("total_s")
+    def finish(self, combo: Combo, record: RunRecord) -> None:
+        total = record.total_s
         self.rows.append({"k": str(combo.k), "p": str(combo.p), "args": " ".join(combo.args),
-                          "repeat": str(combo.repeat), "run_id": result_record["run_id"],
-                          "status": result_record["status"],
+                          "repeat": str(combo.repeat), "run_id": record.run_id, "status": record.status,
                           "duration_s": "" if total is None else f"{total:.4f}",
-                          "metric": "" if result_record.get("metric") is None else str(result_record["metric"])})
+                          "metric": "" if record.metric is None else str(record.metric)})
         self._write_rows()
         self.current = None
         self._save()
@@ -145,10 +138,10 @@ class SweepState:
         writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        _atomic(self.csv_path, out.getvalue())
+        atomic_write(self.csv_path, out.getvalue())
 
     def _save(self) -> None:
-        _atomic(self.state_path, json.dumps({"spec": self.spec, "current": self.current}, indent=2) + "\n")
+        atomic_write(self.state_path, json.dumps({"spec": self.spec, "current": self.current}, indent=2) + "\n")
 
 
 def pending(state: SweepState, all_combos: list[Combo]) -> Iterator[Combo]:
@@ -186,11 +179,10 @@ def plot(state: SweepState, *, benchmark: str, metric_name: str | None) -> Path 
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = state.plot_path.with_name(".plot.png.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, state.plot_path)
-    return state.plot_path
+    return atomic_write(state.plot_path, image.getvalue())
 
 
 def _is_number(text: str) -> bool:
@@ -201,7 +193,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[Combo, str], dict[str, Any]],
+def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[Combo, str], RunRecord],
               cleanup_interrupted: Callable[[str], None], fail_fast: bool,
               on_progress: Callable[[int, int, Combo | None], None] | None = None) -> list[dict[str, str]]:
     """Run every pending combination in order; record each when its run has ended."""
@@ -219,9 +211,9 @@ def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[
         record = run_one(combo, run_id)
         state.finish(combo, record)
         finished += 1
-        if fail_fast and record["status"] != "ok":
-            raise ExperimentError(f"{combo.key}: run {record['run_id']} {record['status']}; stopped (--fail-fast)",
-                                  run_id=record["run_id"])
+        if fail_fast and not record.ok:
+            raise ExperimentError(f"{combo.key}: run {record.run_id} {record.status}; stopped (--fail-fast)",
+                                  run_id=record.run_id)
     if on_progress:
         on_progress(finished, len(all_combos), None)
     return state.rows

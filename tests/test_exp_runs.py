@@ -28,7 +28,7 @@ from cloister import cluster as lib
 from cloister import hosts
 from cloister import runs as runlib
 from cloister.experiments import load_registry
-from cloister.local import LocalCluster
+from cloister.providers.local.machines import LocalCluster
 from conftest import INV, REPO, no_traceback, one_line_error
 
 DSUM_DIR = "~/clamor/experiments/cpp/dsum"
@@ -112,7 +112,7 @@ class Exp:
         grp = hosts.group(self.info, self.info.cluster_nodes, connect_timeout=5)
         try:
             for name in names:
-                runlib.killall(grp, self.registry.get(name))
+                runlib.killall(grp, bench=self.registry.get(name))
         finally:
             grp.close()
 
@@ -195,7 +195,9 @@ def test_dsum_end_to_end(exp, k, p):
             assert f"worker listening on {node.host}:{50000 + j}" in text
     assert {d.name for d in run_dir.iterdir() if d.is_dir()} == {master.host, *(w.host for w in workers)}
 
-    record = json.loads((run_dir / "run.json").read_text())
+    text = (run_dir / "run.json").read_text()
+    assert runlib.RunRecord.from_json(text).to_json() == text
+    record = json.loads(text)
     assert record["benchmark"] == "dsum" and record["run_id"] == run_id
     assert (record["k"], record["p"], record["status"], record["error"]) == (k, p, "ok", None)
     assert record["hosts"] == {"master": master.host, "workers": [w.host for w in workers]}

@@ -13,10 +13,20 @@ import pytest
 
 from cloister import sweep as sweeplib
 from cloister.errors import ExperimentError
+from cloister.runs import GitState, RunHosts, RunRecord
 
 from conftest import INV, REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def record(run_id: str, status: str, *, total_s: float | None = None, metric: float | None = None) -> RunRecord:
+    """A run's record with what a sweep reads from it; the rest is filler."""
+    return RunRecord(benchmark="b", run_id=run_id, status=status, error=None, k=1, p=1, args=[], manager=True,
+                     keep=False, timeout_s=60.0, hosts=RunHosts(master="m", workers=["w"]), cluster="c",
+                     provider="local", config="", git=GitState(commit=None, dirty=None), cloister_version="0",
+                     started="", ended="", timings={} if total_s is None else {"total_s": total_s}, exit_codes={},
+                     roles=[], failures={}, metric=metric)
 
 
 def test_parse_int_list():
@@ -47,8 +57,7 @@ def test_state_resumes_and_refuses_another_grid(tmp_path):
     combos = sweeplib.combos(ks=[1, 2], ps=[1], grid={}, repeat=1)
     state = sweeplib.SweepState(tmp_path / "s", spec)
     state.begin(combos[0], "20260101-000000-aaaa")
-    state.finish(combos[0], {"run_id": "20260101-000000-aaaa", "status": "ok", "timings": {"total_s": 1.5},
-                             "metric": 0.25})
+    state.finish(combos[0], record("20260101-000000-aaaa", "ok", total_s=1.5, metric=0.25))
     state.begin(combos[1], "20260101-000001-bbbb")  # then the process "dies"
 
     again = sweeplib.SweepState(tmp_path / "s", spec)
@@ -58,8 +67,7 @@ def test_state_resumes_and_refuses_another_grid(tmp_path):
     ran = []
     rows = sweeplib.run_sweep(state=again, all_combos=combos, fail_fast=False,
                               cleanup_interrupted=cleaned.append,
-                              run_one=lambda combo, run_id: ran.append(combo) or
-                              {"run_id": run_id, "status": "failed", "timings": {}, "metric": None})
+                              run_one=lambda combo, run_id: ran.append(combo) or record(run_id, "failed"))
     assert cleaned == ["20260101-000001-bbbb"]
     assert ran == [combos[1]]
     assert [r["status"] for r in rows] == ["ok", "failed"]
@@ -75,7 +83,7 @@ def test_a_larger_repeat_adds_runs_to_the_same_sweep(tmp_path):
     state = sweeplib.SweepState(tmp_path / "s", spec)
     once = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=1)
     for combo in once:
-        state.finish(combo, {"run_id": f"r{combo.p}", "status": "ok", "timings": {}})
+        state.finish(combo, record(f"r{combo.p}", "ok"))
     twice = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=2)
     todo = list(sweeplib.pending(sweeplib.SweepState(tmp_path / "s", spec), twice))
     assert [(c.p, c.repeat) for c in todo] == [(1, 2), (2, 2)]
@@ -86,7 +94,7 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path):
     state = sweeplib.SweepState(tmp_path / "s", {"x": 1})
     with pytest.raises(ExperimentError, match="fail-fast"):
         sweeplib.run_sweep(state=state, all_combos=combos, fail_fast=True, cleanup_interrupted=lambda r: None,
-                           run_one=lambda combo, run_id: {"run_id": run_id, "status": "failed", "timings": {}})
+                           run_one=lambda combo, run_id: record(run_id, "failed"))
     assert len(state.rows) == 1
 
 

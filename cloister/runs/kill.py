@@ -1,0 +1,19 @@
+"""Ending a benchmark's processes on the hosts outside a running ``Run``: one run's, or all of them."""
+
+from __future__ import annotations
+
+from .. import hosts
+from ..experiments import Benchmark
+from .scripts import kill_script, killall_script, parse_killed
+
+
+def kill_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str) -> dict[str, str]:
+    """Kill every process group run ``run_id`` started on the hosts of ``grp``; return per-host errors."""
+    return hosts.failures(hosts.call(grp, lambda c: c.run(kill_script(bench, run_id), warn=True, timeout=60)))
+
+
+def killall(grp: hosts.CappedGroup, *, bench: Benchmark) -> dict[str, int | BaseException]:
+    """Kill the benchmark's processes on every host of ``grp``: host -> processes signalled (or the error)."""
+    result = hosts.call(grp, lambda c: c.run(killall_script(bench), warn=False, timeout=60))
+    return {cxn.host: value if isinstance(value, BaseException) else parse_killed(value.stdout)
+            for cxn, value in result.items()}

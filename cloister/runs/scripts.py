@@ -1,0 +1,213 @@
+"""The shell scripts a run sends to its hosts, each beside the parser of what it prints.
+
+Every value that reaches a remote shell (benchmark names, run ids, directories, env values) is
+shell-quoted here; the paths come from ``cloister.layout``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..experiments import Benchmark, remote_dir
+from ..layout import RUNS_DIR, run_dir
+from .record import Proc
+
+LOG_MARKER = "\x1eLOG "  # an ASCII record separator, then the log's name: no log line starts with it
+READY_TAIL_BYTES = 65536
+
+
+def log_name(role: str, index: int | None, run_id: str) -> str:
+    """A process's log file name; the master's is ``driver`` as the old scripts named it."""
+    label = {"master": "driver"}.get(role, role)
+    return f"{label}{'' if index is None else index}_{run_id}.log"
+
+
+def _source_vars(bench: Benchmark) -> list[str]:
+    if not bench.vars_file:
+        return []
+    vars_file = shlex.quote(bench.vars_file)
+    return [f"if [ -f {vars_file} ]; then . ./{vars_file}; fi"]
+
+
+def _exports(bench: Benchmark) -> list[str]:
+    return [f"export {key}={shlex.quote(value)}" for key, value in bench.env.items()]
+
+
+def local_command(bench: Benchmark, command: str) -> str:
+    """``command`` run in the benchmark's directory with its vars file sourced and its env exported."""
+    return " && ".join([f"cd {remote_dir(bench.dir)}", *_source_vars(bench), *_exports(bench), command])
+
+
+def build_command(bench: Benchmark) -> str:
+    """The benchmark's build command in its directory, with its vars file sourced."""
+    return " && ".join([f"cd {remote_dir(bench.dir)}", *_source_vars(bench), bench.build])
+
+
+# -- start ------------------------------------------------------------------
+
+def start_script(bench: Benchmark, run_id: str, procs: list[Proc]) -> str:
+    """One shell command that starts ``procs`` detached on one host and records their PIDs.
+
+    Prints ``PID ROLE INDEX PORT`` per process (``parse_pids``); each PID leads its own process
+    group, and ``{role}{i}.exit`` is written when a process ends by itself.
+    """
+    prelude = _source_vars(bench) + _exports(bench)
+    lines = [
+        "set -e",
+        f"R={run_dir(bench.name, run_id)}",
+        'mkdir -p "$R"',
+        f"cd {remote_dir(bench.dir)} || {{ echo \"benchmark directory {bench.dir} not found\" >&2; exit 66; }}",
+        f"export CLOISTER_RUN_ID={shlex.quote(run_id)} CLOISTER_RUN_DIR=\"$R\"",
+    ]
+    for proc in procs:
+        body = "; ".join([*prelude, proc.command, f'echo $? > "$CLOISTER_RUN_DIR"/{proc.key}.exit'])
+        logfile = log_name(proc.role, proc.index, run_id)
+        # A subshell with redirected stdio: the session closes at once and the process
+        # survives it; setsid makes the PID lead a process group that kill -- -PID ends.
+        lines.append(f'(setsid bash -c {shlex.quote(body)} > "$R"/{logfile} 2>&1 < /dev/null & '
+                     f'echo "$! {proc.role} {"-" if proc.index is None else proc.index} '
+                     f'{"-" if proc.port is None else proc.port}" >> "$R"/pids)')
+    lines.append('cat "$R"/pids')
+    return "\n".join(lines)
+
+
+def parse_pids(text: str) -> dict[str, int]:
+    """``start_script``'s output: process key (``worker3``, ``manager``) -> PID."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0].isdigit():
+            out[parts[1] + ("" if parts[2] == "-" else parts[2])] = int(parts[0])
+    return out
+
+
+# -- probe ------------------------------------------------------------------
+
+def probe_script(bench: Benchmark, run_id: str, *, with_logs: bool) -> str:
+    """The run's live PIDs, the exit codes written so far, the listening sockets and (``with_logs``
+    and a ready log pattern) the tail of every worker log on one host."""
+    lines = [
+        f"R={run_dir(bench.name, run_id)}", 'cd "$R" 2>/dev/null || exit 0',
+        # PID and state from /proc (no procps needed); the state follows the last ')' of the name.
+        'for p in $(awk \'{print $1}\' pids 2>/dev/null); do '
+        '[ -r /proc/$p/stat ] && echo "$p $(sed \'s/.*) //\' /proc/$p/stat | cut -d" " -f1)"; done',
+        'echo "--exit"', 'for f in *.exit; do [ -f "$f" ] && echo "$f $(cat "$f")"; done',
+        'echo "--net"', "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4==\"0A\"{print $2}'",
+    ]
+    if with_logs and bench.ready_log:
+        # The tails come back and are matched here with Python's re, the syntax experiments.yaml is
+        # validated with; the log sections come last because a log line may look like a marker.
+        marker = LOG_MARKER.replace("\x1e", "\\036")  # printf's octal escape for the separator
+        lines.append(f'for f in worker*_*.log; do [ -f "$f" ] && printf "{marker}%s\\n" "$f" '
+                     f'&& tail -c {READY_TAIL_BYTES} "$f" && echo; done')
+    # No worker log on this host is not an error of the probe.
+    lines.append("true")
+    return "\n".join(lines)
+
+
+@dataclass
+class Probe:
+    """What ``probe_script`` saw on one host."""
+
+    alive: set[int]
+    exits: dict[str, int]
+    listening: set[tuple[str, int]]
+    logs: dict[str, str]
+
+
+def _decode_address(hex_addr: str) -> tuple[str, int] | None:
+    """``/proc/net/tcp``'s ``0100007F:1F90`` as ``("127.0.0.1", 8080)``; None if it is not one."""
+    ip_hex, sep, port_hex = hex_addr.partition(":")
+    try:
+        port = int(port_hex, 16)
+        raw = bytes.fromhex(ip_hex)
+    except ValueError:
+        return None
+    if not sep or len(raw) not in (4, 16):
+        return None
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1]), port
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    ip = socket.inet_ntop(socket.AF_INET6, words)
+    return (ip[7:] if ip.startswith("::ffff:") else ip), port
+
+
+def parse_probe(text: str) -> Probe:
+    """``probe_script``'s output; lines it does not understand are skipped."""
+    section = "ps"
+    probe = Probe(alive=set(), exits={}, listening=set(), logs={})
+    text, *logs = text.split(LOG_MARKER)
+    for chunk in logs:
+        name, _, body = chunk.partition("\n")
+        probe.logs[name] = body
+    for line in text.splitlines():
+        if line.startswith("--"):
+            section = line[2:]
+            continue
+        parts = line.split()
+        if not parts:
+            continue
+        if section == "ps" and len(parts) >= 2 and parts[0].isdigit() and not parts[1].startswith("Z"):
+            probe.alive.add(int(parts[0]))
+        elif section == "exit" and len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            probe.exits[parts[0].removesuffix(".exit")] = int(parts[1])
+        elif section == "net" and (address := _decode_address(parts[0])):
+            probe.listening.add(address)
+    return probe
+
+
+# -- kill -------------------------------------------------------------------
+
+def kill_script(bench: Benchmark, run_id: str) -> str:
+    """End every process group this run recorded on a host: TERM, a bounded wait, then KILL.
+
+    Prints ``killed N``, the groups that were still alive.
+    """
+    return "\n".join([
+        f"R={run_dir(bench.name, run_id)}", 'cd "$R" 2>/dev/null || exit 0', "P=$(awk '{print $1}' pids 2>/dev/null)",
+        'n=0; for p in $P; do kill -0 -- -$p 2>/dev/null && n=$((n+1)); kill -TERM -- -$p 2>/dev/null; done',
+        'for i in $(seq 50); do a=; for p in $P; do kill -0 -- -$p 2>/dev/null && a=1; done; '
+        '[ -z "$a" ] && break; sleep 0.05; done',
+        'for p in $P; do kill -KILL -- -$p 2>/dev/null; done', 'echo "killed $n"',
+    ])
+
+
+def killall_script(bench: Benchmark, *, max_procs: int = 64) -> str:
+    """Kill a benchmark's processes on one host: recorded process groups, then its binaries
+    running in its directory, then listeners on its ports that are its binaries; print how many."""
+    runs = f'"$HOME"/{RUNS_DIR}/{shlex.quote(bench.name)}'
+    names = sorted({Path(bench.binary).name, Path(bench.worker_binary).name})
+    pattern = "|".join(f"*{shlex.quote(n)}*" for n in names)
+    ports = [bench.manager_port, bench.master_port, *range(bench.worker_base, bench.worker_base + max_procs)]
+    port_re = "|".join(f":{p}" for p in ports)
+    return "\n".join([
+        "K=; me=$$",
+        'cmd() { tr "\\0" " " < /proc/$1/cmdline 2>/dev/null; }',
+        f'owned() {{ case "$(cmd $1)" in {pattern}) return 0;; esac; return 1; }}',
+        # A recorded PID is trusted only while it is still a wrapper cloister started (PIDs get reused).
+        "started() { tr '\\0' '\\n' < /proc/$1/environ 2>/dev/null | grep '^CLOISTER_RUN_DIR=' | "
+        f"grep -qF {shlex.quote(f'/{RUNS_DIR}/{bench.name}/')}; }}",
+        f'for f in {runs}/*/pids; do [ -f "$f" ] || continue; '
+        'for p in $(awk \'{print $1}\' "$f"); do kill -0 -- -$p 2>/dev/null && started $p && '
+        '{ kill -TERM -- -$p 2>/dev/null; K="$K $p"; }; done; done',
+        f"D=$(cd {remote_dir(bench.dir)} 2>/dev/null && pwd -P)",
+        'in_dir() { [ -n "$D" ] && [ "$(readlink /proc/$1/cwd 2>/dev/null)" = "$D" ]; }',
+        'for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
+        'in_dir $q && owned $q && { kill -TERM $q 2>/dev/null && K="$K $q"; }; done',
+        'if command -v ss >/dev/null; then '
+        f"for q in $(ss -ltnpH 2>/dev/null | grep -E '({port_re}) ' | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do "
+        'owned $q && { kill -TERM $q 2>/dev/null && K="$K $q"; }; done; fi',
+        "for i in $(seq 40); do a=; "
+        'for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
+        'in_dir $q && owned $q && { a=1; kill -KILL $q 2>/dev/null; }; done; '
+        '[ -z "$a" ] && break; sleep 0.05; done',
+        'echo $K | tr " " "\\n" | sort -u | grep -c . || true',
+    ])
+
+
+def parse_killed(text: str) -> int:
+    """``killall_script``'s output: how many processes it signalled."""
+    return int((text.strip().splitlines() or ["0"])[-1])

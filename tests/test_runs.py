@@ -1,0 +1,188 @@
+"""cloister.runs without SSH: the probe script and its parser, run.json records, run specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloister.errors import ExperimentError
+from cloister.experiments import load_registry
+from cloister.runs import GitState, Proc, RunHosts, RunRecord, RunSpec, local_runs, manager_here, parse_probe
+from cloister.runs.scripts import LOG_MARKER, parse_pids, probe_script
+from cloister.servers import ClusterInfo, Node
+from cloister.settings import Settings
+from conftest import REPO
+
+RUN_ID = "20260101-000000-abcd"
+
+
+def registry(tmp_path: Path, **entry):
+    data = yaml.safe_load((REPO / "experiments.yaml").read_text())
+    data["benchmarks"] = {"b": {"dir": str(tmp_path), **entry}}
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_registry(path).get("b")
+
+
+# ---------------------------------------------------------------- parse_probe
+
+
+def test_parse_probe_of_nothing():
+    probe = parse_probe("")
+    assert (probe.alive, probe.exits, probe.listening, probe.logs) == (set(), {}, set(), {})
+
+
+def test_parse_probe_skips_what_it_does_not_understand():
+    text = "\n".join([
+        "12 S", "13 Z", "14", "x R", "", "   ",  # a zombie is dead; a PID without a state vanished mid-read
+        "--exit", "worker0.exit 0", "worker1.exit -3", "worker2.exit", "worker3.exit oops", "a b c",
+        "--net", "0100007F:1F90", "00000000000000000000000001000000:0050", "0000000000000000FFFF00000100007F:0051",
+        "nothex:1F90", "0100007F", "0100007F:zz", "01007F:0050",
+        "--unknown", "99 S",
+    ])
+    probe = parse_probe(text)
+    assert probe.alive == {12}
+    assert probe.exits == {"worker0": 0, "worker1": -3}
+    assert probe.listening == {("127.0.0.1", 8080), ("::1", 80), ("127.0.0.1", 81)}
+    assert probe.logs == {}
+
+
+def test_parse_probe_keeps_log_lines_that_look_like_sections():
+    text = (f"12 S\n--exit\n--net\n{LOG_MARKER}worker0_x.log\n--exit\nworker0.exit 5\n13 S\n"
+            f"{LOG_MARKER}worker1_x.log\n")
+    probe = parse_probe(text)
+    assert probe.alive == {12} and probe.exits == {}
+    assert probe.logs == {"worker0_x.log": "--exit\nworker0.exit 5\n13 S\n", "worker1_x.log": ""}
+
+
+def test_probe_script_through_bash(tmp_path):
+    """The script and its parser together, on this machine: a live process, an exit code, a listener."""
+    bench = registry(tmp_path, ready={"log": "^ready$"})
+    run_dir = tmp_path / "cloister" / "runs" / "b" / RUN_ID
+    run_dir.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        (run_dir / "pids").write_text(f"{sleeper.pid} worker 0 1\n999999999 worker 1 2\n")
+        (run_dir / "worker1.exit").write_text("7\n")
+        (run_dir / f"worker0_{RUN_ID}.log").write_text("starting\nready\n")
+        result = subprocess.run(["bash", "-c", probe_script(bench, RUN_ID, with_logs=True)], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+        assert result.returncode == 0, result.stderr
+        probe = parse_probe(result.stdout)
+        assert sleeper.pid in probe.alive and 999999999 not in probe.alive
+        assert probe.exits == {"worker1": 7}
+        assert listener.getsockname() in probe.listening
+        assert probe.logs == {f"worker0_{RUN_ID}.log": "starting\nready\n\n"}
+    finally:
+        listener.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_probe_of_a_host_without_the_run_is_empty(tmp_path):
+    bench = registry(tmp_path)
+    result = subprocess.run(["bash", "-c", probe_script(bench, RUN_ID, with_logs=True)], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout == ""
+
+
+def test_parse_pids_skips_odd_lines():
+    assert parse_pids("12 worker 0 50000\n13 manager - 40000\nnoise\n14 worker 1\nx worker 2 3\n") == {
+        "worker0": 12, "manager": 13}
+
+
+# ---------------------------------------------------------------- RunRecord
+
+
+def make_record(**changes) -> RunRecord:
+    fields = dict(benchmark="b", run_id=RUN_ID, status="ok", error=None, k=1, p=2, args=["-n", "5"], manager=True,
+                  keep=False, timeout_s=60.0, hosts=RunHosts(master="m", workers=["w1"]), cluster="c",
+                  provider="local", config="configs/local.json", git=GitState(commit="a" * 40, dirty=False),
+                  cloister_version="0.1.0", started="2026-01-01T00:00:00.000+00:00",
+                  ended="2026-01-01T00:00:01.000+00:00", timings={"total_s": 1.0}, exit_codes={"master": 0},
+                  roles=[Proc(role="master", host="m", index=None, port=45000, command="./b", pid=12, status="ok",
+                              exit=0)],
+                  failures={}, metric=0.5)
+    return RunRecord(**{**fields, **changes})
+
+
+def test_record_round_trip_and_keys():
+    record = make_record()
+    text = record.to_json()
+    assert RunRecord.from_json(text) == record
+    assert list(json.loads(text)) == [
+        "benchmark", "run_id", "status", "error", "k", "p", "args", "manager", "keep", "timeout_s", "hosts",
+        "cluster", "provider", "config", "git", "cloister_version", "started", "ended", "timings", "exit_codes",
+        "roles", "failures", "metric"]
+    assert json.loads(text)["roles"][0] == {"role": "master", "host": "m", "index": None, "port": 45000,
+                                            "command": "./b", "pid": 12, "status": "ok", "exit": 0}
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.pop("metric"),
+    lambda d: d.update(extra=1),
+    lambda d: d.update(hosts="m"),
+    lambda d: d.update(roles=[{"role": "master"}]),
+    lambda d: d.update(git={"commit": None}),
+])
+def test_an_incomplete_record_is_refused(edit):
+    data = json.loads(make_record().to_json())
+    edit(data)
+    with pytest.raises(ValueError, match="not a run record"):
+        RunRecord.from_json(json.dumps(data))
+
+
+def test_local_runs_lists_records_oldest_first_and_skips_broken_ones(tmp_path):
+    for run_id in ("20260102-000000-bbbb", "20260101-000000-aaaa"):
+        (tmp_path / "b" / run_id).mkdir(parents=True)
+        make_record(run_id=run_id).write(tmp_path / "b" / run_id)
+    (tmp_path / "b" / "broken").mkdir()
+    (tmp_path / "b" / "broken" / "run.json").write_text('{"run_id": "x"}')
+    (tmp_path / "other" / "20260103-000000-cccc").mkdir(parents=True)
+    (tmp_path / "other" / "20260103-000000-cccc" / "run.json").write_text("{")
+    assert [r.run_id for r in local_runs(tmp_path)] == ["20260101-000000-aaaa", "20260102-000000-bbbb"]
+    assert local_runs(tmp_path, benchmark="other") == []
+
+
+# ---------------------------------------------------------------- RunSpec
+
+
+INFO = ClusterInfo(provider="local", cluster_name="c", user="u", ssh_key="k",
+                   nodes=[Node(role="master", id="0", host="127.0.0.1", private="10.0.0.1"),
+                          Node(role="worker", id="1", host="127.0.0.2", private="10.0.0.2"),
+                          Node(role="worker", id="2", host="127.0.0.3")])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"k": 3}, "-k 3: the cluster has 2 workers"),
+    ({"k": 0}, "-k 0: the cluster has 2 workers"),
+    ({"nprocs": 0}, "-p 0: expected 1..15536 processes per host"),
+    ({"run_id": "latest"}, "run id 'latest': expected YYYYMMDD-HHMMSS-xxxx"),
+    ({"info": ClusterInfo(provider="local", cluster_name="c", user="u", ssh_key="k", nodes=[])},
+     "the cluster has no master"),
+])
+def test_a_bad_run_spec_is_refused(tmp_path, changes, message):
+    fields = dict(info=INFO, bench=registry(tmp_path), k=1, nprocs=1, run_id=RUN_ID, settings=Settings())
+    with pytest.raises(ExperimentError, match=message):
+        RunSpec(**{**fields, **changes})
+
+
+def test_run_spec_shape_and_the_local_manager_command(tmp_path):
+    bench = registry(tmp_path, env={"Q": "it's"}, commands={"manager": 'echo {host} {workers} {k} {run_id} "$Q"'})
+    spec = RunSpec(info=INFO, bench=bench, k=2, nprocs=2, run_id=RUN_ID, settings=Settings(runs_dir=str(tmp_path)))
+    assert spec.shape.workers == [("10.0.0.2", 50000), ("10.0.0.2", 50001), ("127.0.0.3", 50000),
+                                  ("127.0.0.3", 50001)]
+    assert spec.local_dir == tmp_path / "b" / RUN_ID
+    assert spec.master_timeout == bench.timeout
+    out = subprocess.run(["bash", "-c", manager_here(spec)], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["10.0.0.1", "10.0.0.2:50000,10.0.0.2:50001,127.0.0.3:50000,127.0.0.3:50001",
+                                  "2", RUN_ID, "it's"]
