@@ -95,10 +95,12 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
 def clear_own_servers(cfg: ClusterConfig, settings: Settings) -> None:
     """Clear servers/ if it describes this config's cluster; leave another cluster's alone."""
     try:
-        read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
+        info = read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
     except CloisterError:
         return
-    clear_servers(settings.servers_dir)
+    # The same name may be another cluster in another region.
+    if info.region == cfg.region:
+        clear_servers(settings.servers_dir)
 
 
 def status(cfg: ClusterConfig, *, settings: Settings) -> list[NodeStatus]:

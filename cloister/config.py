@@ -86,6 +86,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "redeploy_paths": (lambda v: isinstance(v, list) and all(_str(p) for p in v), "a list of paths"),
     "image": (_opt_str, "a directory to copy into each host's home"),
     "dev_host": (lambda v: isinstance(v, bool), "true or false"),
+    "owner": (_opt_str, "who owns the cluster's instances (default: the caller's AWS identity)"),
+    "subnet_id": (lambda v: v is None or (isinstance(v, str) and v.startswith("subnet-")), "a subnet id ('subnet-...')"),
+    "availability_zone": (_opt_str, "an availability zone such as 'us-west-2a'"),
     "hosts": (lambda v: v is None or (isinstance(v, list) and len(v) >= 1 and all(_str(h) for h in v)),
               "a list of host names, the master first"),
 }
@@ -135,6 +138,9 @@ class ClusterConfig:
     redeploy_paths: list[str] = field(default_factory=lambda: list(DEFAULT_REDEPLOY_PATHS))
     image: str | None = None
     dev_host: bool = True
+    owner: str | None = None
+    subnet_id: str | None = None
+    availability_zone: str | None = None
     hosts: list[str] | None = None
     notices: tuple[str, ...] = ()
     legacy: dict[str, Any] = field(default_factory=dict)

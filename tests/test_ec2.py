@@ -141,6 +141,10 @@ def make_image(client, name: str, source: str | None = None) -> str:
     return client.create_image(InstanceId=source or run_instance(client), Name=name)["ImageId"]
 
 
+# What moto's STS answers for any credentials: the owner every test cluster is tagged with.
+OWNER = "arn:aws:sts::123456789012:user/moto"
+
+
 def scheduled_poweroff(boot_command: str, tmp_path: Path) -> int:
     """Run a bootcmd entry as cloud-init would (sh) with systemd-run (and systemctl) replaced by recorders;
     return the seconds asked. The timer must stay out of boot's way: no default dependencies, no waiting."""
@@ -214,7 +218,7 @@ def test_launch_1_plus_8_tags_rules_ttl_and_servers(aws, make_cfg, settings, tmp
     for node in info.nodes:
         assert node.host == node.public == by_id[node.id]["PublicDnsName"]
         assert node.private == by_id[node.id]["PrivateIpAddress"]
-    assert info.known_hosts == str(Path(settings.state_dir).resolve() / "ec2" / "t1" / "known_hosts")
+    assert info.known_hosts == str(Path(settings.state_dir).resolve() / "ec2" / ms.REGION / "t1" / "known_hosts")
     servers_txt = (Path(settings.servers_dir) / "servers.txt").read_text().split()
     assert servers_txt == [n.public for n in info.workers]
 
@@ -224,9 +228,10 @@ def test_launch_1_plus_64_takes_the_same_requests(aws, make_cfg, settings):
     result = lib.launch(make_cfg(nworkers=64), settings=settings, wait=False)
     assert len(result.info.workers) == 64 and len(live(client, "t1")) == 65
     assert inject.count("RunInstances") == 2
-    assert inject.count() <= 8
+    # The subnet lookup and the launch lock's release are two of them; STS (the owner) is not EC2.
+    assert inject.count() <= 10
     assert len(lib.status(make_cfg(nworkers=64), settings=settings)) == 65
-    assert inject.count() <= 9
+    assert inject.count() <= 11
 
 
 def test_ssh_from_a_security_group_or_explicitly_from_anywhere(aws, make_cfg, settings):
@@ -464,7 +469,7 @@ def test_destroy_touches_only_this_clusters_instances(aws, make_cfg, settings):
     neighbour = run_instance(client, **{"cloister:cluster": "t2", "cloister:role": "master"})
     cfg = make_cfg(nworkers=3)
     lib.launch(cfg, settings=settings, wait=False)
-    known_hosts = Path(settings.state_dir) / "ec2" / "t1" / "known_hosts"
+    known_hosts = Path(settings.state_dir) / "ec2" / ms.REGION / "t1" / "known_hosts"
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
     known_hosts.write_text("")
     asked = []
@@ -515,7 +520,8 @@ def test_placement_group_created_tagged_and_removed_only_if_ours(aws, make_cfg, 
     inject.on("before-send.ec2", ms.placement_groups_handler(store))
     ours = make_cfg(placement_group="pg-t1")
     lib.launch(ours, settings=settings, wait=False)
-    assert store["pg-t1"] == {"strategy": "cluster", "tags": json.dumps({"cloister:cluster": "t1"})}
+    assert store["pg-t1"]["strategy"] == "cluster"
+    assert json.loads(store["pg-t1"]["tags"]) == {"cloister:cluster": "t1", "cloister:owner": OWNER}
     run = next(p for a, p in inject.calls if a == "RunInstances")
     assert run["Placement.GroupName"] == "pg-t1"
     assert "deleted placement group pg-t1" in lib.destroy(ours, settings=settings)
@@ -748,3 +754,105 @@ def test_prune_outlasts_a_snapshot_still_in_use_and_sweeps_orphans(aws, make_cfg
     assert messages[0].startswith(f"deregistered {image.name}") and orphan in messages[-1]
     left = {s["SnapshotId"] for s in client.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
     assert not (set(image.snapshots) | {orphan}) & left and someone_elses in left
+
+
+# -- one zone, owners, the launch lock ----------------------------------------------------------
+
+
+def test_every_node_in_one_default_subnet_or_the_one_asked_for(aws, make_cfg, settings):
+    client, inject = aws
+    lib.launch(make_cfg(nworkers=3), settings=settings, wait=False)
+    zones = {i["Placement"]["AvailabilityZone"] for i in live(client, "t1")}
+    subnets = {i["SubnetId"] for i in live(client, "t1")}
+    assert len(zones) == 1 and len(subnets) == 1
+    assert {p["SubnetId"] for a, p in inject.calls if a == "RunInstances"} == subnets
+    lib.destroy(make_cfg(), settings=settings)
+
+    zone_b = f"{ms.REGION}b"
+    lib.launch(make_cfg(availability_zone=zone_b), settings=settings, wait=False)
+    assert {i["Placement"]["AvailabilityZone"] for i in live(client, "t1")} == {zone_b}
+    lib.destroy(make_cfg(), settings=settings)
+
+    vpc = client.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    own = client.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone=f"{ms.REGION}c")["Subnet"]
+    lib.launch(make_cfg(subnet_id=own["SubnetId"]), settings=settings, wait=False)
+    assert {i["SubnetId"] for i in live(client, "t1")} == {own["SubnetId"]}
+    (group,) = cluster_groups(client, "t1")
+    assert group["VpcId"] == vpc
+    with pytest.raises(ProviderError, match=f"is in {ms.REGION}c, not in availability_zone {zone_b}"):
+        lib.launch(make_cfg(cluster_name="t9", subnet_id=own["SubnetId"], availability_zone=zone_b),
+                   settings=settings, wait=False)
+
+
+def test_no_default_vpc_is_one_clear_error(aws, make_cfg, settings):
+    client, _ = aws
+    for subnet in client.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]:
+        client.delete_subnet(SubnetId=subnet["SubnetId"])
+    with pytest.raises(ProviderError, match=f"no default subnet in {ms.REGION} .*set subnet_id"):
+        lib.launch(make_cfg(), settings=settings, wait=False)
+    assert live(client, "t1") == [] and cluster_groups(client, "t1") == []
+
+
+def test_a_launch_that_created_no_instance_leaves_no_group(aws, make_cfg, settings):
+    client, inject = aws
+    inject.on("before-send.ec2.RunInstances",
+              lambda request, **_: ms.error_response(request, "VcpuLimitExceeded", "You have requested more vCPU"))
+    with pytest.raises(AwsError, match="no instances were created; deleted the security group it created"):
+        lib.launch(make_cfg(), settings=settings, wait=False)
+    assert cluster_groups(client, "t1") == []
+
+
+def test_a_relaunch_replaces_the_old_ssh_source(aws, make_cfg, settings):
+    client, _ = aws
+    lib.launch(make_cfg(ssh_cidr="198.51.100.7/32"), settings=settings, wait=False)
+    client.terminate_instances(InstanceIds=[i["InstanceId"] for i in live(client, "t1")])
+    lib.launch(make_cfg(ssh_cidr="198.51.100.99/32"), settings=settings, wait=False)
+    (group,) = cluster_groups(client, "t1")
+    ssh = next(p for p in group["IpPermissions"] if p.get("FromPort") == 22)
+    assert [r["CidrIp"] for r in ssh["IpRanges"]] == ["198.51.100.99/32"]
+
+
+def test_two_owners_of_one_name_never_touch_each_others_instances(aws, make_cfg, settings, tmp_path):
+    client, _ = aws
+    alice = make_cfg(owner="alice", nworkers=1)
+    lib.launch(alice, settings=settings, wait=False)
+    bob = make_cfg(owner="bob", nworkers=1)
+    assert lib.status(bob, settings=settings) == []
+    assert lib.destroy(bob, settings=settings)[0].startswith("no instances tagged")
+    assert len(live(client, "t1")) == 2
+    with pytest.raises(ProviderError, match="not tagged as this cluster of bob"):
+        lib.launch(bob, settings=settings, wait=False)
+    assert [r.cluster for r in lib.list_clusters(alice, settings=settings)] == ["t1"]
+    assert lib.list_clusters(bob, settings=settings) == []
+
+
+def test_a_second_concurrent_launch_refuses_instead_of_making_a_second_master(aws, make_cfg, settings):
+    client, inject = aws
+    cfg = make_cfg(nworkers=1)
+    second: list[BaseException] = []
+
+    def meanwhile(request, **_):
+        # The first launch holds its lock (the group exists, no instance yet) when the second one starts.
+        if not second:
+            try:
+                lib.launch(cfg, settings=settings, wait=False)
+            except ProviderError as refused:
+                second.append(refused)
+
+    inject.on("before-send.ec2.RunInstances", meanwhile)
+    lib.launch(cfg, settings=settings, wait=False)
+    assert second and "another launch of ec2 cluster 't1' started at" in str(second[0])
+    assert [tags(i)["cloister:role"] for i in live(client, "t1")].count("master") == 1
+    (group,) = cluster_groups(client, "t1")
+    assert "cloister:launching" not in {t["Key"] for t in group.get("Tags", [])}
+
+
+def test_state_is_kept_per_region(aws, make_cfg, settings, tmp_path):
+    client, _ = aws
+    here = lib.launch(make_cfg(), settings=settings, wait=False).info
+    other = Path(settings.state_dir) / "ec2" / "eu-west-1" / "t1"
+    other.mkdir(parents=True)
+    (other / "known_hosts").write_text("x ssh-ed25519 AAAA\n")
+    assert Path(here.known_hosts).parent.name == "t1" and Path(here.known_hosts).parent.parent.name == ms.REGION
+    lib.destroy(make_cfg(), settings=settings)
+    assert (other / "known_hosts").exists()

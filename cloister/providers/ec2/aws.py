@@ -113,3 +113,13 @@ def error_code(exc: Exception) -> str | None:
     response = getattr(exc, "response", None)
     return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
+
+
+def caller_identity(cfg: ClusterConfig) -> str:
+    """The ARN of whoever the credentials belong to (STS answers this for any credentials)."""
+    import boto3
+    from botocore.config import Config
+
+    with aws_errors(cfg):
+        sts = boto3.client("sts", region_name=cfg.region, config=Config(retries=RETRIES))
+        return sts.get_caller_identity()["Arn"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +15,38 @@ from ...poll import Backoff
 from ...servers import ClusterInfo, Node
 from ...settings import Settings
 from ..base import Progress
+from .aws import caller_identity
 
 TAG_CLUSTER = "cloister:cluster"
-
-
+TAG_OWNER = "cloister:owner"
 TAG_ROLE = "cloister:role"
-
-
 TAG_TTL = "cloister:ttl-expires"
-
-
 TAG_IMAGE = "cloister:ami-tag"
-
-
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
-
-
 WAIT_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What makes an instance one of this cluster's: its name and its owner's tags.
+
+    Two people of one account may both name a cluster 'exp'; the owner tag (the caller's identity,
+    or ``owner`` in the config) keeps each from finding, adopting or destroying the other's.
+    """
+
+    cluster: str
+    owner: str
+
+    def filters(self) -> list[dict[str, Any]]:
+        return [cluster_filter(self.cluster), {"Name": f"tag:{TAG_OWNER}", "Values": [self.owner]}]
+
+    def tag_spec(self, kind: str, *extra: tuple[str, str]) -> dict[str, Any]:
+        tags = [(TAG_CLUSTER, self.cluster), (TAG_OWNER, self.owner), *extra]
+        return {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags]}
+
+
+def scope_of(cfg: ClusterConfig) -> Scope:
+    return Scope(cluster=cfg.cluster_name, owner=cfg.owner or caller_identity(cfg))
 
 
 def cluster_filter(cluster: str) -> dict[str, Any]:
@@ -46,9 +62,9 @@ def describe(client, *filters: dict[str, Any]) -> list[dict[str, Any]]:
     return [inst for page in pages for reservation in page["Reservations"] for inst in reservation["Instances"]]
 
 
-def find(client, cluster: str) -> list[dict[str, Any]]:
+def find(client, scope: Scope) -> list[dict[str, Any]]:
     """The cluster's instances that are not (being) terminated, master first, workers by launch index."""
-    found = describe(client, cluster_filter(cluster), live_filter())
+    found = describe(client, *scope.filters(), live_filter())
     return sorted(found, key=lambda i: (role_of(i) != "master", i.get("AmiLaunchIndex", 0), i["InstanceId"]))
 
 
@@ -75,25 +91,26 @@ def node_of(instance: dict[str, Any], cluster: str) -> Node:
                 name=name)
 
 
-def known_hosts_path(settings: Settings, cluster: str) -> Path:
-    return state_path(settings, cluster) / "known_hosts"
+def known_hosts_path(settings: Settings, cfg: ClusterConfig) -> Path:
+    return state_path(settings, cfg) / "known_hosts"
 
 
-def state_path(settings: Settings, cluster: str) -> Path:
-    return Path(settings.state_dir).resolve() / "ec2" / cluster
+def state_path(settings: Settings, cfg: ClusterConfig) -> Path:
+    """This machine's state of the cluster; per region, as one name may be used in two regions."""
+    return Path(settings.state_dir).resolve() / "ec2" / str(cfg.region) / cfg.cluster_name
 
 
 def cluster_info(cfg: ClusterConfig, instances: list[dict[str, Any]], settings: Settings) -> ClusterInfo:
     nodes = [node_of(i, cfg.cluster_name) for i in instances]
     groups = sorted({g["GroupId"] for i in instances for g in i.get("SecurityGroups", [])})
     return ClusterInfo(provider="ec2", cluster_name=cfg.cluster_name, user=cfg.user, ssh_key=cfg.ssh_key or "",
-                       nodes=nodes, known_hosts=str(known_hosts_path(settings, cfg.cluster_name)),
+                       nodes=nodes, known_hosts=str(known_hosts_path(settings, cfg)),
                        region=cfg.region, extra={"security_groups": groups})
 
 
-def forget_host_keys(settings: Settings, cluster: str) -> None:
+def forget_host_keys(settings: Settings, cfg: ClusterConfig) -> None:
     """New instances, or old ones with new addresses: a recorded key for a reused address would be refused."""
-    known_hosts_path(settings, cluster).unlink(missing_ok=True)
+    known_hosts_path(settings, cfg).unlink(missing_ok=True)
 
 
 def summary(instances: list[dict[str, Any]]) -> str:
@@ -150,13 +167,8 @@ def dev_instance(client, cfg: ClusterConfig) -> dict[str, Any]:
                         provider="ec2", cluster=cfg.cluster_name)
 
 
-def tag_spec(kind: str, cluster: str, *extra: tuple[str, str]) -> dict[str, Any]:
-    tags = [(TAG_CLUSTER, cluster), *extra]
-    return {"ResourceType": kind, "Tags": [{"Key": k, "Value": v} for k, v in tags]}
-
-
-def find_existing(client, cfg: ClusterConfig) -> list[dict[str, Any]]:
-    found = find(client, cfg.cluster_name)
+def find_existing(client, cfg: ClusterConfig, scope: Scope) -> list[dict[str, Any]]:
+    found = find(client, scope)
     if not found:
         raise ProviderError(f"no ec2 cluster '{cfg.cluster_name}' in {cfg.region}", provider="ec2",
                             cluster=cfg.cluster_name)

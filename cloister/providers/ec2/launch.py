@@ -15,12 +15,13 @@ from ..base import Confirm, Launched, Progress
 from . import ttl
 from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
 from .images import launch_image
-from .instances import (TAG_ROLE, TAG_TTL, cluster_filter, cluster_info, find, forget_host_keys,
-                        role_of, state_of, state_path, tag_spec, wait_for)
-from .network import allowed_ssh_source, ensure_placement_group, ensure_security_group, until_free
+from .instances import (TAG_ROLE, TAG_TTL, Scope, cluster_info, find, forget_host_keys, role_of, scope_of,
+                        state_of, state_path, wait_for)
+from .network import (Subnet, allowed_ssh_source, ensure_placement_group, ensure_security_group, launch_subnet,
+                      release_launch_lock, until_free)
 
-def run_args(cfg: ClusterConfig, *, image: dict[str, Any], role: str, count: int, token: str,
-              expires: datetime | None) -> dict[str, Any]:
+def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: str, count: int, token: str,
+             expires: datetime | None, subnet: Subnet) -> dict[str, Any]:
     """RunInstances parameters for one role; the same for the real call and the DryRun check."""
     instance_type = cfg.master_type if role == "master" else cfg.instance_type
     name = f"{cfg.cluster_name}-{role}"
@@ -30,8 +31,8 @@ def run_args(cfg: ClusterConfig, *, image: dict[str, Any], role: str, count: int
         "KeyName": cfg.key_name,
         # The same token on a retried call makes EC2 return the first call's instances instead of new ones.
         "ClientToken": f"{cfg.cluster_name}-{role[0]}-{token}",
-        "TagSpecifications": [tag_spec("instance", cfg.cluster_name, ("Name", name), *extra),
-                              tag_spec("volume", cfg.cluster_name, *extra)],
+        "SubnetId": subnet.id,
+        "TagSpecifications": [scope.tag_spec("instance", ("Name", name), *extra), scope.tag_spec("volume", *extra)],
     }
     if cfg.root_size:
         args["BlockDeviceMappings"] = [{"DeviceName": image["RootDeviceName"],
@@ -84,22 +85,24 @@ def launch(cfg: ClusterConfig, *, nworkers: int, settings: Settings, confirm: Co
            progress: Progress | None = None) -> Launched:
     """Find the cluster by tag or launch it; return once every instance is running.
 
-    After a failure or Ctrl-C that follows the first RunInstances, ``confirm`` is asked whether to
-    terminate what was created (None: terminate without asking); the error is raised either way.
+    After a failure or Ctrl-C that follows the creation of the security group, ``confirm`` is asked
+    whether to terminate what was created (None: terminate without asking); the error is raised either way.
     """
     name = cfg.cluster_name
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        found = find(client, name)
+        scope = scope_of(cfg)
+        found = find(client, scope)
         if found:
             _check_complete(cfg, found, nworkers)
             running = wait_for(client, name, [i["InstanceId"] for i in found], "running", progress)
             return Launched(info=cluster_info(cfg, running, settings), created=False)
         image = launch_image(client, cfg)
         ssh_source = allowed_ssh_source(cfg)
+        subnet = launch_subnet(client, cfg)
         if cfg.placement_group:
-            ensure_placement_group(client, cfg)
-        group_id = ensure_security_group(client, cfg, ssh_source)
+            ensure_placement_group(client, cfg, scope)
+        group_id, group_created = ensure_security_group(client, cfg, scope, ssh_source=ssh_source, vpc=subnet.vpc)
     token = secrets.token_hex(8)
     expires = expiry(cfg)
     ids: list[str] = []
@@ -107,13 +110,16 @@ def launch(cfg: ClusterConfig, *, nworkers: int, settings: Settings, confirm: Co
         with aws_errors(cfg):
             for role, count in (("master", 1), ("worker", nworkers)):
                 if count:
-                    args = run_args(cfg, image=image, role=role, count=count, token=token, expires=expires)
+                    args = run_args(cfg, scope, image=image, role=role, count=count, token=token, expires=expires,
+                                    subnet=subnet)
                     reply = client.run_instances(SecurityGroupIds=[group_id], **args)
                     ids += [i["InstanceId"] for i in reply["Instances"]]
             running = wait_for(client, name, ids, "running", progress)
+            release_launch_lock(client, group_id)
     except BaseException as exc:
-        abandon(cfg, exc, settings=settings, ids=ids, confirm=confirm, progress=progress)
-    forget_host_keys(settings, name)
+        abandon(cfg, exc, settings=settings, ids=ids, confirm=confirm, progress=progress,
+                lock=(group_id, group_created))
+    forget_host_keys(settings, cfg)
     return Launched(info=cluster_info(cfg, running, settings), created=True)
 
 
@@ -137,11 +143,13 @@ def as_error(exc: BaseException, cfg: ClusterConfig) -> CloisterError:
 
 
 def abandon(cfg: ClusterConfig, cause: BaseException, *, settings: Settings, ids: Iterable[str] = (),
-            confirm: Confirm | None = None, progress: Progress | None = None) -> NoReturn:
+            confirm: Confirm | None = None, progress: Progress | None = None,
+            lock: tuple[str, bool] | None = None) -> NoReturn:
     """A launch failed or was interrupted: offer to terminate what it created, then raise one clear error.
 
     Instances are found by tag as well as by ``ids``, so one whose RunInstances answer was lost to the
-    failure is found too (tags are set at creation).
+    failure is found too (tags are set at creation). ``lock`` is the security group the launch locked
+    and whether it created it: a group it created for instances that never came is deleted.
     """
     name = cfg.cluster_name
     error = as_error(cause, cfg)
@@ -149,9 +157,9 @@ def abandon(cfg: ClusterConfig, cause: BaseException, *, settings: Settings, ids
     try:
         with aws_errors(cfg):
             client = client_for(cfg.region)
-            known += [i["InstanceId"] for i in find(client, name) if i["InstanceId"] not in known]
+            known += [i["InstanceId"] for i in find(client, scope_of(cfg)) if i["InstanceId"] not in known]
             if not known:
-                outcome = "no instances were created"
+                outcome = "no instances were created" + _drop_group(client, lock)
             elif confirmed(confirm, f"launch of ec2 cluster '{name}' failed ({one_line(error, 120)}); "
                                      f"terminate the {len(known)} instances it created?"):
                 teardown(client, cfg, known, settings=settings, progress=progress)
@@ -174,24 +182,37 @@ def abandon(cfg: ClusterConfig, cause: BaseException, *, settings: Settings, ids
     raise cause
 
 
+def _drop_group(client, lock: tuple[str, bool] | None) -> str:
+    """After a launch that created no instance: delete the group it created, unlock one it reused."""
+    if lock is None:
+        return ""
+    group_id, created = lock
+    if created:
+        until_free(lambda: client.delete_security_group(GroupId=group_id), codes=("DependencyViolation",))
+        return f"; deleted the security group it created ({group_id})"
+    release_launch_lock(client, group_id)
+    return ""
+
+
 def teardown(client, cfg: ClusterConfig, ids: list[str], *, settings: Settings,
-              progress: Progress | None) -> list[str]:
+             progress: Progress | None) -> list[str]:
     """Terminate ``ids`` and wait; then delete the cluster's security groups and its placement group."""
     messages = []
     if ids:
         client.terminate_instances(InstanceIds=ids)
         wait_for(client, cfg.cluster_name, ids, "terminated", progress)
-    groups = client.describe_security_groups(Filters=[cluster_filter(cfg.cluster_name)])["SecurityGroups"]
+    scope = scope_of(cfg)
+    groups = client.describe_security_groups(Filters=scope.filters())["SecurityGroups"]
     for group in groups:
         until_free(lambda: client.delete_security_group(GroupId=group["GroupId"]), codes=("DependencyViolation",))
         messages.append(f"deleted security group {group['GroupName']} ({group['GroupId']})")
     # Only a group cloister created is tagged; one the user made stays.
     if cfg.placement_group:
-        placement = client.describe_placement_groups(Filters=[cluster_filter(cfg.cluster_name)])["PlacementGroups"]
+        placement = client.describe_placement_groups(Filters=scope.filters())["PlacementGroups"]
         for pg in placement:
             until_free(lambda: client.delete_placement_group(GroupName=pg["GroupName"]),
                         codes=("InvalidPlacementGroup.InUse",))
             messages.append(f"deleted placement group {pg['GroupName']}")
-    shutil.rmtree(state_path(settings, cfg.cluster_name), ignore_errors=True)
+    shutil.rmtree(state_path(settings, cfg), ignore_errors=True)
     return messages
 

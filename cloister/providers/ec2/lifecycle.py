@@ -13,7 +13,7 @@ from ...servers import ClusterInfo
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for
-from .instances import (TAG_CLUSTER, cluster_info, describe, find, find_existing, forget_host_keys, live_filter,
+from .instances import (TAG_CLUSTER, TAG_OWNER, scope_of, cluster_info, describe, find, find_existing, forget_host_keys, live_filter,
                         node_of, role_of, state_of, summary, tags_of, ttl_left, wait_for)
 from .launch import confirmed, teardown
 
@@ -23,7 +23,7 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
     name = cfg.cluster_name
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        found = find(client, name)
+        found = find(client, scope_of(cfg))
         what = summary(found)
         if found and confirm is not None and not confirmed(
                 confirm, f"Terminate {len(found)} instances of ec2 cluster '{name}' in {cfg.region}: {what}?"):
@@ -40,7 +40,7 @@ def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = 
     name = cfg.cluster_name
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        found = find_existing(client, cfg)
+        found = find_existing(client, cfg, scope_of(cfg))
         spot = [i["InstanceId"] for i in found if i.get("InstanceLifecycle") == "spot"]
         if spot:
             raise ProviderError(f"{len(spot)} instances of '{name}' are one-time spot instances, which EC2 cannot "
@@ -59,7 +59,7 @@ def start(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None =
     name = cfg.cluster_name
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        found = find_existing(client, cfg)
+        found = find_existing(client, cfg, scope_of(cfg))
         now = datetime.now(timezone.utc)
         expired = [i["InstanceId"] for i in found if (left := ttl_left(i, now)) is not None and left <= 0]
         if expired:
@@ -73,14 +73,14 @@ def start(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None =
         if ids:
             client.start_instances(InstanceIds=ids)
         running = wait_for(client, name, [i["InstanceId"] for i in found], "running", progress)
-    forget_host_keys(settings, name)
+    forget_host_keys(settings, cfg)
     return cluster_info(cfg, running, settings)
 
 
 def status(cfg: ClusterConfig) -> list[NodeStatus]:
     """One row per instance: role, id, public host, type, state, uptime, TTL left, estimated cost so far."""
     with aws_errors(cfg):
-        found = find(client_for(cfg.region), cfg.cluster_name)
+        found = find(client_for(cfg.region), scope_of(cfg))
     now = datetime.now(timezone.utc)
     rows = []
     for inst in found:
@@ -98,9 +98,11 @@ def status(cfg: ClusterConfig) -> list[NodeStatus]:
 
 
 def list_clusters(cfg: ClusterConfig) -> list[ClusterRow]:
-    """Every cloister cluster in the config's region (any name), from one DescribeInstances."""
+    """Every cloister cluster of this owner in the config's region (any name), from one DescribeInstances."""
     with aws_errors(cfg):
-        found = describe(client_for(cfg.region), {"Name": "tag-key", "Values": [TAG_CLUSTER]}, live_filter())
+        owner = scope_of(cfg).owner
+        found = describe(client_for(cfg.region), {"Name": "tag-key", "Values": [TAG_CLUSTER]},
+                         {"Name": f"tag:{TAG_OWNER}", "Values": [owner]}, live_filter())
     now = datetime.now(timezone.utc)
     clusters: dict[str, list[dict[str, Any]]] = {}
     for inst in found:

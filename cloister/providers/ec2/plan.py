@@ -12,9 +12,9 @@ from ...config import ClusterConfig
 from ..base import Image, Plan
 from .aws import aws_errors, client_for, error_code
 from .images import launch_image, to_image
-from .instances import find
+from .instances import find, scope_of
 from .launch import expiry, run_args
-from .network import allowed_ssh_source, security_group_name
+from .network import Subnet, allowed_ssh_source, launch_subnet, security_group_name
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -24,6 +24,8 @@ class LaunchPlan:
     nworkers: int
     image: Image
     ssh_source: str
+    subnet: Subnet
+    owner: str
     existing: int
     ttl_expires: datetime | None
     hourly: float | None
@@ -41,6 +43,8 @@ class LaunchPlan:
             f"  workers    {self.nworkers} x {cfg.instance_type}{spot or ' on-demand'}",
             f"  root       {cfg.root_size} GiB gp3 per node" if cfg.root_size else "  root       the AMI's default",
             f"  key        {cfg.key_name}",
+            f"  subnet     {self.subnet.id} in {self.subnet.zone} ({self.subnet.vpc}); every node in this zone",
+            f"  owner      {self.owner} (tagged; only this owner's instances are this cluster's)",
             f"  group      {security_group_name(cfg.cluster_name)}: tcp 22 from {self.ssh_source}; "
             f"all traffic between members; nothing else",
         ]
@@ -75,25 +79,30 @@ def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
     """Resolve everything a launch would use and check its permissions with DryRun; create nothing."""
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        existing = len(find(client, cfg.cluster_name))
+        scope = scope_of(cfg)
+        existing = len(find(client, scope))
+        subnet = launch_subnet(client, cfg)
         image = launch_image(client, cfg)
         ssh_source = allowed_ssh_source(cfg)
         expires = expiry(cfg)
         checks: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
             "CreateSecurityGroup": (client.create_security_group,
-                                    {"GroupName": security_group_name(cfg.cluster_name), "Description": "dry run"}),
+                                    {"GroupName": security_group_name(cfg.cluster_name), "Description": "dry run",
+                                     "VpcId": subnet.vpc}),
             "RunInstances (master)": (client.run_instances, run_args(
-                cfg, image=image, role="master", count=1, token="dry-run", expires=expires)),
+                cfg, scope, image=image, role="master", count=1, token="dry-run", expires=expires, subnet=subnet)),
         }
         if nworkers:
             checks["RunInstances (workers)"] = (client.run_instances, run_args(
-                cfg, image=image, role="worker", count=nworkers, token="dry-run", expires=expires))
+                cfg, scope, image=image, role="worker", count=nworkers, token="dry-run", expires=expires,
+                subnet=subnet))
         if cfg.placement_group:
             checks["CreatePlacementGroup"] = (client.create_placement_group,
                                               {"GroupName": cfg.placement_group, "Strategy": "cluster"})
         denied = tuple(what for what, (call, kwargs) in checks.items() if not _allowed(call, **kwargs))
     hourly = prices.cluster_hourly(master_type=cfg.master_type, worker_type=cfg.instance_type, nworkers=nworkers)
-    found = LaunchPlan(cfg=cfg, nworkers=nworkers, image=to_image(image), ssh_source=ssh_source, existing=existing,
+    found = LaunchPlan(cfg=cfg, nworkers=nworkers, image=to_image(image), ssh_source=ssh_source, subnet=subnet,
+                       owner=scope.owner, existing=existing,
                        ttl_expires=expires, hourly=hourly, denied=denied)
     return Plan(text=tuple(found.lines()), denied=denied)
 
