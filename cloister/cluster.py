@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import hosts, layout, providers
-from .config import ClusterConfig
+from .config import TTL_RE, ClusterConfig, parse_ttl
 from .errors import CloisterError, HostsFailed
 from .providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
@@ -227,6 +227,19 @@ def start(cfg: ClusterConfig, *, settings: Settings, wait: bool = True,
     if wait:
         _wait_and_copy(prov, info)
     return info
+
+
+def extend(cfg: ClusterConfig, *, settings: Settings, ttl: str) -> list[str]:
+    """Move the cluster's TTL to ``ttl`` (e.g. 2h) from now on every node."""
+    seconds = parse_ttl(ttl) if TTL_RE.fullmatch(ttl.strip()) else 0
+    if seconds <= 0:
+        raise CloisterError(f"--ttl {ttl!r}: expected a duration such as 2h or 90m")
+    return provider(cfg, settings=settings).extend(seconds=seconds)
+
+
+def reap(cfg: ClusterConfig, *, settings: Settings) -> list[str]:
+    """End what outlived its TTL unnoticed (a stopped cluster past it); one line for each."""
+    return provider(cfg, settings=settings).reap()
 
 
 def list_clusters(cfg: ClusterConfig, *, settings: Settings) -> list[ClusterRow]:

@@ -28,7 +28,7 @@ from cloister.providers.ec2 import launch as ec2_launch
 from cloister.providers.ec2 import ttl as ec2_ttl
 from cloister.settings import Settings
 from cloister.config import load_config
-from cloister.errors import AwsError, HostsFailed, ProviderError
+from cloister.errors import AwsError, CloisterError, HostsFailed, ProviderError
 from cloister.servers import read_servers
 
 from conftest import REPO, run_inv
@@ -153,8 +153,11 @@ def scheduled_poweroff(boot_command: str, tmp_path: Path) -> int:
         stub.parent.mkdir(exist_ok=True)
         stub.write_text(f'#!/bin/sh\n[ {tool} = systemd-run ] && echo "$@"\nexit 0\n')
         stub.chmod(0o755)
+    # The expiry file goes to a folder of the test's, not this machine's /var/lib.
+    boot_command = boot_command.replace(ec2_ttl.EXPIRY_FILE.rsplit("/", 1)[0], str(tmp_path / "var"))
     ran = subprocess.run(["sh", "-c", boot_command], capture_output=True, text=True, timeout=10,
-                         env={**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"})
+                         env={**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "INSTANCE_ID": "i-1"})
+    assert (tmp_path / "var" / "ttl-expires").read_text().split()[0] == "i-1"
     args = ran.stdout.split()
     assert ran.returncode == 0 and args[-2:] == ["/bin/systemctl", "poweroff"], ran
     assert {"--unit=cloister-ttl", "--no-block", "--timer-property=DefaultDependencies=no",
@@ -856,3 +859,44 @@ def test_state_is_kept_per_region(aws, make_cfg, settings, tmp_path):
     assert Path(here.known_hosts).parent.name == "t1" and Path(here.known_hosts).parent.parent.name == ms.REGION
     lib.destroy(make_cfg(), settings=settings)
     assert (other / "known_hosts").exists()
+
+
+def test_a_stopped_cluster_past_its_ttl_is_terminated_when_next_touched(aws, make_cfg, settings):
+    client, _ = aws
+    cfg = make_cfg(nworkers=1)
+    lib.launch(cfg, settings=settings, wait=False)
+    lib.stop(cfg, settings=settings)
+    ids = [i["InstanceId"] for i in live(client, "t1")]
+    client.create_tags(Resources=ids, Tags=[{"Key": "cloister:ttl-expires", "Value": "2020-01-01T00:00:00Z"}])
+    other = make_cfg(cluster_name="t2", nworkers=1)
+    lib.launch(other, settings=settings, wait=False)
+    lib.stop(other, settings=settings)
+    client.create_tags(Resources=[i["InstanceId"] for i in live(client, "t2")],
+                       Tags=[{"Key": "cloister:ttl-expires", "Value": "2020-01-01T00:00:00Z"}])
+
+    rows = lib.status(cfg, settings=settings)
+    assert {r.state for r in rows} == {"shutting-down"}
+    with pytest.raises(ProviderError, match="passed while they were stopped; terminated them"):
+        lib.start(other, settings=settings)
+    assert live(client, "t1") == [] and live(client, "t2") == []
+
+
+def test_list_reap_terminates_every_stopped_cluster_past_its_ttl(aws, make_cfg, settings):
+    client, _ = aws
+    cfg = make_cfg(nworkers=1)
+    lib.launch(cfg, settings=settings, wait=False)
+    lib.stop(cfg, settings=settings)
+    (master, worker) = [i["InstanceId"] for i in live(client, "t1")]
+    client.create_tags(Resources=[master], Tags=[{"Key": "cloister:ttl-expires", "Value": "2020-01-01T00:00:00Z"}])
+    assert lib.reap(cfg, settings=settings) == [f"terminated {master} of ec2 cluster 't1': stopped past its TTL"]
+    assert [i["InstanceId"] for i in live(client, "t1")] == [worker]
+
+
+def test_extend_refuses_a_stopped_cluster_and_a_bad_ttl(aws, make_cfg, settings):
+    cfg = make_cfg(nworkers=1)
+    lib.launch(cfg, settings=settings, wait=False)
+    with pytest.raises(CloisterError, match="--ttl 'soon': expected a duration"):
+        lib.extend(cfg, settings=settings, ttl="soon")
+    lib.stop(cfg, settings=settings)
+    with pytest.raises(ProviderError, match="their timers cannot be moved: inv cluster.start first"):
+        lib.extend(cfg, settings=settings, ttl="2h")

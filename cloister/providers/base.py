@@ -200,6 +200,13 @@ class Provider(ABC):
     def start(self, *, progress: Progress | None = None) -> ClusterInfo:
         raise self.cannot("start a stopped cluster")
 
+    def extend(self, *, seconds: int) -> list[str]:
+        raise self.cannot("extend a TTL")
+
+    def reap(self) -> list[str]:
+        """End what outlived its TTL without noticing (a stopped cluster); one line for each."""
+        return []
+
     def plan(self, *, nworkers: int) -> Plan:
         raise self.cannot("plan a launch (--dry-run)")
 

@@ -83,6 +83,12 @@ class Ec2Provider(Provider):
     def start(self, *, progress: Progress | None = None) -> ClusterInfo:
         return lifecycle.start(self.cfg, settings=self.settings, progress=progress)
 
+    def extend(self, *, seconds: int) -> list[str]:
+        return lifecycle.extend(self.cfg, settings=self.settings, seconds=seconds)
+
+    def reap(self) -> list[str]:
+        return lifecycle.reap(self.cfg)
+
     def plan(self, *, nworkers: int) -> Plan:
         return plan.plan(self.cfg, nworkers=nworkers)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ... import prices
@@ -13,8 +13,9 @@ from ...servers import ClusterInfo
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for
-from .instances import (TAG_CLUSTER, TAG_OWNER, scope_of, cluster_info, describe, find, find_existing, forget_host_keys, live_filter,
-                        node_of, role_of, state_of, summary, tags_of, ttl_left, wait_for)
+from . import ttl
+from .instances import (TAG_CLUSTER, TAG_OWNER, TAG_TTL, cluster_info, describe, find, find_existing, forget_host_keys,
+                        live_filter, node_of, role_of, scope_of, state_of, summary, tags_of, ttl_left, wait_for)
 from .launch import confirmed, teardown
 
 def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None = None,
@@ -60,11 +61,10 @@ def start(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None =
     with aws_errors(cfg):
         client = client_for(cfg.region)
         found = find_existing(client, cfg, scope_of(cfg))
-        now = datetime.now(timezone.utc)
-        expired = [i["InstanceId"] for i in found if (left := ttl_left(i, now)) is not None and left <= 0]
+        expired = _reap(client, found)
         if expired:
-            raise ProviderError(f"the TTL of {len(expired)} instances of '{name}' has passed, so they would power "
-                                f"off (terminate) a minute after boot; destroy the cluster and launch again",
+            raise ProviderError(f"the TTL of {len(expired)} instances of '{name}' passed while they were stopped; "
+                                f"terminated them (stopped disks still bill); launch the cluster again",
                                 provider="ec2", cluster=name)
         stopping = [i["InstanceId"] for i in found if state_of(i) == "stopping"]
         if stopping:
@@ -77,10 +77,56 @@ def start(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None =
     return cluster_info(cfg, running, settings)
 
 
-def status(cfg: ClusterConfig) -> list[NodeStatus]:
-    """One row per instance: role, id, public host, type, state, uptime, TTL left, estimated cost so far."""
+def _reap(client, instances: list[dict[str, Any]]) -> list[str]:
+    """Terminate stopped instances whose TTL has passed: their timer cannot fire while they are stopped,
+    and their disks bill. Returns their ids."""
+    now = datetime.now(timezone.utc)
+    expired = [i["InstanceId"] for i in instances if state_of(i) in ("stopping", "stopped")
+               and (left := ttl_left(i, now)) is not None and left <= 0]
+    if expired:
+        client.terminate_instances(InstanceIds=expired)
+    return expired
+
+
+def reap(cfg: ClusterConfig) -> list[str]:
+    """Terminate every stopped instance of this owner in the region whose TTL has passed."""
     with aws_errors(cfg):
-        found = find(client_for(cfg.region), scope_of(cfg))
+        client = client_for(cfg.region)
+        found = describe(client, {"Name": f"tag:{TAG_OWNER}", "Values": [scope_of(cfg).owner]},
+                         {"Name": "tag-key", "Values": [TAG_CLUSTER]}, live_filter())
+        expired = _reap(client, found)
+    names = {i["InstanceId"]: tags_of(i)[TAG_CLUSTER] for i in found}
+    return [f"terminated {i} of ec2 cluster '{names[i]}': stopped past its TTL" for i in expired]
+
+
+def extend(cfg: ClusterConfig, *, settings: Settings, seconds: int) -> list[str]:
+    """Move the cluster's TTL to ``seconds`` from now: the tag on every instance, the timer on every node."""
+    name = cfg.cluster_name
+    expires = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        found = find_existing(client, cfg, scope_of(cfg))
+        asleep = [i["InstanceId"] for i in found if state_of(i) != "running"]
+        if asleep:
+            raise ProviderError(f"{len(asleep)} instances of '{name}' are not running ({', '.join(asleep[:4])}); "
+                                f"their timers cannot be moved: inv cluster.start first", provider="ec2", cluster=name)
+        client.create_tags(Resources=[i["InstanceId"] for i in found],
+                           Tags=[{"Key": TAG_TTL, "Value": f"{expires:%Y-%m-%dT%H:%M:%SZ}"}])
+    info = cluster_info(cfg, found, settings)
+    ttl.rearm(info, info.nodes, settings=settings, epoch=int(expires.timestamp()))
+    return [f"TTL of ec2 cluster '{name}' moved to {expires:%Y-%m-%d %H:%M} UTC on {len(found)} instances "
+            f"(tag and timer)"]
+
+
+def status(cfg: ClusterConfig) -> list[NodeStatus]:
+    """One row per instance: role, id, public host, type, state, uptime, TTL left, estimated cost so far.
+
+    A stopped instance past its TTL is terminated on sight (and shown so)."""
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        found = find(client, scope_of(cfg))
+        expired = set(_reap(client, found))
+    found = [{**i, "State": {"Name": "shutting-down"}} if i["InstanceId"] in expired else i for i in found]
     now = datetime.now(timezone.utc)
     rows = []
     for inst in found:

@@ -10,6 +10,7 @@ accuracy is a minute. After the SSH wait, ``CHECK_SCRIPT`` proves the timer is a
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from ... import hosts
@@ -22,6 +23,11 @@ from ...settings import Settings
 ARM_TIMEOUT = 300.0
 
 UNIT = "cloister-ttl"
+# The expiry lives on the node's disk, so a stop/start keeps it and `cluster.extend` can move it
+# (user data cannot change while an instance runs). The file names its instance (cloud-init sets
+# INSTANCE_ID for bootcmd): an image made from a node carries the file, and a new instance must
+# not inherit that node's expiry.
+EXPIRY_FILE = "/var/lib/cloister/ttl-expires"
 
 USER_DATA = """\
 #cloud-config
@@ -29,7 +35,13 @@ USER_DATA = """\
 # InstanceInitiatedShutdownBehavior=terminate, so powering off terminates it.
 bootcmd:
   - |
-    left=$(( {epoch} - $(date +%s) ))
+    read -r owner _ < {expiry_file} 2>/dev/null || owner=
+    [ "$owner" = "$INSTANCE_ID" ] || {{ mkdir -p {expiry_dir}; echo "$INSTANCE_ID {epoch}" > {expiry_file}; }}
+{arm}"""
+
+# Arms the timer from the expiry file; the same lines run at boot and in `cluster.extend`.
+ARM = """\
+    left=$(( $(cut -d' ' -f2 {expiry_file}) - $(date +%s) ))
     [ "$left" -gt 60 ] || left=60
     systemctl stop {unit}.timer 2>/dev/null || true
     systemd-run --no-block --unit={unit} --timer-property=DefaultDependencies=no \\
@@ -46,7 +58,17 @@ case "$state" in running|not*run*|"") echo booting ;; *) echo "missing $state" ;
 
 
 def user_data(*, expires: str, epoch: int) -> str:
-    return USER_DATA.format(expires=expires, epoch=epoch, unit=UNIT)
+    arm = ARM.format(expiry_file=EXPIRY_FILE, unit=UNIT)
+    return USER_DATA.format(expires=expires, epoch=epoch, unit=UNIT, expiry_file=EXPIRY_FILE,
+                            expiry_dir=EXPIRY_FILE.rsplit("/", 1)[0], arm=arm)
+
+
+def extend_script(epoch: int) -> str:
+    """Move the node's expiry to ``epoch`` and re-arm its timer (as root: the timer is the system's)."""
+    # Not --no-block here: the timer must be armed when the script returns.
+    arm = ARM.format(expiry_file=EXPIRY_FILE, unit=UNIT).replace("--no-block ", "")
+    move = f"read -r owner _ < {EXPIRY_FILE} && echo \"$owner {int(epoch)}\" > {EXPIRY_FILE}\n"
+    return f"sudo -n sh -c {shlex.quote(move + arm)} && systemctl is-active --quiet {UNIT}.timer"
 
 
 @dataclass(frozen=True)
@@ -99,3 +121,9 @@ def wait_armed(info: ClusterInfo, nodes: list[Node], *, settings: Settings, time
             break
     if failed:
         raise HostsFailed(failed, total=len(nodes), what="TTL not armed")
+
+
+def rearm(info: ClusterInfo, nodes: list[Node], *, settings: Settings, epoch: int) -> None:
+    """Move every node's expiry to ``epoch`` and re-arm its timer; raise HostsFailed naming each node that failed."""
+    with hosts.group(info, nodes, concurrency=settings.concurrency, connect_timeout=settings.connect_timeout) as grp:
+        hosts.check(hosts.call(grp, lambda cxn: cxn.run(extend_script(epoch), timeout=60)), what="TTL not moved")
