@@ -900,3 +900,17 @@ def test_extend_refuses_a_stopped_cluster_and_a_bad_ttl(aws, make_cfg, settings)
     lib.stop(cfg, settings=settings)
     with pytest.raises(ProviderError, match="their timers cannot be moved: inv cluster.start first"):
         lib.extend(cfg, settings=settings, ttl="2h")
+
+
+def test_every_volume_ends_with_its_instance_and_imdsv2_is_required(aws, make_cfg, settings):
+    client, inject = aws
+    dev = run_instance(client)
+    image = client.create_image(InstanceId=dev, Name="alice-clamor-data", BlockDeviceMappings=[
+        {"DeviceName": "/dev/sdb", "Ebs": {"VolumeSize": 20, "DeleteOnTermination": False}}])["ImageId"]
+    lib.launch(make_cfg(ami=image, nworkers=1, root_size=None), settings=settings, wait=False)
+    for run in (p for a, p in inject.calls if a == "RunInstances"):
+        assert run["MetadataOptions.HttpTokens"] == "required"
+        volumes = {v for k, v in run.items() if k.startswith("BlockDeviceMapping.") and k.endswith(".DeviceName")}
+        flags = {v for k, v in run.items() if k.endswith(".Ebs.DeleteOnTermination")}
+        assert volumes and flags == {"true"} and len([k for k in run if k.endswith(".Ebs.DeleteOnTermination")]) \
+            == len(volumes)

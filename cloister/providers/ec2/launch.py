@@ -32,12 +32,13 @@ def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: s
         # The same token on a retried call makes EC2 return the first call's instances instead of new ones.
         "ClientToken": f"{cfg.cluster_name}-{role[0]}-{token}",
         "SubnetId": subnet.id,
+        # IMDSv2 only: a token-less metadata request (SSRF from a benchmark's web server) gets nothing.
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
         "TagSpecifications": [scope.tag_spec("instance", ("Name", name), *extra), scope.tag_spec("volume", *extra)],
     }
-    if cfg.root_size:
-        args["BlockDeviceMappings"] = [{"DeviceName": image["RootDeviceName"],
-                                        "Ebs": {"VolumeSize": cfg.root_size, "VolumeType": "gp3",
-                                                "DeleteOnTermination": True}}]
+    mappings = _volumes(cfg, image)
+    if mappings:
+        args["BlockDeviceMappings"] = mappings
     if expires:
         args["InstanceInitiatedShutdownBehavior"] = "terminate"
         args["UserData"] = ttl.user_data(expires=f"{expires:%Y-%m-%dT%H:%M:%SZ}", epoch=int(expires.timestamp()))
@@ -49,6 +50,26 @@ def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: s
             options["MaxPrice"] = str(cfg.spot)
         args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
     return args
+
+
+def _volumes(cfg: ClusterConfig, image: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every EBS volume of the image ends with its instance (an image's extra volume would otherwise
+    outlive a terminated node and bill); the root gets ``root_size``."""
+    mappings = []
+    for mapping in image.get("BlockDeviceMappings", []):
+        if "Ebs" not in mapping:
+            continue
+        # Restating the image's own snapshot and size keeps the override a full mapping.
+        ebs: dict[str, Any] = {k: mapping["Ebs"][k] for k in ("SnapshotId", "VolumeSize", "VolumeType")
+                               if mapping["Ebs"].get(k)}
+        ebs["DeleteOnTermination"] = True
+        if mapping["DeviceName"] == image.get("RootDeviceName") and cfg.root_size:
+            ebs.update(VolumeSize=cfg.root_size, VolumeType="gp3")
+        mappings.append({"DeviceName": mapping["DeviceName"], "Ebs": ebs})
+    if cfg.root_size and not any(m["DeviceName"] == image.get("RootDeviceName") for m in mappings):
+        mappings.append({"DeviceName": image["RootDeviceName"],
+                         "Ebs": {"VolumeSize": cfg.root_size, "VolumeType": "gp3", "DeleteOnTermination": True}})
+    return mappings
 
 
 def expiry(cfg: ClusterConfig) -> datetime | None:
