@@ -73,8 +73,14 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
 def _wait_and_copy(prov: Provider, info: ClusterInfo) -> None:
     settings = prov.settings
     timeout = min(settings.ssh_timeout, prov.ssh_wait_cap or settings.ssh_timeout)
-    hosts.wait_ssh(info, info.nodes, timeout=timeout, concurrency=settings.concurrency,
-                   probe_timeout=min(settings.connect_timeout, 5.0))
+    try:
+        hosts.wait_ssh(info, info.nodes, timeout=timeout, concurrency=settings.concurrency,
+                       probe_timeout=min(settings.connect_timeout, 5.0))
+    except HostsFailed as failed:
+        hint = prov.ssh_hint(info, failed)
+        if not hint:
+            raise
+        raise HostsFailed(failed.failures, total=failed.total, what=failed.what, hint=hint) from None
     prov.verify_nodes(info)
     copy_dns(info, settings=settings)
 

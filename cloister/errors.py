@@ -38,15 +38,18 @@ class ProviderError(CloisterError):
 class HostsFailed(CloisterError):
     """One or more hosts failed; ``failures`` maps host -> one-line error."""
 
-    def __init__(self, failures: dict[str, str], *, total: int, what: str = ""):
+    def __init__(self, failures: dict[str, str], *, total: int, what: str = "", hint: str = ""):
         self.failures = dict(failures)
         self.total = total
         self.what = what
+        self.hint = hint
         lines = [f"[{host}] {err}" for host, err in self.failures.items()]
         summary = f"{len(self.failures)}/{total} hosts failed"
         if what:
             summary = f"{what}: {summary}"
         lines.append(summary)
+        if hint:
+            lines.append(hint)
         super().__init__("\n".join(lines))
 
 

@@ -25,6 +25,7 @@ from cloister import cluster as lib
 from cloister import hosts, images
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
+from cloister.providers.ec2 import permissions as ec2_permissions
 from cloister.providers.ec2 import ttl as ec2_ttl
 from cloister.settings import Settings
 from cloister.config import load_config
@@ -590,7 +591,11 @@ def test_dry_run_resolves_and_checks_but_creates_nothing(aws, make_cfg, settings
     assert "alice-clamor-20250101-0000" in text and "1 x m5.large on-demand" in text
     assert "8 x m5.large spot" in text and f"tcp 22 from {SSH_CIDR}" in text
     assert "every node terminates itself at" in text and "$0.86/hour" in text
-    assert lines[-1] == "  dry run    EC2 would allow every call"
+    assert lines[-1].startswith("  dry run    EC2 would allow every call")
+    # Every action of the policy was asked about (destroy's too), but the placement group's (none here).
+    dry = {a for a, p in inject.calls if p.get("DryRun") == "true"}
+    assert dry == set(ec2_permissions.EC2_ACTIONS) - {"DescribePlacementGroups", "CreatePlacementGroup",
+                                                       "DeletePlacementGroup"}
     assert [p.get("DryRun") for a, p in inject.calls if a in ("RunInstances", "CreateSecurityGroup")] == ["true"] * 3
     assert live(client, "t1") == [] and cluster_groups(client, "t1") == []
 
@@ -914,3 +919,14 @@ def test_every_volume_ends_with_its_instance_and_imdsv2_is_required(aws, make_cf
         flags = {v for k, v in run.items() if k.endswith(".Ebs.DeleteOnTermination")}
         assert volumes and flags == {"true"} and len([k for k in run if k.endswith(".Ebs.DeleteOnTermination")]) \
             == len(volumes)
+
+
+def test_ssh_timing_out_everywhere_with_an_auto_source_says_the_address_may_be_wrong(aws, make_cfg, settings):
+    info = lib.launch(make_cfg(ssh_cidr="198.51.100.7/32"), settings=settings, wait=False).info
+    timeouts = HostsFailed({n.host: "connection timed out" for n in info.nodes}, total=len(info.nodes))
+    auto = lib.provider(make_cfg(ssh_cidr="auto"), settings=settings)
+    hint = auto.ssh_hint(info, timeouts)
+    assert "lets in only 198.51.100.7/32 (ssh_cidr auto)" in hint and "set ssh_cidr" in hint
+    refused = HostsFailed({n.host: "connection refused (is sshd running?)" for n in info.nodes}, total=3)
+    assert auto.ssh_hint(info, refused) == ""
+    assert lib.provider(make_cfg(), settings=settings).ssh_hint(info, timeouts) == ""

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import ClassVar
 
 from ..config import ClusterConfig
-from ..errors import ProviderError
+from ..errors import HostsFailed, ProviderError
 from ..servers import ClusterInfo
 from ..settings import Settings
 
@@ -172,6 +172,10 @@ class Provider(ABC):
 
     def verify_nodes(self, info: ClusterInfo) -> None:
         """Once SSH answers on every node: check what the provider promised (a TTL armed, say)."""
+
+    def ssh_hint(self, info: ClusterInfo, failed: HostsFailed) -> str:
+        """What may be wrong when SSH never answered (a line for the user), or ""."""
+        return ""
 
     def ensure_running(self, info: ClusterInfo) -> None:
         """Raise ProviderError when the cluster recorded in ``info`` is known to be gone."""

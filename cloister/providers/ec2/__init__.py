@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ... import prices
-from ...errors import ProviderError
+from ...errors import HostsFailed, ProviderError
 from ...servers import ClusterInfo
 from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
-from . import images, launch, lifecycle, plan, ttl
+from . import images, launch, lifecycle, network, plan, ttl
 
 
 class Ec2Images(ImageStore):
@@ -51,6 +51,16 @@ class Ec2Provider(Provider):
     def verify_nodes(self, info: ClusterInfo) -> None:
         if self.cfg.ttl_seconds:
             ttl.wait_armed(info, info.nodes, settings=self.settings)
+
+    def ssh_hint(self, info: ClusterInfo, failed: HostsFailed) -> str:
+        if self.cfg.ssh_cidr != "auto" or len(failed.failures) < failed.total:
+            return ""
+        if not all("timed out" in error for error in failed.failures.values()):
+            return ""
+        sources = network.ssh_sources(self.cfg, info.extra.get("security_groups", []))
+        return (f"SSH timed out on every node while the security group lets in only {', '.join(sources) or '-'} "
+                f"(ssh_cidr auto); this machine may reach AWS from another address (a VPN, a proxy, a second "
+                f"uplink): set ssh_cidr in {self.cfg.source} to the address the nodes see")
 
     def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
         return lifecycle.destroy(self.cfg, settings=self.settings, confirm=confirm, progress=progress)

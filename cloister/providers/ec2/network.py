@@ -13,7 +13,7 @@ from typing import Any
 from ...config import ClusterConfig
 from ...errors import ProviderError
 from ...poll import retry
-from .aws import error_code, one_line
+from .aws import aws_errors, client_for, error_code, one_line
 from .instances import Scope, dev_instance
 log = logging.getLogger("cloister.ec2")
 
@@ -222,3 +222,15 @@ def ensure_placement_group(client, cfg: ClusterConfig, scope: Scope) -> None:
         if error_code(exc) != "InvalidPlacementGroup.Duplicate":
             raise
 
+
+
+def ssh_sources(cfg: ClusterConfig, group_ids: list[str]) -> list[str]:
+    """The sources the cluster's groups let SSH in from (their ``ssh_cidr`` rules)."""
+    if not group_ids:
+        return []
+    with aws_errors(cfg):
+        groups = client_for(cfg.region).describe_security_groups(GroupIds=group_ids)["SecurityGroups"]
+    return sorted({entry[field] for group in groups for perm in group.get("IpPermissions", [])
+                   if (perm.get("IpProtocol"), perm.get("FromPort")) == ("tcp", 22)
+                   for key, field in (("IpRanges", "CidrIp"), ("Ipv6Ranges", "CidrIpv6"))
+                   for entry in perm.get(key, []) if entry.get("Description") == SSH_DESCRIPTION})

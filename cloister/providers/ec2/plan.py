@@ -10,11 +10,16 @@ from typing import Any
 from ... import prices
 from ...config import ClusterConfig
 from ..base import Image, Plan
-from .aws import aws_errors, client_for, error_code
+from .aws import aws_errors, client_for
 from .images import launch_image, to_image
 from .instances import find, scope_of
 from .launch import expiry, run_args
+from .permissions import NO_INSTANCE, allowed, lifecycle_checks
 from .network import Subnet, allowed_ssh_source, launch_subnet, security_group_name
+
+# A security group id that exists nowhere, for checks that need one.
+NO_GROUP = "sg-0000000000000000f"
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -30,6 +35,8 @@ class LaunchPlan:
     ttl_expires: datetime | None
     hourly: float | None
     denied: tuple[str, ...]
+    unknown: tuple[str, ...]
+    checked: int
 
     def lines(self) -> list[str]:
         cfg = self.cfg
@@ -58,21 +65,10 @@ class LaunchPlan:
             lines.append(f"  existing   {self.existing} instances are tagged with this cluster: launch would "
                          f"adopt them and create nothing")
         lines.append("  dry run    EC2 refused: " + ", ".join(self.denied) if self.denied
-                     else "  dry run    EC2 would allow every call")
+                     else f"  dry run    EC2 would allow every call ({self.checked} checked)")
+        if self.unknown:
+            lines.append("  unchecked  " + ", ".join(self.unknown) + " (EC2 needs an existing resource to answer)")
         return lines
-
-
-def _allowed(call: Callable[..., Any], **kwargs: Any) -> bool:
-    """EC2's DryRun: answered with an error either way; DryRunOperation means it would have succeeded."""
-    try:
-        call(DryRun=True, **kwargs)
-    except Exception as exc:
-        if error_code(exc) == "DryRunOperation":
-            return True
-        if error_code(exc) == "UnauthorizedOperation":
-            return False
-        raise
-    return True
 
 
 def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
@@ -99,10 +95,21 @@ def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
         if cfg.placement_group:
             checks["CreatePlacementGroup"] = (client.create_placement_group,
                                               {"GroupName": cfg.placement_group, "Strategy": "cluster"})
-        denied = tuple(what for what, (call, kwargs) in checks.items() if not _allowed(call, **kwargs))
+        if cfg.placement_group:
+            checks["DeletePlacementGroup"] = (client.delete_placement_group, {"GroupName": cfg.placement_group})
+            checks["DescribePlacementGroups"] = (client.describe_placement_groups, {})
+        checks["AuthorizeSecurityGroupIngress"] = (client.authorize_security_group_ingress, {
+            "GroupId": NO_GROUP, "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                                                    "IpRanges": [{"CidrIp": "192.0.2.1/32"}]}]})
+        ours = find(client, scope)
+        checks.update(lifecycle_checks(client, instance=ours[0]["InstanceId"] if ours else NO_INSTANCE,
+                                       group=NO_GROUP))
+        answers = {what: allowed(call, **kwargs) for what, (call, kwargs) in checks.items()}
+        denied = tuple(what for what, ok in answers.items() if ok is False)
+        unknown = tuple(what for what, ok in answers.items() if ok is None)
     hourly = prices.cluster_hourly(master_type=cfg.master_type, worker_type=cfg.instance_type, nworkers=nworkers)
     found = LaunchPlan(cfg=cfg, nworkers=nworkers, image=to_image(image), ssh_source=ssh_source, subnet=subnet,
                        owner=scope.owner, existing=existing,
-                       ttl_expires=expires, hourly=hourly, denied=denied)
+                       ttl_expires=expires, hourly=hourly, denied=denied, unknown=unknown, checked=len(answers))
     return Plan(text=tuple(found.lines()), denied=denied)
 

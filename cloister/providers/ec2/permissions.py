@@ -1,0 +1,94 @@
+"""The IAM permissions cloister needs, in one list: the README's policy is this list, and the dry run
+checks each action with EC2's DryRun (destroy's too), so a missing permission shows before a launch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from .aws import error_code
+
+# Every EC2 action the code calls, and what for.
+EC2_ACTIONS: dict[str, str] = {
+    "DescribeInstances": "find a cluster's instances by tag, poll their states",
+    "DescribeImages": "resolve the AMI, list images for ami.*",
+    "DescribeSubnets": "pick the one subnet and zone of the cluster",
+    "DescribeSecurityGroups": "find the cluster's group for reuse and destroy",
+    "DescribePlacementGroups": "find the placement group cloister created",
+    "DescribeSnapshots": "find snapshots that ami.prune left behind",
+    "DescribeSpotPriceHistory": "price spot workers",
+    "RunInstances": "launch the master and the workers",
+    "CreateTags": "tag everything at creation; move a TTL; lock a launch",
+    "DeleteTags": "release the launch lock",
+    "CreateSecurityGroup": "one group per cluster",
+    "AuthorizeSecurityGroupIngress": "SSH from ssh_cidr, all traffic between members",
+    "RevokeSecurityGroupIngress": "drop an earlier launch's SSH source",
+    "DeleteSecurityGroup": "destroy",
+    "CreatePlacementGroup": "placement_group",
+    "DeletePlacementGroup": "destroy",
+    "TerminateInstances": "destroy, a failed launch, the reaping of expired stopped clusters",
+    "StopInstances": "cluster.stop",
+    "StartInstances": "cluster.start",
+    "CreateImage": "ami.create",
+    "DeregisterImage": "ami.prune",
+    "DeleteSnapshot": "ami.prune",
+}
+# The first spot launch in an account creates EC2's spot service-linked role.
+OTHER_ACTIONS = ("iam:CreateServiceLinkedRole",)
+# A resource id that exists nowhere, for checks that need one; a NotFound answer cannot tell.
+NO_INSTANCE = "i-0000000000000000f"
+NOT_CHECKABLE = ("NotFound", "Malformed", "InvalidParameter", "MissingParameter")
+
+
+def policy() -> dict[str, Any]:
+    """The minimal IAM policy, as the README shows it."""
+    actions = [f"ec2:{a}" for a in EC2_ACTIONS] + list(OTHER_ACTIONS)
+    return {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+
+
+def policy_json() -> str:
+    return json.dumps(policy(), indent=2)
+
+
+def allowed(call: Callable[..., Any], **kwargs: Any) -> bool | None:
+    """EC2's DryRun: True (DryRunOperation), False (UnauthorizedOperation), None when EC2 answered that the
+    arguments themselves are wrong, which a made-up resource id may cause before permissions are checked."""
+    try:
+        call(DryRun=True, **kwargs)
+    except Exception as exc:
+        code = error_code(exc) or ""
+        if code == "DryRunOperation":
+            return True
+        if code == "UnauthorizedOperation":
+            return False
+        if any(part in code for part in NOT_CHECKABLE):
+            return None
+        raise
+    return True
+
+
+def lifecycle_checks(client, *, instance: str, group: str) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+    """The calls of a cluster's life after launch (stop, start, extend, destroy), on one of its instances."""
+    tag = [{"Key": "cloister:dry-run", "Value": "1"}]
+    return {
+        "DescribeInstances": (client.describe_instances, {}),
+        "DescribeImages": (client.describe_images, {"Owners": ["self"]}),
+        "DescribeSubnets": (client.describe_subnets, {}),
+        "DescribeSecurityGroups": (client.describe_security_groups, {}),
+        "DescribeSnapshots": (client.describe_snapshots, {"OwnerIds": ["self"]}),
+        "DescribeSpotPriceHistory": (client.describe_spot_price_history, {"MaxResults": 5}),
+        "CreateTags": (client.create_tags, {"Resources": [instance], "Tags": tag}),
+        "DeleteTags": (client.delete_tags, {"Resources": [instance], "Tags": tag}),
+        "StopInstances": (client.stop_instances, {"InstanceIds": [instance]}),
+        "StartInstances": (client.start_instances, {"InstanceIds": [instance]}),
+        "TerminateInstances": (client.terminate_instances, {"InstanceIds": [instance]}),
+        "RevokeSecurityGroupIngress": (client.revoke_security_group_ingress, {
+            "GroupId": group, "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                                                 "IpRanges": [{"CidrIp": "192.0.2.1/32"}]}]}),
+        "DeleteSecurityGroup": (client.delete_security_group, {"GroupId": group}),
+        "CreateImage": (client.create_image, {"InstanceId": instance, "Name": "cloister-dry-run"}),
+        "DeregisterImage": (client.deregister_image, {"ImageId": "ami-0000000000000000f"}),
+        "DeleteSnapshot": (client.delete_snapshot, {"SnapshotId": "snap-0000000000000000f"}),
+    }
