@@ -35,7 +35,9 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 import moto_server as ms  # noqa: E402 - sets moto's validation switches before moto is imported
 
-TARGET = 14  # issue 5: requests for the whole 1+63 lifecycle
+# Requests for the whole 1+63 lifecycle: 14, plus the subnet lookup and the launch lock's release at
+# launch and the volumes that status prices.
+TARGET = 16
 OLD_REAL_POLLS = 4
 
 

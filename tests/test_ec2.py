@@ -22,7 +22,7 @@ import yaml
 
 import moto_server as ms  # before anything imports moto
 from cloister import cluster as lib
-from cloister import hosts, images
+from cloister import budget, hosts, images
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
 from cloister.providers.ec2 import permissions as ec2_permissions
@@ -930,3 +930,40 @@ def test_ssh_timing_out_everywhere_with_an_auto_source_says_the_address_may_be_w
     refused = HostsFailed({n.host: "connection refused (is sshd running?)" for n in info.nodes}, total=3)
     assert auto.ssh_hint(info, refused) == ""
     assert lib.provider(make_cfg(), settings=settings).ssh_hint(info, timeouts) == ""
+
+
+def test_cost_counts_spot_prices_disks_addresses_and_time_before_a_stop(aws, make_cfg, settings):
+    client, inject = aws
+    cfg = make_cfg(nworkers=1, spot=True, root_size=100, budget=0.000001)
+    lib.launch(cfg, settings=settings, wait=False)
+    master, worker = lib.status(cfg, settings=settings)
+    assert master.cost_usd > 0 and worker.type == "m5.large (spot)"
+    history = client.describe_spot_price_history(
+        InstanceTypes=["m5.large"], ProductDescriptions=["Linux/UNIX"], MaxResults=1,
+        AvailabilityZone=live(client, "t1")[0]["Placement"]["AvailabilityZone"])["SpotPriceHistory"][0]
+    disk = 100 * 0.08 / 730
+    assert master.hourly_usd == pytest.approx(0.096 + 0.005 + disk)
+    assert worker.hourly_usd == pytest.approx(float(history["SpotPrice"]) + 0.005 + disk)
+    assert budget.warning(cfg, [master, worker]).startswith("'t1' has spent $")
+    assert budget.warning(make_cfg(budget=1000), [master, worker]) is None
+
+
+def test_time_before_a_stop_is_kept_and_a_stopped_cluster_still_pays_for_disks(aws, make_cfg, settings):
+    client, _ = aws
+    cfg = make_cfg(nworkers=1, instance_type="t2.nano", master_instance_type="m5.large")
+    lib.launch(cfg, settings=settings, wait=False)
+    master = live(client, "t1")[0]["InstanceId"]
+    # As if the master had run for an hour before this stop.
+    client.create_tags(Resources=[master], Tags=[{"Key": "cloister:run-seconds", "Value": "3600"}])
+    lib.stop(cfg, settings=settings)
+    rows = {r.role: r for r in lib.status(cfg, settings=settings)}
+    assert rows["master"].cost_usd >= 0.096 and rows["master"].hourly_usd == pytest.approx(50 * 0.08 / 730)
+    assert rows["worker"].cost == "unknown" and rows["worker"].cost_usd is None
+    caption = lib.provider(cfg, settings=settings).status_caption(list(rows.values()))
+    assert "plus 1 nodes of unknown price" in caption
+
+
+def test_the_readme_lists_exactly_the_policy_the_code_needs():
+    text = (REPO / "README.md").read_text()
+    block = text.split("The minimal IAM policy", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == ec2_permissions.policy()

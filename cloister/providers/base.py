@@ -39,7 +39,8 @@ class NodeStatus:
     type: str = ""
     ttl_left_s: float | None = None
     cost: str = ""  # for people: "$0.12", "-" or "unknown"
-    cost_usd: float | None = None
+    cost_usd: float | None = None  # so far; None: unknown
+    hourly_usd: float | None = None  # now
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class ImageStore(ABC):
     """A provider's images, named ``{prefix}-{yyyymmdd-hhmm}`` (see ``cloister.images``)."""
 
     where: str = ""  # for messages: "owned by you in us-west-2", "under .cloister/images"
+    left_out: str = ""  # what an image never contains, for ami.create to say; "" when it copies everything
 
     @abstractmethod
     def list(self, pattern: str) -> list[Image]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ... import prices
+from . import prices
 from ...errors import HostsFailed, ProviderError
 from ...servers import ClusterInfo
 from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
@@ -75,8 +75,12 @@ class Ec2Provider(Provider):
         return f"in {self.cfg.region}"
 
     def status_caption(self, rows: list[NodeStatus]) -> str | None:
-        total = sum(r.cost_usd for r in rows if r.cost_usd is not None)
-        return f"cost so far {prices.dollars(total)}, {prices.NOTE}"
+        known = [r.cost_usd for r in rows if r.cost_usd is not None]
+        unknown = len(rows) - len(known)
+        hourly = sum(r.hourly_usd or 0.0 for r in rows)
+        return (f"cost so far {prices.dollars(sum(known))}"
+                + (f" plus {unknown} nodes of unknown price" if unknown else "")
+                + f"; {prices.dollars(hourly)}/hour now; {prices.NOTE}")
 
     def launch_warnings(self) -> list[str]:
         if self.cfg.ttl_seconds == 0:

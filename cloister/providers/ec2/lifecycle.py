@@ -6,14 +6,14 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ... import prices
+from . import prices
 from ...config import ClusterConfig
 from ...errors import ProviderError
 from ...servers import ClusterInfo
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for
-from . import ttl
+from . import cost, ttl
 from .instances import (TAG_CLUSTER, TAG_OWNER, TAG_TTL, cluster_info, describe, find, find_existing, forget_host_keys,
                         live_filter, node_of, role_of, scope_of, state_of, summary, tags_of, ttl_left, wait_for)
 from .launch import confirmed, teardown
@@ -48,6 +48,8 @@ def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = 
                                 f"stop; destroy the cluster instead (or launch it without spot)",
                                 provider="ec2", cluster=name)
         ids = [i["InstanceId"] for i in found if state_of(i) in ("pending", "running")]
+        for seconds, members in cost.stop_tags(found, datetime.now(timezone.utc)).items():
+            client.create_tags(Resources=members, Tags=[{"Key": cost.TAG_RUN_SECONDS, "Value": seconds}])
         if ids:
             client.stop_instances(InstanceIds=ids)
         wait_for(client, name, [i["InstanceId"] for i in found], "stopped", progress)
@@ -124,22 +126,23 @@ def status(cfg: ClusterConfig) -> list[NodeStatus]:
     A stopped instance past its TTL is terminated on sight (and shown so)."""
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        found = find(client, scope_of(cfg))
+        scope = scope_of(cfg)
+        found = find(client, scope)
         expired = set(_reap(client, found))
-    found = [{**i, "State": {"Name": "shutting-down"}} if i["InstanceId"] in expired else i for i in found]
-    now = datetime.now(timezone.utc)
+        found = [{**i, "State": {"Name": "shutting-down"}} if i["InstanceId"] in expired else i for i in found]
+        now = datetime.now(timezone.utc)
+        costs = cost.node_costs(client, cfg, scope, found, now)
     rows = []
     for inst in found:
         node = node_of(inst, cfg.cluster_name)
         up = (now - inst["LaunchTime"]).total_seconds() if state_of(inst) == "running" else None
-        rate = prices.hourly(inst["InstanceType"])
-        cost = None if rate is None or up is None else rate * up / 3600
         left = ttl_left(inst, now)
+        spent = costs[inst["InstanceId"]]
         rows.append(NodeStatus(
             role=node.role, id=node.id, name=node.name, host=node.host or "-",
             type=inst["InstanceType"] + (" (spot)" if inst.get("InstanceLifecycle") == "spot" else ""),
             state=state_of(inst), uptime_s=up, ttl_left_s=None if left is None else max(left, 0.0),
-            cost="-" if up is None else prices.dollars(cost), cost_usd=cost))
+            cost=prices.dollars(spent.so_far), cost_usd=spent.so_far, hourly_usd=spent.hourly))
     return rows
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ... import prices
+from . import prices
 from ...config import ClusterConfig
 from ..base import Image, Plan
 from .aws import aws_errors, client_for

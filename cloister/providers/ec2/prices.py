@@ -1,8 +1,10 @@
-"""Approximate EC2 on-demand list prices, for cost estimates in status and --dry-run.
+"""EC2 list prices, for the cost estimates of status, --dry-run and a config's ``budget``.
 
-These are us-east-1 Linux on-demand list prices in $/hour (2024). Other regions usually cost
-0-30% more and spot less; cloister says "estimated" wherever it shows them. A type not listed
-here is shown as unknown rather than guessed.
+A maintained table, not a live query: us-east-1 Linux on-demand prices in $/hour as of PRICES_DATE,
+times a region's factor (the ratio of its list prices to us-east-1's, which holds within a few percent
+across the general-purpose families). A type or region not listed here is shown as unknown, never
+guessed or left out. Spot workers are priced at their spot price (DescribeSpotPriceHistory); EBS and
+public IPv4 addresses are counted too.
 """
 
 from __future__ import annotations
@@ -57,17 +59,36 @@ ON_DEMAND: dict[str, float] = {
     for family, (large, sizes) in _FAMILIES.items() for size in sizes
 }
 
-NOTE = "estimated from us-east-1 on-demand list prices (cloister/prices.py)"
+PRICES_DATE = "2024-06"
+# Region list prices relative to us-east-1 (on-demand Linux and gp3 alike).
+REGION_FACTOR: dict[str, float] = {
+    "us-east-1": 1.0, "us-east-2": 1.0, "us-west-2": 1.0, "us-west-1": 1.17, "ca-central-1": 1.11,
+    "eu-west-1": 1.11, "eu-west-2": 1.16, "eu-west-3": 1.16, "eu-central-1": 1.19, "eu-north-1": 1.06,
+    "ap-northeast-1": 1.29, "ap-northeast-2": 1.23, "ap-southeast-1": 1.25, "ap-southeast-2": 1.25,
+    "ap-south-1": 1.05, "sa-east-1": 1.59,
+}
+GP3_GB_MONTH = 0.08           # us-east-1, $ per GB-month
+HOURS_PER_MONTH = 730
+PUBLIC_IPV4_HOURLY = 0.005    # every public IPv4 address, in use or not, since 2024-02
+
+NOTE = f"estimated from EC2 list prices of {PRICES_DATE} (cloister/providers/ec2/prices.py)"
 
 
-def hourly(instance_type: str) -> float | None:
-    """The on-demand list price of ``instance_type`` in $/hour, or None when cloister does not know it."""
-    return ON_DEMAND.get(instance_type)
+def hourly(instance_type: str, region: str | None = "us-east-1") -> float | None:
+    """The on-demand list price of ``instance_type`` in ``region`` in $/hour, or None when unknown."""
+    base, factor = ON_DEMAND.get(instance_type), REGION_FACTOR.get(region or "")
+    return None if base is None or factor is None else round(base * factor, 5)
 
 
-def cluster_hourly(*, master_type: str, worker_type: str, nworkers: int) -> float | None:
-    """$/hour of one master and ``nworkers`` workers, or None if either type is unknown."""
-    master, worker = hourly(master_type), hourly(worker_type)
+def ebs_hourly(gigabytes: float, region: str | None) -> float | None:
+    factor = REGION_FACTOR.get(region or "")
+    return None if factor is None else gigabytes * GP3_GB_MONTH * factor / HOURS_PER_MONTH
+
+
+def cluster_hourly(*, master_type: str, worker_type: str, nworkers: int,
+                   region: str | None = "us-east-1") -> float | None:
+    """$/hour of one master and ``nworkers`` workers on demand, or None if either type is unknown."""
+    master, worker = hourly(master_type, region), hourly(worker_type, region)
     if master is None or (nworkers and worker is None):
         return None
     return master + nworkers * (worker or 0.0)
