@@ -2,10 +2,15 @@
 VENV := .venv
 PYTHON ?= python3
 
-.PHONY: demo test system-deps venv
+.PHONY: demo test system-deps test-deps venv
 
 system-deps:
 	@scripts/system-deps.sh
+
+# The tests also boot EC2 twin instances (systemd, cloud-init) and run OpenMPI across local hosts.
+test-deps:
+	@scripts/system-deps.sh openmpi-bin
+	@scripts/twin-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,5 +23,5 @@ venv: $(VENV)/.installed
 demo: system-deps venv
 	scripts/demo.sh
 
-test: system-deps venv
+test: test-deps venv
 	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,52 @@
+"""Run the twin as a server of its own, for a demo or by hand (as root, from tests/ or with it on
+PYTHONPATH):
+
+    python -m twin --import-key NAME PUBLIC_KEY_FILE --env-file twin.env &
+    . twin.env          # once it exists: AWS_ENDPOINT_URL_EC2 and friends, as shell exports
+    inv cluster.launch ...
+
+It serves until SIGINT or SIGTERM, then ends every machine, cleans up and removes the env file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import threading
+from pathlib import Path
+
+from . import Twin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m twin", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--import-key", nargs=2, action="append", default=[], metavar=("NAME", "PUBLIC_KEY_FILE"),
+                        help="import an EC2 key pair (repeatable)")
+    parser.add_argument("--env-file", type=Path, help="also write the exports there, once the twin serves")
+    args = parser.parse_args()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with Twin() as twin:
+        ec2 = twin.client()
+        for name, public_key in args.import_key:
+            ec2.import_key_pair(KeyName=name, PublicKeyMaterial=Path(public_key).read_bytes())
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(twin.env().items())
+                          if k.startswith("AWS_"))
+        if args.env_file:
+            # Written whole and then renamed, so whoever waits for the file never reads half of it.
+            partial = args.env_file.with_name(args.env_file.name + ".partial")
+            partial.write_text(exports)
+            os.replace(partial, args.env_file)
+        print(exports, end="", flush=True)
+        try:
+            stop.wait()
+        finally:
+            if args.env_file:
+                args.env_file.unlink(missing_ok=True)  # it names a server that is gone
+
+
+if __name__ == "__main__":
+    main()
