@@ -23,5 +23,11 @@ venv: $(VENV)/.installed
 demo: system-deps venv
 	scripts/demo.sh
 
+# The same cluster life as on AWS, against the EC2 twin on this machine (no AWS account, loopback only).
+.PHONY: demo-ec2
+demo-ec2: system-deps venv
+	@scripts/twin-deps.sh
+	scripts/demo-ec2.sh
+
 test: test-deps venv
 	$(VENV)/bin/python -m pytest -q

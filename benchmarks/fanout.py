@@ -8,6 +8,11 @@ wall time is measured. Runs are interleaved tool by tool, after one untimed warm
 median of --repeat is reported with the ratio of inv to the faster of pssh/clush. The cluster is
 destroyed at the end, also on failure or Ctrl-C.
 
+The output-size row runs a command that prints --output-mb MB per host on --output-hosts hosts
+(the cluster of that size from --hosts, or one of its own): every tool's stdout goes to /dev/null
+(inv spills each host's output to a file and prints where), and the peak resident memory of the
+tool's own process is reported beside its wall time. Target: no slower than the faster of pssh/clush.
+
     .venv/bin/python benchmarks/fanout.py --setup --hosts 8,32,64,128 --repeat 5
 """
 
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +45,7 @@ TOOLS = ("inv", "pssh", "clush", "serial")
 # Beyond this a serial loop takes N seconds per run and tells nothing new (field notes: 38 s at N=32).
 SERIAL_MAX = 8
 TARGET = 0.75
+OUTPUT_TARGET = 1.0
 
 
 def setup() -> None:
@@ -60,36 +67,52 @@ def ssh_options(info) -> list[str]:
             "StrictHostKeyChecking=yes", "BatchMode=yes", "ConnectTimeout=10"]
 
 
-def commands(info, root: Path, config: Path) -> dict[str, list[list[str]]]:
+def commands(info, root: Path, config: Path, command: str) -> dict[str, list[list[str]]]:
     """tool -> the processes one run of it starts (one, except the serial loop: one per host)."""
     addresses = [n.host for n in info.cluster_nodes]
     hosts_file = root / "hosts.txt"
     hosts_file.write_text("".join(a + "\n" for a in addresses))
     options = ssh_options(info)
     n = str(len(addresses))
-    pssh = ["parallel-ssh", "-p", n, "-h", str(hosts_file), "-l", info.user, "-t", "60", "-i"]
+    pssh = ["parallel-ssh", "-p", n, "-h", str(hosts_file), "-l", info.user, "-t", "600", "-i"]
     for option in options:
         pssh += ["-O", option]
     clush = ["clush", "-f", n, "-w", ",".join(addresses), "-l", info.user, "-b",
              "-o", " ".join(f"-o {option}" for option in options)]
-    serial = [["ssh", *(f"-o{option}" for option in options), f"{info.user}@{address}", COMMAND]
+    serial = [["ssh", *(f"-o{option}" for option in options), f"{info.user}@{address}", command]
               for address in addresses]
-    return {"inv": [[INV, "cluster.run", "--config", str(config), COMMAND]],
-            "pssh": [pssh + [COMMAND]], "clush": [clush + [COMMAND]], "serial": serial}
+    return {"inv": [[INV, "cluster.run", "--config", str(config), command]],
+            "pssh": [pssh + [command]], "clush": [clush + [command]], "serial": serial}
 
 
-def timed(argvs: list[list[str]], env: dict[str, str]) -> float:
-    """Wall time of running ``argvs`` one after another; any failure stops the benchmark."""
+def timed(argvs: list[list[str]], env: dict[str, str], *, quiet: bool = False) -> tuple[float, int]:
+    """(wall time, peak RSS in KiB of the tool's largest process) of running ``argvs`` one after another;
+    any failure stops the benchmark. ``quiet`` sends stdout to /dev/null (large outputs)."""
     start = time.perf_counter()
+    peak = 0
     for argv in argvs:
-        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {' | '.join(tail)}")
-    return time.perf_counter() - start
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL if quiet else out, stderr=err)
+            killer = threading.Timer(600, proc.kill)
+            killer.start()
+            # wait4, not wait: it reports the peak RSS of this one process (and what it waited for).
+            _, status, usage = os.wait4(proc.pid, 0)
+            killer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            peak = max(peak, usage.ru_maxrss)
+            if proc.returncode != 0:
+                err.seek(0)
+                out.seek(0)
+                tail = (err.read() or out.read()).decode(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {' | '.join(tail)}")
+    return time.perf_counter() - start, peak
 
 
-def measure(n: int, repeat: int, tools: list[str]) -> dict[str, float]:
+Row = tuple[str, str, bool]    # label, command, quiet
+
+
+def measure(n: int, repeat: int, tools: list[str], rows: list[Row]) -> dict[str, dict[str, tuple[float, int]]]:
+    """label -> tool -> (median wall time, peak RSS) on a fresh cluster of ``n`` hosts."""
     root = Path(tempfile.mkdtemp(prefix=f"cloister-fanout-{n}-"))
     config = root / "fanout.json"
     config.write_text(json.dumps({"cluster_name": f"fanout-{n}-{os.getpid()}", "provider": "local",
@@ -102,31 +125,68 @@ def measure(n: int, repeat: int, tools: list[str]) -> dict[str, float]:
         start = time.perf_counter()
         info = lib.launch(cfg, settings=settings).info
         print(f"N={n}: cluster up in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-        argvs = commands(info, root, config)
-        for tool in tools:
-            timed(argvs[tool], env)
-        times: dict[str, list[float]] = {tool: [] for tool in tools}
-        for run in range(repeat):
-            for tool in tools:
-                times[tool].append(timed(argvs[tool], env))
-            print(f"N={n}: run {run + 1}/{repeat}: "
-                  + ", ".join(f"{t} {times[t][-1]:.2f}s" for t in tools), file=sys.stderr)
-        return {tool: statistics.median(values) for tool, values in times.items()}
+        # The serial loop only shows what parallelism buys on the small command.
+        return {label: _rounds(n, repeat, [t for t in tools if t != "serial" or not quiet],
+                               commands(info, root, config, command), env, label=label, quiet=quiet,
+                               output=Path(settings.state_dir) / "output")
+                for label, command, quiet in rows}
     finally:
         lib.destroy(cfg, settings=settings)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def table(results: dict[int, dict[str, float]], repeat: int) -> str:
+def _rounds(n: int, repeat: int, tools: list[str], argvs: dict[str, list[list[str]]], env: dict[str, str], *,
+            label: str, quiet: bool, output: Path) -> dict[str, tuple[float, int]]:
+    """One untimed warm-up per tool, then ``repeat`` interleaved timed rounds; medians."""
+    for tool in tools:
+        timed(argvs[tool], env, quiet=quiet)
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
+    peaks: dict[str, int] = {tool: 0 for tool in tools}
+    for run in range(repeat):
+        for tool in tools:
+            seconds, peak = timed(argvs[tool], env, quiet=quiet)
+            times[tool].append(seconds)
+            peaks[tool] = max(peaks[tool], peak)
+            shutil.rmtree(output, ignore_errors=True)  # inv's spilled outputs: keep the disk flat
+        print(f"N={n} {label}: run {run + 1}/{repeat}: "
+              + ", ".join(f"{t} {times[t][-1]:.2f}s" for t in tools), file=sys.stderr)
+    return {tool: (statistics.median(values), peaks[tool]) for tool, values in times.items()}
+
+
+def table(results: dict[int, dict[str, dict[str, tuple[float, int]]]], repeat: int) -> str:
     head = f"| N | inv | pssh | clush | serial | inv / min(pssh, clush) | <= {TARGET}x |"
     lines = [f"`{COMMAND}`, whole-process wall time, median of {repeat}", "", head,
              "|" + "---|" * (head.count("|") - 1)]
-    for n, medians in results.items():
+    for n, rows in results.items():
+        medians = {tool: value[0] for tool, value in rows.get(COMMAND, {}).items()}
+        if not medians:
+            continue
         ratio = medians["inv"] / min(medians["pssh"], medians["clush"])
         serial = f"{medians['serial']:.2f} s" if "serial" in medians else "skipped"
         lines.append(f"| {n} | {medians['inv']:.2f} s | {medians['pssh']:.2f} s | {medians['clush']:.2f} s | "
                      f"{serial} | {ratio:.2f} | {'yes' if ratio <= TARGET else 'no'} |")
+    return "\n".join(lines) + _output_table(results, repeat)
+
+
+def _output_table(results: dict[int, dict[str, dict[str, tuple[float, int]]]], repeat: int) -> str:
+    found = [(n, label, rows[label]) for n, rows in results.items() for label in rows if label != COMMAND]
+    if not found:
+        return ""
+    head = f"| N | output | inv | pssh | clush | inv / min(pssh, clush) | <= {OUTPUT_TARGET}x |"
+    lines = ["", "", "output size (`head -c BYTES /dev/zero | base64` on every host): whole-process wall time "
+             f"(median of {repeat}) and peak RSS of the tool's largest process; stdout to /dev/null", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for n, label, row in found:
+        cell = {tool: f"{row[tool][0]:.2f} s, {row[tool][1] / 1024:.0f} MiB" for tool in ("inv", "pssh", "clush")}
+        ratio = row["inv"][0] / min(row["pssh"][0], row["clush"][0])
+        lines.append(f"| {n} | {label} | {cell['inv']} | {cell['pssh']} | {cell['clush']} | {ratio:.2f} | "
+                     f"{'yes' if ratio <= OUTPUT_TARGET else 'no'} |")
     return "\n".join(lines)
+
+
+def output_command(megabytes: float) -> str:
+    """A command that prints ``megabytes`` MB of base64 text (76-character lines), like a chatty build."""
+    return f"head -c {int(megabytes * 1e6 * 3 / 4)} /dev/zero | base64"
 
 
 def main() -> None:
@@ -136,13 +196,15 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="apt-get install pssh and clustershell if missing")
     parser.add_argument("--serial", action="store_true",
                         help=f"also time the serial ssh loop above N={SERIAL_MAX} (N seconds per run)")
+    parser.add_argument("--output-hosts", type=int, default=8, help="hosts of the output-size row (0: no row)")
+    parser.add_argument("--output-mb", type=float, default=20, help="MB each host prints in the output-size row")
     args = parser.parse_args()
     try:
-        sizes = [int(part) for part in args.hosts.split(",")]
+        sizes = [int(part) for part in args.hosts.split(",") if part]
     except ValueError:
         sys.exit(f"fanout: --hosts {args.hosts!r}: expected comma-separated integers such as 8,32,64")
-    if any(n < 2 for n in sizes) or args.repeat < 1:
-        sys.exit("fanout: every size must be >= 2 (a master and a worker) and --repeat >= 1")
+    if any(n < 2 for n in sizes) or args.repeat < 1 or args.output_hosts == 1 or args.output_mb <= 0:
+        sys.exit("fanout: every size must be >= 2 (a master and a worker), --repeat >= 1, --output-mb > 0")
     if args.setup:
         setup()
     for command in ("parallel-ssh", "clush", "ssh"):
@@ -150,12 +212,16 @@ def main() -> None:
             sys.exit(f"fanout: '{command}' not found; run with --setup")
     # SIGTERM must run the finally blocks that destroy the cluster, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("fanout: terminated"))
-    results: dict[int, dict[str, float]] = {}
+    big: Row = (f"{args.output_mb:g} MB per host", output_command(args.output_mb), True)
+    plan = {n: [(COMMAND, COMMAND, False)] for n in sizes}
+    if args.output_hosts:
+        plan.setdefault(args.output_hosts, []).append(big)
+    results: dict[int, dict[str, dict[str, tuple[float, int]]]] = {}
     try:
-        for n in sizes:
+        for n, rows in plan.items():
             tools = [t for t in TOOLS if t != "serial" or n <= SERIAL_MAX or args.serial]
-            results[n] = measure(n, args.repeat, tools)
-    except (CloisterError, RuntimeError, subprocess.TimeoutExpired, KeyboardInterrupt) as err:
+            results[n] = measure(n, args.repeat, tools, rows)
+    except (CloisterError, RuntimeError, KeyboardInterrupt) as err:
         if results:
             print(table(results, args.repeat))
         sys.exit(f"fanout: {err or 'interrupted'}")

@@ -10,14 +10,16 @@ import json
 import os
 import shlex
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import hosts, layout, providers
+from . import hosts, layout, providers, remote
 from .config import TTL_RE, ClusterConfig, parse_ttl
 from .errors import CloisterError, HostsFailed
 from .providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
+from .remote import Captured
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
 from .settings import Settings
 
@@ -144,59 +146,100 @@ def copy_dns(info: ClusterInfo, *, settings: Settings) -> int:
 
 @dataclass(frozen=True)
 class HostOutput:
+    """What one host printed (in memory, or spilled to a file when large) and how the command ended."""
+
     host: str
-    stdout: str
-    stderr: str
+    out: Captured
+    err: Captured
     exited: int | None
     error: str | None = None
+
+    @property
+    def stdout(self) -> str:
+        return self.out.text
+
+    @property
+    def stderr(self) -> str:
+        return self.err.text
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run``: the command is stopped on every host; ``outputs`` is what each printed so far."""
+
+    def __init__(self, outputs: list[HostOutput]):
+        super().__init__()
+        self.outputs = outputs
+
+
+def output_dir(settings: Settings) -> Path:
+    """Where this run's large outputs go: ``{state_dir}/output/{UTC time}-{pid}/`` (created on first use)."""
+    return Path(settings.state_dir) / "output" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}"
 
 
 def run(info: ClusterInfo, command: str, *, nodes: list[Node], settings: Settings, stream: TextIO | None = None,
         timeout: float | None = None) -> list[HostOutput]:
     """Run ``command`` on ``nodes`` in parallel; with ``stream``, lines go there live as ``[host] line``.
 
-    With ``timeout``, the remote side ends the command itself (coreutils ``timeout``) so nothing is
-    left running on a host; the local timeout, a little later, only covers a host that stops answering.
+    Each host's output is kept in memory up to ``remote.SPILL_LIMIT`` per stream and beyond that in
+    ``output_dir(settings)/{host}.out`` (``.err``). With ``timeout``, the remote side ends the command
+    itself (coreutils ``timeout``); the local timeout, a little later, only covers a host that stops
+    answering. Ctrl-C stops the command on every host and raises RunInterrupted with the output so far.
     """
-    lock = threading.Lock()
     if timeout is not None:
         command = f"timeout -k 2 {timeout:g} bash -c {shlex.quote(command)}"
+    folder = output_dir(settings)
+    sinks = {n.host: (remote.Capture(folder / f"{n.host}.out"), remote.Capture(folder / f"{n.host}.err"))
+             for n in nodes}
+    lock = threading.Lock()
+    ended: dict[str, Any] = {}      # host -> exit status or the exception that ended it
 
-    def one(cxn):
-        kwargs: dict[str, Any] = {"timeout": None if timeout is None else timeout + REMOTE_TIMEOUT_GRACE}
-        if stream is not None:
-            out, err = hosts.PrefixWriter(cxn.host, stream, lock), hosts.PrefixWriter(cxn.host, stream, lock)
-            kwargs.update(out_stream=out, err_stream=err)
-            try:
-                return cxn.run(command, **kwargs)
-            finally:
-                out.flush()
-                err.flush()
-        return cxn.run(command, **kwargs)
+    def one(cxn) -> None:
+        out, err = sinks[cxn.host]
+        writers = (out, err) if stream is None else (remote.LineWriter(cxn.host, stream, lock),
+                                                     remote.LineWriter(cxn.host, stream, lock))
+        try:
+            ended[cxn.host] = remote.execute(
+                cxn, command, stdout=writers[0].write, stderr=writers[1].write, stop=grp.stop,
+                timeout=None if timeout is None else timeout + REMOTE_TIMEOUT_GRACE)
+        except Exception as exc:  # noqa: BLE001 - reported per host
+            ended[cxn.host] = exc
+        finally:
+            if stream is not None:
+                for writer in writers:
+                    writer.flush()
 
     with hosts.group(info, nodes, concurrency=settings.concurrency,
                      connect_timeout=settings.connect_timeout) as grp:
-        result = hosts.call(grp, one)
+        try:
+            grp.call(one)
+        except KeyboardInterrupt:
+            raise RunInterrupted(_outputs(nodes, sinks, dict(ended), timeout=timeout)) from None
+    return _outputs(nodes, sinks, ended, timeout=timeout)
+
+
+def _outputs(nodes: list[Node], sinks: dict[str, tuple[remote.Capture, remote.Capture]],
+             ended: dict[str, Any], *, timeout: float | None) -> list[HostOutput]:
+    """One HostOutput per node, in order; a node without an outcome was interrupted."""
     outputs = []
-    by_host = {cxn.host: value for cxn, value in result.items()}
     for node in nodes:
-        value = by_host[node.host]
+        value = ended.get(node.host, remote.Stopped())
+        out, err = (sink.result() for sink in sinks[node.host])
         if isinstance(value, BaseException):
-            outputs.append(HostOutput(node.host, "", "", None, hosts.describe_error(value)))
-        elif timeout is not None and value.exited == TIMEOUT_EXIT:
-            outputs.append(HostOutput(node.host, value.stdout, value.stderr, value.exited,
-                                      f"timed out after {timeout:g}s"))
+            outputs.append(HostOutput(node.host, out, err, None, hosts.describe_error(value)))
+        elif timeout is not None and value == TIMEOUT_EXIT:
+            outputs.append(HostOutput(node.host, out, err, value, f"timed out after {timeout:g}s"))
         else:
-            outputs.append(HostOutput(node.host, value.stdout, value.stderr, value.exited))
+            outputs.append(HostOutput(node.host, out, err, value))
     return outputs
 
 
 def fold(outputs: list[HostOutput]) -> list[tuple[list[str], HostOutput]]:
-    """Group hosts whose output, exit code and error are identical (like ``clush -b``)."""
+    """Group hosts whose output, exit code and error are identical (like ``clush -b``); outputs compare
+    by digest, so spilled ones are never read back."""
     groups: dict[tuple, list[str]] = {}
     first: dict[tuple, HostOutput] = {}
     for out in outputs:
-        key = (out.stdout, out.stderr, out.exited, out.error)
+        key = (out.out.digest, out.err.digest, out.exited, out.error)
         groups.setdefault(key, []).append(out.host)
         first.setdefault(key, out)
     return [(hosts_, first[key]) for key, hosts_ in groups.items()]

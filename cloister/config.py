@@ -1,8 +1,12 @@
-"""Load and validate a cluster config (JSON), SPEC section 3.
+"""Load and validate a cluster config (JSON).
 
 Precedence, lowest first: DEFAULTS < invoke.yaml < INVOKE_CLOISTER_* env < the
 config file < task flags. Invoke merges the first three into ``c.cloister``;
 tasks pass that mapping as ``defaults`` and their flags as ``overrides``.
+
+Config files of the old Clamor scripts (both their "driver" and their later
+"master" naming) load unchanged: their keys are read under cloister's names or
+accepted with a notice (LEGACY_KEYS).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ LEGACY_KEYS: dict[str, str | None] = {
     "key_pair": "ssh_key",
     "driver_instance_type": "master_instance_type",
     "num_workers": "nworkers",
+    "swap_size_master": "swap_size",
+    "swap_size_driver": "swap_size",
+    "master_file": None,
     "driver_file": None,
     "servers_file": None,
     "manager_file": None,
@@ -40,10 +47,10 @@ LEGACY_KEYS: dict[str, str | None] = {
     "servers_public_file": None,
     "datagen_instance_ip": None,
     "datagen_instance_type": None,
-    "swap_size_driver": None,
     "swap_size_worker": None,
-    "swap_size": None,
 }
+# The old scripts' `ami: latest` without an ami_tag looked for the user's own images tagged clamor.
+LEGACY_AMI_TAG = "clamor"
 
 
 def _str(value: Any) -> bool:
@@ -75,6 +82,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "user": (lambda v: isinstance(v, str) and bool(re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v)),
              "a login user name such as 'ubuntu'"),
     "root_size": (lambda v: v is None or (_int(v) and 8 <= v <= 16384), "a volume size in GiB (8-16384)"),
+    "swap_size": (lambda v: v is None or (_int(v) and 0 <= v <= 16384),
+                  "GiB of swap for the master (0-16384; 0 or null: none)"),
     "ami_instance_ip": (_opt_str, "the dev instance's DNS name or IP address"),
     "placement_group": (_opt_str, "a placement group name or null"),
     "spot": (lambda v: isinstance(v, bool) or (isinstance(v, (int, float)) and v > 0),
@@ -86,6 +95,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "redeploy_paths": (lambda v: isinstance(v, list) and all(_str(p) for p in v), "a list of paths"),
     "image": (_opt_str, "a directory to copy into each host's home"),
     "dev_host": (lambda v: isinstance(v, bool), "true or false"),
+    "budget": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+               "a budget in dollars for the cluster's life, or null"),
     "owner": (_opt_str, "who owns the cluster's instances (default: the caller's AWS identity)"),
     "subnet_id": (lambda v: v is None or (isinstance(v, str) and v.startswith("subnet-")), "a subnet id ('subnet-...')"),
     "availability_zone": (_opt_str, "an availability zone such as 'us-west-2a'"),
@@ -130,6 +141,7 @@ class ClusterConfig:
     ssh_key: str | None = None
     user: str = "ubuntu"
     root_size: int | None = 50
+    swap_size: int | None = None
     ami_instance_ip: str | None = None
     placement_group: str | None = None
     spot: bool | float = False
@@ -138,6 +150,7 @@ class ClusterConfig:
     redeploy_paths: list[str] = field(default_factory=lambda: list(DEFAULT_REDEPLOY_PATHS))
     image: str | None = None
     dev_host: bool = True
+    budget: float | None = None
     owner: str | None = None
     subnet_id: str | None = None
     availability_zone: str | None = None
@@ -194,6 +207,7 @@ def _translate(data: Mapping[str, Any], *, file: str, layer: str) -> tuple[dict[
     values: dict[str, Any] = {}
     notices: list[str] = []
     legacy: dict[str, Any] = {}
+    named_by: dict[str, str] = {key: key for key in data if key in DEFAULTS}
     for key, value in data.items():
         if key in DEFAULTS:
             values[key] = value
@@ -202,11 +216,14 @@ def _translate(data: Mapping[str, Any], *, file: str, layer: str) -> tuple[dict[
             if new is None:
                 legacy[key] = value
                 notices.append(f"{file}: legacy key '{key}' accepted and not used by cloister")
-            else:
-                if new in data:
-                    raise ConfigError(file=file, key=key, expected=f"legacy name of '{new}', which is also set; keep one")
-                values[new] = value
-                notices.append(f"{file}: legacy key '{key}' read as '{new}'")
+                continue
+            if new in named_by:
+                also = "" if named_by[new] == new else f" (as '{named_by[new]}')"
+                raise ConfigError(file=file, key=key,
+                                  expected=f"legacy name of '{new}', which is also set{also}; keep one")
+            named_by[new] = key
+            values[new] = value
+            notices.append(f"{file}: legacy key '{key}' read as '{new}'")
         else:
             close = difflib.get_close_matches(key, list(DEFAULTS) + list(LEGACY_KEYS), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(DEFAULTS)}"
@@ -216,13 +233,15 @@ def _translate(data: Mapping[str, Any], *, file: str, layer: str) -> tuple[dict[
 
 def _coerce(key: str, value: Any) -> Any:
     """Env vars arrive as strings when the default is None or a str; read numbers back."""
-    if key in ("nworkers", "root_size") and isinstance(value, str) and value.strip().isdigit():
+    if key in ("nworkers", "root_size", "swap_size") and isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return value
 
 
 def _check_key_file(path: str, *, file: str) -> str:
-    full = Path(os.path.expanduser(path))
+    """The key file as an absolute path; a relative one is relative to the working directory, as the
+    old scripts' key_pair was, and made absolute so a later change of directory cannot lose it."""
+    full = Path(os.path.expanduser(path)).absolute()
     try:
         st = full.stat()
     except FileNotFoundError:
@@ -241,15 +260,18 @@ def _where(file: str, sources: Mapping[str, str], key: str) -> str:
     return file if source == file else f"{file} (from {source})"
 
 
-def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None = None,
-                overrides: Mapping[str, Any] | None = None, providers: Collection[str] = PROVIDERS) -> ClusterConfig:
-    """Read ``path`` and merge it over ``defaults`` and under ``overrides`` (None values skipped).
+def label_overrides(*, label: str | None, name: str | None) -> dict[str, str | None]:
+    """Flags for a launch: ``label`` names the cluster and its images (the old scripts' ``-l``)."""
+    if label is not None and name is not None:
+        raise ConfigError(file="--label", expected="sets the cluster name and ami_tag; give --label or --name, not both")
+    if label is None:
+        return {"cluster_name": name}
+    return {"cluster_name": label, "ami_tag": label}
 
-    ``providers`` are the provider names the registry knows (``cloister.providers.names()``).
-    """
-    file = str(path)
-    data = _read_json(Path(path))
-    file_values, notices, legacy = _translate(data, file=file, layer="")
+
+def _merge(file: str, file_values: Mapping[str, Any], *, defaults: Mapping[str, Any] | None,
+           overrides: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """DEFAULTS < ``defaults`` < the file < ``overrides``; return the values and where each came from."""
     merged: dict[str, Any] = copy.deepcopy(DEFAULTS)
     sources: dict[str, str] = {}
     for key, value in (defaults or {}).items():
@@ -263,6 +285,10 @@ def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None =
         if value is not None:
             merged[key] = value
             sources[key] = "--" + key.replace("_", "-")
+    return merged, sources
+
+
+def _check(merged: Mapping[str, Any], *, file: str, sources: Mapping[str, str], providers: Collection[str]) -> None:
     for key, (check, expected) in _CHECKS.items():
         value = merged[key]
         if key == "cluster_name" and value is None:
@@ -279,19 +305,37 @@ def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None =
         for key in ("region", "ami", "key_name", "ssh_key"):
             if not merged[key]:
                 raise ConfigError(file=file, key=key, expected="missing; required by the ec2 provider")
-        if merged["ami"] == "latest" and not merged["ami_tag"]:
-            raise ConfigError(file=file, key="ami_tag", expected="missing; 'ami: latest' needs an AMI name prefix")
-    if merged["ssh_key"] and provider != "local":
-        merged["ssh_key"] = _check_key_file(merged["ssh_key"], file=_where(file, sources, "ssh_key"))
-    if merged["image"] and provider == "local":
-        image = Path(merged["image"])
-        if not image.is_absolute():
-            image = (Path(file).resolve().parent / image).resolve()
-            if not image.is_dir():
-                image = Path(merged["image"]).resolve()
+
+
+def _local_image(value: str, *, file: str) -> str:
+    """A relative image is looked for beside the config file first, then in the working directory."""
+    image = Path(value)
+    if not image.is_absolute():
+        image = (Path(file).resolve().parent / image).resolve()
         if not image.is_dir():
-            raise ConfigError(file=_where(file, sources, "image"), key="image",
-                              expected=f"directory {merged['image']} does not exist")
-        merged["image"] = str(image)
+            image = Path(value).resolve()
+    return str(image)
+
+
+def load_config(path: str | os.PathLike, *, defaults: Mapping[str, Any] | None = None,
+                overrides: Mapping[str, Any] | None = None, providers: Collection[str] = PROVIDERS) -> ClusterConfig:
+    """Read ``path`` and merge it over ``defaults`` and under ``overrides`` (None values skipped).
+
+    ``providers`` are the provider names the registry knows (``cloister.providers.names()``).
+    """
+    file = str(path)
+    file_values, notices, legacy = _translate(_read_json(Path(path)), file=file, layer="")
+    merged, sources = _merge(file, file_values, defaults=defaults, overrides=overrides)
+    _check(merged, file=file, sources=sources, providers=providers)
+    if merged["ami"] == "latest" and not merged["ami_tag"]:
+        merged["ami_tag"] = LEGACY_AMI_TAG
+        notices.append(f"{file}: no ami_tag; 'ami: latest' takes your newest image named {LEGACY_AMI_TAG}-* "
+                       f"as the old scripts did (set ami_tag to choose another prefix)")
+    if merged["ssh_key"] and merged["provider"] != "local":
+        merged["ssh_key"] = _check_key_file(merged["ssh_key"], file=_where(file, sources, "ssh_key"))
+    if merged["image"] and merged["provider"] == "local":
+        given, merged["image"] = merged["image"], _local_image(merged["image"], file=file)
+        if not Path(merged["image"]).is_dir():
+            raise ConfigError(file=_where(file, sources, "image"), key="image", expected=f"directory {given} does not exist")
     flags = tuple(k for k, v in sources.items() if v.startswith("--"))
     return ClusterConfig(source=file, notices=tuple(notices), legacy=legacy, from_flags=flags, **merged)

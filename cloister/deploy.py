@@ -248,8 +248,12 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
         hop = _Hop(info=info, dev=dev.host, leases=leases, files=files, paths=present, dev_ssh=dev_ssh,
                    node_ssh=node_ssh, delete=delete, dry_run=dry_run, timeout=timeout,
                    connect_timeout=connect_timeout, forward_agent=use_agent)
-        final, hops = broadcast.schedule(dev.host, targets, tree=tree, concurrency=concurrency, hop=hop,
-                                         on_result=on_result)
+        try:
+            final, hops = broadcast.schedule(dev.host, targets, tree=tree, concurrency=concurrency, hop=hop,
+                                             on_result=on_result)
+        except BaseException:
+            hop.stop.set()  # Ctrl-C: running hops close their sessions, which ends their rsyncs
+            raise
     finally:
         leases.close()
     return RedeployReport(dev=dev.host, mode="dry-run" if dry_run else ("tree" if tree else "flat"),
@@ -325,6 +329,7 @@ class _Hop:
     forward_agent: bool
     prepared: set[str] = field(default_factory=set)          # nodes whose files are in place
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self, source: broadcast.Source, target: Node, attempt: int) -> Transfer:
         begin = time.monotonic()
@@ -345,7 +350,7 @@ class _Hop:
         try:
             return transfer.rsync_from(cxn, self.paths, target_address(target), ssh=self.dev_ssh,
                                        delete=self.delete, dry_run=self.dry_run, timeout=self.timeout,
-                                       exclude=KEEP_ON_NODES)
+                                       exclude=KEEP_ON_NODES, stop=self.stop)
         finally:
             self.leases.give_back(cxn)
 
@@ -356,7 +361,8 @@ class _Hop:
             if self._first_send(source):
                 hosts.put_files(cxn, self.files)
             return transfer.rsync_from(cxn, self.paths, target_address(target), ssh=self.node_ssh,
-                                       delete=self.delete, timeout=self.timeout, exclude=KEEP_ON_NODES)
+                                       delete=self.delete, timeout=self.timeout, exclude=KEEP_ON_NODES,
+                                       stop=self.stop)
         finally:
             cxn.close()
 

@@ -1,4 +1,4 @@
-"""experiments.yaml: the benchmark registry and role command rendering (SPEC section 7)."""
+"""experiments.yaml: the benchmark registry and role command rendering."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import re
 import shlex
 import string
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError, ExperimentError
+from .preparation import Fail, Preparation, parse_preparation
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ROLES = ("manager", "worker", "master")
 PLACEHOLDERS = frozenset({"binary", "worker_binary", "benchmark", "host", "port", "index", "manager",
-                          "manager_port", "master_port", "workers", "nprocs", "k", "partitions", "run_id",
-                          "args"})
+                          "manager_port", "master_port", "worker_hosts", "worker_endpoints", "nprocs", "k",
+                          "partitions", "run_id", "args"})
 KEYS = ("dir", "binary", "worker_binary", "vars_file", "env", "args", "ports", "commands", "ready",
-        "ready_timeout", "timeout", "build", "metric")
+        "ready_timeout", "timeout", "build", "metric", "prepare")
 PORT_KEYS = ("manager", "master", "worker_base")
 # Shell control operators and redirections: refused in --args rather than quoted,
 # because they are almost certainly a mistake or an injection attempt.
@@ -46,6 +48,7 @@ class Benchmark:
     timeout: float
     build: str
     metric: str | None
+    prepare: Preparation
     source: str = ""
 
     def worker_port(self, local_index: int) -> int:
@@ -122,12 +125,11 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
-    where = f"benchmark '{name}'"
+def _error(file: str, name: str, key: str, expected: str) -> ConfigError:
+    return ConfigError(file=f"{file}: benchmark '{name}'", key=key, expected=expected)
 
-    def fail(key: str, expected: str) -> ConfigError:
-        return ConfigError(file=f"{file}: {where}", key=key, expected=expected)
 
+def _check_keys(raw: Mapping[str, Any], fail: Fail) -> None:
     for key in raw:
         if key not in KEYS:
             close = difflib.get_close_matches(key, KEYS, n=1)
@@ -135,9 +137,22 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
     for key in ("dir", "binary", "commands", "ports"):
         if key not in raw:
             raise fail(key, "missing")
-    for key in ("dir", "binary"):
-        if not isinstance(raw[key], str) or not raw[key]:
-            raise fail(key, "expected a non-empty string")
+    for key in ("build", "args"):
+        if not isinstance(raw.get(key, ""), str):
+            raise fail(key, "expected a string")
+    vars_file = raw.get("vars_file")
+    if vars_file is not None and (not isinstance(vars_file, str) or "/" in vars_file or not vars_file):
+        raise fail("vars_file", "expected a file name inside the benchmark directory, or null")
+    env = raw.get("env") or {}
+    if not isinstance(env, Mapping) or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)) for k in env):
+        raise fail("env", "expected a mapping of VARIABLE: value")
+    try:
+        parse_args(raw.get("args") or "")
+    except ExperimentError as err:
+        raise fail("args", str(err).removeprefix("--args "))
+
+
+def _ports(raw: Mapping[str, Any], fail: Fail) -> dict[str, int]:
     ports = raw["ports"]
     if not isinstance(ports, Mapping):
         raise fail("ports", "expected a mapping of manager, master, worker_base")
@@ -148,6 +163,13 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
         value = ports.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
             raise fail(f"ports.{key}", f"expected a TCP port 1-65535, got {value!r}")
+    # The manager and the master both run on the master node.
+    if ports["manager"] == ports["master"]:
+        raise fail("ports.master", f"{ports['master']} is also ports.manager; two roles cannot share a port")
+    return {key: ports[key] for key in PORT_KEYS}
+
+
+def _commands(raw: Mapping[str, Any], fail: Fail) -> dict[str, str]:
     commands = raw["commands"]
     if not isinstance(commands, Mapping):
         raise fail("commands", "expected a mapping of manager, worker, master")
@@ -165,60 +187,101 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
         if unknown:
             raise fail(f"commands.{role}", f"unknown placeholder {{{sorted(unknown)[0]}}}; "
                                            f"known: {', '.join(sorted(PLACEHOLDERS))}")
-    env = raw.get("env") or {}
-    if not isinstance(env, Mapping) or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(k)) for k in env):
-        raise fail("env", "expected a mapping of VARIABLE: value")
+    return {role: commands[role] for role in ROLES}
+
+
+def _regex(value: Any, key: str, fail: Fail) -> re.Pattern:
+    if not isinstance(value, str):
+        raise fail(key, "expected a regex")
+    try:
+        return re.compile(value)
+    except re.error as err:
+        raise fail(key, f"bad regex: {err}")
+
+
+def _ready_log(raw: Mapping[str, Any], fail: Fail) -> str | None:
     ready = raw.get("ready", "port")
     if ready == "port":
-        ready_log = None
-    elif isinstance(ready, Mapping) and set(ready) == {"log"} and isinstance(ready["log"], str):
-        ready_log = ready["log"]
-        try:
-            re.compile(ready_log)
-        except re.error as err:
-            raise fail("ready.log", f"bad regex: {err}")
-    else:
-        raise fail("ready", "expected 'port' or {log: REGEX}")
+        return None
+    if isinstance(ready, Mapping) and set(ready) == {"log"}:
+        return _regex(ready["log"], "ready.log", fail).pattern
+    raise fail("ready", "expected 'port' or {log: REGEX}")
+
+
+def _metric(raw: Mapping[str, Any], fail: Fail) -> str | None:
     metric = raw.get("metric")
-    if metric is not None:
-        try:
-            if not isinstance(metric, str) or re.compile(metric).groups < 1:
-                raise fail("metric", "expected a regex with one group")
-        except re.error as err:
-            raise fail("metric", f"bad regex: {err}")
-    numbers = {}
-    for key in ("ready_timeout", "timeout"):
-        value = raw.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise fail(key, f"expected a positive number of seconds, got {value!r}")
-        numbers[key] = float(value)
-    for key in ("build", "args"):
-        if not isinstance(raw.get(key, ""), str):
-            raise fail(key, "expected a string")
-    vars_file = raw.get("vars_file")
-    if vars_file is not None and (not isinstance(vars_file, str) or "/" in vars_file or not vars_file):
-        raise fail("vars_file", "expected a file name inside the benchmark directory, or null")
+    if metric is None:
+        return None
+    groups = _regex(metric, "metric", fail).groups
+    if groups != 1:
+        raise fail("metric", f"expected a regex with one group (the value), got {groups} groups")
+    return metric
+
+
+def _seconds(raw: Mapping[str, Any], key: str, fail: Fail) -> float:
+    value = raw.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise fail(key, f"expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _path(name: str, key: str, value: Any, fail: Fail) -> str:
+    if not isinstance(value, str) or not value:
+        raise fail(key, "expected a non-empty string")
     try:
-        parse_args(raw.get("args") or "")
-    except ExperimentError as err:
-        raise fail("args", str(err).removeprefix("--args "))
+        return value.format(benchmark=name)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise fail(key, f"bad template {value!r}: the only placeholder here is {{benchmark}}")
 
-    def path(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise fail(key, "expected a non-empty string")
-        try:
-            return value.format(benchmark=name)
-        except (KeyError, IndexError, ValueError, AttributeError):
-            raise fail(key, f"bad template {value!r}: the only placeholder here is {{benchmark}}")
 
-    binary = path("binary", raw["binary"])
-    worker_binary = path("worker_binary", raw.get("worker_binary") or raw["binary"])
+def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
+    fail = partial(_error, file, name)
+    _check_keys(raw, fail)
+    ports = _ports(raw, fail)
     return Benchmark(
-        name=name, dir=path("dir", raw["dir"]), binary=binary, worker_binary=worker_binary,
-        vars_file=vars_file, env={str(k): str(v) for k, v in env.items()}, args=raw.get("args") or "",
-        manager_port=ports["manager"], master_port=ports["master"], worker_base=ports["worker_base"],
-        commands={r: commands[r] for r in ROLES}, ready_log=ready_log, ready_timeout=numbers["ready_timeout"],
-        timeout=numbers["timeout"], build=raw.get("build") or "true", metric=metric, source=file)
+        name=name, dir=_path(name, "dir", raw["dir"], fail), binary=_path(name, "binary", raw["binary"], fail),
+        worker_binary=_path(name, "worker_binary", raw.get("worker_binary") or raw["binary"], fail),
+        vars_file=raw.get("vars_file"), env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
+        args=raw.get("args") or "", manager_port=ports["manager"], master_port=ports["master"],
+        worker_base=ports["worker_base"], commands=_commands(raw, fail), ready_log=_ready_log(raw, fail),
+        ready_timeout=_seconds(raw, "ready_timeout", fail), timeout=_seconds(raw, "timeout", fail),
+        build=raw.get("build") or "true", metric=_metric(raw, fail), prepare=parse_preparation(raw.get("prepare"), fail=fail), source=file)
+
+
+def _duplicate_key(node: Any, path: tuple[str, ...] = ()) -> tuple[str, int] | None:
+    """The first key that a YAML mapping repeats (YAML itself would keep the last one silently)."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return next((d for i, item in enumerate(node.value) if (d := _duplicate_key(item, (*path, str(i))))), None)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if key in seen:
+            return ".".join((*path, key)), key_node.start_mark.line + 1
+        seen.add(key)
+        if found := _duplicate_key(value_node, (*path, key)):
+            return found
+    return None
+
+
+def _read_yaml(file: str) -> Any:
+    """The document in ``file``; a key given twice in one mapping is a one-line error."""
+    import yaml
+
+    loader = yaml.SafeLoader(Path(file).read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if duplicate := _duplicate_key(node):
+            key, line = duplicate
+            raise ConfigError(file=file, key=key, expected=f"given twice (again at line {line}); keep one")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -227,7 +290,7 @@ def load_registry(path: str | Path) -> Registry:
 
     file = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = _read_yaml(file)
     except FileNotFoundError:
         raise ConfigError(file=file, expected="no such file (the benchmark registry)")
     except yaml.YAMLError as err:
@@ -263,7 +326,8 @@ class RunShape:
     k: int
     nprocs: int
     manager: str
-    workers: list[tuple[str, int]]
+    worker_hosts: list[str]  # the K worker hosts, in servers.txt order
+    worker_endpoints: list[tuple[str, int]]  # every worker process as (host, port)
     args: list[str] = field(default_factory=list)
 
 
@@ -280,7 +344,8 @@ def render(bench: Benchmark, role: str, shape: RunShape, *, host: str, port: int
         "manager": shape.manager,
         "manager_port": str(bench.manager_port),
         "master_port": str(bench.master_port),
-        "workers": ",".join(f"{h}:{p}" for h, p in shape.workers),
+        "worker_hosts": ",".join(shape.worker_hosts),
+        "worker_endpoints": ",".join(f"{h}:{p}" for h, p in shape.worker_endpoints),
         "nprocs": str(shape.nprocs),
         "k": str(shape.k),
         "partitions": str(shape.nprocs * shape.k),

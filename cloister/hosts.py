@@ -10,12 +10,13 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import queue
 import resource
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ from invoke.exceptions import CommandTimedOut, ThreadException, UnexpectedExit
 
 from .errors import CloisterError, HostsFailed
 from .poll import Backoff
+from .remote import Stopped
 from .servers import ClusterInfo, Node
 from .settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
 
+STOP_GRACE = 1.0  # seconds the workers get to wind down after Ctrl-C before the exit goes on without them
 
 
 def raise_nofile_limit() -> int:
@@ -77,6 +80,7 @@ def connection(info: ClusterInfo, node: Node | str, *,
 
     ``forward_agent`` forwards the local SSH agent (SSH_AUTH_SOCK) into the sessions it opens.
     """
+    check_key(info)
     host = node.host if isinstance(node, Node) else node
     config = Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True, "in_stream": False}})
     cxn = Connection(
@@ -97,8 +101,30 @@ def connection(info: ClusterInfo, node: Node | str, *,
     return cxn
 
 
+def check_key(info: ClusterInfo) -> None:
+    """Refuse, naming the file, a cluster key that is missing, not a file or readable by others.
+
+    Paramiko would use a key that OpenSSH (cluster.login, rsync) refuses as unprotected, and a missing
+    key would fail on every host with a bare "No such file or directory": check once, the same way
+    for every task, before any connection.
+    """
+    if not info.ssh_key:
+        return
+    path = Path(os.path.expanduser(info.ssh_key))
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise CloisterError(f"cluster key file {path} (ssh_key in cluster.json): {err.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        raise CloisterError(f"cluster key file {path} (ssh_key in cluster.json) is not a regular file")
+    if st.st_mode & 0o077:
+        raise CloisterError(f"cluster key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                            f"expected 0600 or narrower (chmod 600 {path})")
+
+
 def ssh_argv(info: ClusterInfo, host: str, command: list[str] | None = None) -> list[str]:
     """The system ssh command line for ``host`` with the cluster's user, key and known_hosts."""
+    check_key(info)
     argv = ["ssh", "-i", os.path.expanduser(info.ssh_key), "-o", "IdentitiesOnly=yes"]
     if info.known_hosts:
         # accept-new: a host seen for the first time is recorded; a changed key is still refused.
@@ -108,17 +134,19 @@ def ssh_argv(info: ClusterInfo, host: str, command: list[str] | None = None) -> 
 
 
 class CappedGroup(ThreadingGroup):
-    """A ThreadingGroup that runs at most ``concurrency`` hosts at a time.
+    """A ThreadingGroup that runs at most ``concurrency`` hosts at a time, and stops on Ctrl-C.
 
     Connections stay open between calls only while the group fits within ``concurrency``; a larger
     group (a 128-host cluster) closes each connection when its host is done, so no more than
     ``concurrency`` connections (and their transport threads) are ever open. A closed Connection
-    reconnects by itself on its next use.
+    reconnects by itself on its next use. ``stop`` is set when the caller is interrupted: work that
+    polls it (``remote.execute``) ends at once, hosts not started yet are skipped.
     """
 
     def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.concurrency = max(1, concurrency)
+        self.stop = threading.Event()
 
     @classmethod
     def of(cls, connections: Iterable[Connection], *, concurrency: int) -> "CappedGroup":
@@ -134,28 +162,69 @@ class CappedGroup(ThreadingGroup):
         results = GroupResult()
         lock = threading.Lock()
         failed = False
-
         keep_open = len(self) <= self.concurrency
 
         def one(cxn: Connection) -> None:
             nonlocal failed
             try:
-                value = fn(cxn)
+                value = Stopped() if self.stop.is_set() else fn(cxn)
             except Exception as exc:  # noqa: BLE001 - reported per host
                 value = exc
-                with lock:
-                    failed = True
             finally:
                 if not keep_open:
                     cxn.close()
             with lock:
                 results[cxn] = value
+                failed = failed or isinstance(value, BaseException)
 
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(self)))) as pool:
-            list(pool.map(one, self))
+        each(list(self), one, concurrency=self.concurrency, stop=self.stop)
         if failed:
             raise GroupException(results)
         return results
+
+
+def each(items: list[Any], fn: Callable[[Any], None], *, concurrency: int, stop: threading.Event) -> None:
+    """Call ``fn(item)`` for every item on at most ``concurrency`` threads; ``fn`` must not raise.
+
+    Ctrl-C reaches only this (the main) thread: it sets ``stop``, gives the workers STOP_GRACE
+    seconds to notice it and wind down (close their channels, kill their processes), and re-raises.
+    The workers are daemon threads, so one that cannot notice (a handshake in progress) does not
+    hold up the exit.
+    """
+    if not items:
+        return
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        pending.put(item)
+    count = running = min(max(1, concurrency), len(items))
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def worker() -> None:
+        nonlocal running
+        try:
+            while True:
+                try:
+                    item = pending.get_nowait()
+                except queue.Empty:
+                    return
+                fn(item)
+        finally:
+            with lock:
+                running -= 1
+                if not running:
+                    finished.set()
+
+    for _ in range(count):
+        threading.Thread(target=worker, daemon=True).start()
+    # Not Thread.join: on Python 3.11 a join interrupted by Ctrl-C marks the thread as ended, and every
+    # later join returns at once.
+    try:
+        finished.wait()
+    except BaseException:
+        stop.set()
+        finished.wait(STOP_GRACE)
+        raise
 
 
 def stream(cxn: Connection, command: str, *, timeout: float,
@@ -173,7 +242,8 @@ def stream(cxn: Connection, command: str, *, timeout: float,
     deadline = time.monotonic() + timeout
     try:
         channel.exec_command(command)
-        while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
+        # Until EOF: output may still arrive after the exit status.
+        while channel.recv_ready() or channel.recv_stderr_ready() or not (channel.eof_received or channel.closed):
             if time.monotonic() > deadline:
                 raise CommandTimedOut(None, timeout)
             select.select([channel], [], [], 0.1)

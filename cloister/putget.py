@@ -10,7 +10,6 @@ import posixpath
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fabric import Connection
@@ -42,9 +41,9 @@ def put(info: ClusterInfo, local: str, remote: str, *, nodes: Sequence[Node],
     parent = target if target.endswith("/") else posixpath.dirname(target)
     known = _known_hosts(info)
 
-    def one(cxn: Connection) -> Result:
+    def one(cxn: Connection, stop: threading.Event) -> Result:
         return transfer.rsync(cxn, local, target, known_hosts=known,
-                              mkdir=parent or None, timeout=timeout)
+                              mkdir=parent or None, timeout=timeout, stop=stop)
 
     return _fan_out(info, nodes, one, concurrency=concurrency, connect_timeout=connect_timeout,
                     on_result=on_result)
@@ -67,12 +66,12 @@ def get(info: ClusterInfo, remote: str, local_dir: str, *, nodes: Sequence[Node]
         raise CloisterError(f"LOCALDIR {local_dir!r}: cannot create it: {err.strerror}")
     known = _known_hosts(info)
 
-    def one(cxn: Connection) -> Result:
+    def one(cxn: Connection, stop: threading.Event) -> Result:
         folder = base / cxn.host
         fresh = not folder.exists()
         folder.mkdir(exist_ok=True)
         result = transfer.rsync(cxn, source, str(folder) + "/", download=True, known_hosts=known,
-                                timeout=timeout)
+                                timeout=timeout, stop=stop)
         if result.exited != 0 and fresh and not any(folder.iterdir()):
             folder.rmdir()  # no empty folder for a node that sent nothing
         return result
@@ -99,17 +98,22 @@ def _known_hosts(info: ClusterInfo) -> str | None:
     return os.path.expanduser(info.known_hosts) if info.known_hosts else None
 
 
-def _fan_out(info: ClusterInfo, nodes: Sequence[Node], one: Callable[[Connection], Result], *,
+def _fan_out(info: ClusterInfo, nodes: Sequence[Node], one: Callable[[Connection, threading.Event], Result], *,
              concurrency: int, connect_timeout: float, on_result: OnResult | None) -> list[Transfer]:
-    """Run a local rsync per node, at most ``concurrency`` at a time; one Transfer per node, in order."""
+    """Run a local rsync per node, at most ``concurrency`` at a time; one Transfer per node, in order.
+
+    On Ctrl-C the running rsyncs are killed (``one`` gets the stop event) and KeyboardInterrupt goes on.
+    """
+    hosts.check_key(info)
     results: dict[str, Transfer] = {}
     lock = threading.Lock()
+    stop = threading.Event()
 
     def run(node: Node) -> None:
         begin = time.monotonic()
         try:
             cxn = hosts.connection(info, node, connect_timeout=connect_timeout)
-            result = one(cxn)
+            result = one(cxn, stop)
             outcome = transfer.outcome(result, host=node.host, name=node.name, source="local",
                                        duration=time.monotonic() - begin)
         except Exception as exc:  # noqa: BLE001 - reported per node
@@ -117,9 +121,8 @@ def _fan_out(info: ClusterInfo, nodes: Sequence[Node], one: Callable[[Connection
                                duration=time.monotonic() - begin, error=hosts.describe_error(exc))
         with lock:
             results[node.host] = outcome
-            if on_result:
+            if on_result and not stop.is_set():
                 on_result(outcome)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(nodes)))) as pool:
-        list(pool.map(run, nodes))
+    hosts.each(list(nodes), run, concurrency=concurrency, stop=stop)
     return [results[n.host] for n in nodes]

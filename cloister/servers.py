@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,10 @@ def clear_servers(directory: str | os.PathLike) -> None:
 
 
 def read_servers(directory: str | os.PathLike, *, cluster_name: str | None = None) -> ClusterInfo:
-    """Read servers/cluster.json; refuse one that belongs to another cluster than ``cluster_name``."""
+    """Read servers/cluster.json; refuse one that belongs to another cluster than ``cluster_name``.
+
+    The workers are those servers.txt lists, in its order (see ``_listed_workers``).
+    """
     path = Path(directory) / "cluster.json"
     try:
         data = json.loads(path.read_text())
@@ -118,6 +121,9 @@ def read_servers(directory: str | os.PathLike, *, cluster_name: str | None = Non
     except IsADirectoryError:
         raise ServersError(f"{path}: is a directory, expected a file; remove it and run inv cluster.launch",
                            path=str(path))
+    except NotADirectoryError:
+        raise ServersError(f"servers directory {directory}: is not a directory (cloister.servers_dir, "
+                           f"INVOKE_CLOISTER_SERVERS_DIR)", path=str(path))
     # UnicodeDecodeError: a binary or truncated file; a ValueError, not a JSONDecodeError.
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ServersError(f"{path}: unreadable ({err.__class__.__name__}: {err}); "
@@ -126,4 +132,43 @@ def read_servers(directory: str | os.PathLike, *, cluster_name: str | None = Non
         raise ServersError(f"{path} describes cluster '{info.cluster_name}', but the config names "
                            f"'{cluster_name}'; use that cluster's config or run inv cluster.launch",
                            path=str(path))
-    return info
+    return _listed_workers(Path(directory) / "servers.txt", info)
+
+
+def _listed_workers(path: Path, info: ClusterInfo) -> ClusterInfo:
+    """``info`` with the workers that servers.txt lists, in its order.
+
+    servers.txt is the file the old scripts and the help name, so people edit it: a worker taken out
+    or moved there is taken out or moved for ``-k`` and every task. A host that cluster.json does not
+    know as a worker cannot be honoured (no id, key or role): refused, never silently ignored.
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return info
+    except (OSError, UnicodeDecodeError) as err:
+        raise ServersError(f"{path}: unreadable ({getattr(err, 'strerror', None) or err})", path=str(path))
+    listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    # One machine may carry several workers (a static cluster listing a host twice): a line takes the
+    # first worker with that name or address that no earlier line took.
+    pools: dict[str, list[Node]] = {}
+    for worker in info.workers:
+        for key in dict.fromkeys(k for k in (worker.host, worker.public, worker.private, worker.name, worker.id) if k):
+            pools.setdefault(key, []).append(worker)
+    unknown = [h for h in listed if h not in pools]
+    if unknown:
+        raise ServersError(f"{path} lists {', '.join(unknown)}, but cluster.json disagrees: not a worker of "
+                           f"cluster '{info.cluster_name}'; fix {path.name} or run inv cluster.launch to rewrite "
+                           f"servers/", path=str(path))
+    workers: list[Node] = []
+    for host in listed:
+        free = [w for w in pools[host] if w not in workers]
+        if not free:
+            raise ServersError(f"{path} lists {host} more times than cluster.json has workers there "
+                               f"({len(pools[host])}); one line per worker", path=str(path))
+        workers.append(free[0])
+    if workers == info.workers:
+        return info
+    others = [n for n in info.nodes if n.role != "worker"]
+    return replace(info, nodes=[n for n in others if n.role == "master"] + workers
+                   + [n for n in others if n.role != "master"])

@@ -26,6 +26,8 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     ssh_timeout: float = 600.0
     redeploy_concurrency: int = 8  # rsyncs at once from the dev instance
+    # A booting node whose console has not moved for this long, with no SSH yet, is a hung boot.
+    boot_stall: float = 120.0
     experiments: str = "experiments.yaml"
     runs_dir: str = "runs"
 

@@ -18,11 +18,18 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fabric import Connection
+from invoke.exceptions import CommandTimedOut
 from invoke.runners import Result
+
+from . import remote
 
 #: Cipher preference: AES-GCM is the cheapest on CPUs with AES-NI (every EC2 type); chacha20 next.
 CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
@@ -126,11 +133,13 @@ def local_path(path: str) -> str:
 
 def rsync(c: Connection, source: str, target: str, *, download: bool = False, exclude: Iterable[str] = (),
           delete: bool = False, dry_run: bool = False, known_hosts: str | None = None, mkdir: str | None = None,
-          rsync_opts: Sequence[str] = (), ssh_opts: Sequence[str] = (), timeout: float | None = None) -> Result:
+          rsync_opts: Sequence[str] = (), ssh_opts: Sequence[str] = (), timeout: float | None = None,
+          stop: threading.Event | None = None) -> Result:
     """Run rsync on this machine between here and ``c.host`` (patchwork.transfers.rsync's shape).
 
     Push ``source`` (local) to ``target`` (on ``c.host``), or with ``download`` pull ``source`` (on
-    ``c.host``) into ``target`` (local). Returns the Result; a non-zero exit is not raised.
+    ``c.host``) into ``target`` (local). Returns the Result; a non-zero exit is not raised. Once
+    ``stop`` is set (Ctrl-C), rsync and its ssh are killed and Stopped is raised.
     """
     ssh = Ssh.of(c, known_hosts=known_hosts, options=tuple(ssh_opts))
     if download:
@@ -139,35 +148,53 @@ def rsync(c: Connection, source: str, target: str, *, download: bool = False, ex
         sources, dest = [local_path(source)], remote_spec(c.user, c.host, target)
     cmd = command(sources, dest, ssh=ssh, delete=delete, dry_run=dry_run, exclude=exclude, mkdir=mkdir,
                   rsync_opts=rsync_opts)
-    return c.local(cmd, hide=True, warn=True, in_stream=False, timeout=timeout)
+    return _local(cmd, timeout=timeout, stop=stop)
+
+
+def _local(cmd: str, *, timeout: float | None, stop: threading.Event | None) -> Result:
+    """Run ``cmd`` here in a session of its own, so that rsync and the ssh it starts end together.
+
+    Ctrl-C reaches the main thread only; the thread running this polls ``stop`` and kills the session.
+    """
+    proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            out, err = proc.communicate(timeout=remote.POLL)
+            return Result(stdout=out, stderr=err, command=cmd, exited=proc.returncode, hide=("stdout", "stderr"))
+        except subprocess.TimeoutExpired:
+            stopped = stop is not None and stop.is_set()
+            if stopped or (deadline is not None and time.monotonic() > deadline):
+                _kill_session(proc)
+                raise remote.Stopped() if stopped else CommandTimedOut(Result(command=cmd), timeout)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """TERM the session, and KILL it if it is still there KILL_GRACE seconds later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.communicate(timeout=remote.KILL_GRACE)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def rsync_from(c: Connection, sources: Sequence[str], dest_host: str, target: str = "", *, ssh: Ssh,
                cwd: str | None = None, relative: bool = True, delete: bool = False, dry_run: bool = False,
-               exclude: Iterable[str] = (), timeout: float | None = None) -> Result:
+               exclude: Iterable[str] = (), timeout: float | None = None,
+               stop: threading.Event | None = None) -> Result:
     """Run rsync ON ``c.host`` (in ``cwd``, default its home) pushing ``sources`` to ``dest_host:target``.
 
-    ``ssh`` is the ssh that rsync uses on ``c.host``: its key and known_hosts are paths there.
+    ``ssh`` is the ssh that rsync uses on ``c.host``: its key and known_hosts are paths there. The
+    rsync ends with the SSH session (``remote.guarded``): Ctrl-C (``stop``) or a lost link stops it.
     """
     dest = remote_spec(ssh.user, dest_host, target)
     cmd = command(sources, dest, ssh=ssh, delete=delete, dry_run=dry_run, relative=relative, exclude=exclude)
-    return c.run(hangup_guard(cmd, cwd=cwd), hide=True, warn=True, in_stream=False, timeout=timeout)
-
-
-def hangup_guard(simple_command: str, *, cwd: str | None = None) -> str:
-    """Wrap a remote command so it is killed when the SSH session goes away (Ctrl-C, lost link).
-
-    Without a pty, sshd does not signal a command whose session closed. The session's stdin stays
-    open while the session lives (nothing is sent on it), so a watcher reading it gets EOF exactly
-    when the session ends and then terminates the command. A command that ends on its own kills the
-    watcher first; its exit status is the wrapper's. ``simple_command`` must be one simple command
-    (no lists or pipes), so that ``$!`` is the command's own PID.
-    """
-    cd = f"cd {shlex.quote(cwd)} || exit 1; " if cwd else ""
-    return (f"{cd}exec 3<&0; "     # background jobs get /dev/null as stdin: keep the session's on fd 3
-            f"{simple_command} </dev/null & pid=$!; "
-            "{ cat <&3 >/dev/null 2>&1; kill -TERM $pid 2>/dev/null; } >/dev/null 2>&1 & watch=$!; "
-            "exec 3<&-; wait $pid; rc=$?; kill $watch 2>/dev/null; exit $rc")
+    return remote.run_result(c, (f"cd {shlex.quote(cwd)} && " if cwd else "") + cmd, timeout=timeout, stop=stop)
 
 
 # -- output ----------------------------------------------------------------

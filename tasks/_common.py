@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from invoke import Exit
@@ -14,9 +17,12 @@ from cloister import providers
 from cloister.config import ClusterConfig, load_config
 from cloister.errors import CloisterError
 
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
+
 
 def task(*args: Any, **kwargs: Any):
-    """``invoke.task`` that turns CloisterError into a one-line ``Exit`` (no traceback)."""
+    """``invoke.task`` that turns CloisterError into a one-line ``Exit`` (no traceback) and Ctrl-C,
+    wherever it lands, into exit 130 (128 + SIGINT, as a shell reports it) with one line."""
 
     def decorate(body):
         @functools.wraps(body)
@@ -25,6 +31,9 @@ def task(*args: Any, **kwargs: Any):
                 return body(*a, **kw)
             except CloisterError as err:
                 raise Exit(str(err), code=1)
+            except KeyboardInterrupt:
+                raise Exit(f"interrupted: {body.__name__.strip('_').replace('_', '-')} stopped (Ctrl-C)",
+                           code=INTERRUPTED)
 
         return invoke_task(*args, **kwargs)(wrapper)
 
@@ -41,29 +50,64 @@ def number(flag: str, value: str | None, kind: type = int, *, positive: bool = F
         parsed = kind(value)
     except ValueError:
         raise Exit(f"{flag} {value!r}: expected {expected}", code=1)
-    if positive and not parsed > 0:
+    # float() reads "inf" and "nan": neither is a number of seconds or of anything else.
+    if not math.isfinite(parsed) or (positive and not parsed > 0):
         raise Exit(f"{flag} {value!r}: expected {expected}", code=1)
     return parsed
 
 
 def settings(c) -> Settings:
+    """The cloister.* settings, checked: a bad one is a one-line error naming it and its variable."""
     conf = c.cloister
-    return Settings(config=conf.config, experiments=conf.experiments, runs_dir=conf.runs_dir,
-                    servers_dir=conf.servers_dir, state_dir=conf.state_dir,
-                    concurrency=_positive_int(conf.concurrency, "cloister.concurrency"),
-                    connect_timeout=float(conf.connect_timeout), ssh_timeout=float(conf.ssh_timeout),
-                    redeploy_concurrency=_positive_int(conf.redeploy_concurrency, "cloister.redeploy_concurrency"))
+    return Settings(config=conf.config, experiments=_not_a_directory(conf.experiments, "experiments"),
+                    runs_dir=_directory(conf.runs_dir, "runs_dir"),
+                    servers_dir=_directory(conf.servers_dir, "servers_dir"),
+                    state_dir=_directory(conf.state_dir, "state_dir"),
+                    concurrency=_positive(conf.concurrency, "concurrency", int),
+                    connect_timeout=_positive(conf.connect_timeout, "connect_timeout", float),
+                    ssh_timeout=_positive(conf.ssh_timeout, "ssh_timeout", float),
+                    boot_stall=_positive(conf.boot_stall, "boot_stall", float),
+                    redeploy_concurrency=_positive(conf.redeploy_concurrency, "redeploy_concurrency", int))
 
 
-def _positive_int(value: Any, name: str) -> int:
-    """A setting that must be a positive integer (it may arrive as a string from INVOKE_CLOISTER_* env)."""
+def _setting(name: str) -> str:
+    return f"cloister.{name} (INVOKE_CLOISTER_{name.upper()})"
+
+
+def _positive(value: Any, name: str, kind: type) -> int | float:
+    """A setting that must be a positive, finite number (it may arrive as a string from the environment)."""
     try:
-        number = int(value)
+        number = kind(value)
     except (TypeError, ValueError):
         number = 0
-    if number < 1:
-        raise Exit(f"{name}: expected a positive integer, got {value!r}", code=1)
+    if not (math.isfinite(number) and number > 0):
+        noun = "integer" if kind is int else "number"
+        raise Exit(f"{_setting(name)}: expected a positive {noun}, got {value!r}", code=1)
     return number
+
+
+def _not_a_directory(value: Any, name: str) -> str:
+    """A file setting: it may be missing (the task that needs it says so), but it is no directory."""
+    if Path(os.path.expanduser(str(value))).is_dir():
+        raise Exit(f"{_setting(name)} {value}: is a directory, expected a file", code=1)
+    return str(value)
+
+
+def _directory(value: Any, name: str) -> str:
+    """A directory setting: a directory cloister can write in, or one it can create (nothing is created here)."""
+    path = Path(os.path.expanduser(str(value)))
+    if not str(value).strip():
+        raise Exit(f"{_setting(name)}: expected a directory, got {value!r}", code=1)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is not a directory" if existing == path else f"cannot be created: {existing} is not a directory"
+        raise Exit(f"{_setting(name)} {value}: {what}", code=1)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise Exit(f"{_setting(name)} {value}: {what}", code=1)
+    return str(value)
 
 
 def load(c, config: str | None, **overrides: Any) -> ClusterConfig:
@@ -81,13 +125,11 @@ def load(c, config: str | None, **overrides: Any) -> ClusterConfig:
 
 def _named_by_flag(c, cfg: ClusterConfig) -> str | None:
     """The cluster in servers/ if it was launched from this very config file under another --name."""
-    from pathlib import Path
-
     from cloister.errors import ServersError
     from cloister.servers import read_servers
 
     try:
-        info = read_servers(c.cloister.servers_dir)
+        info = read_servers(settings(c).servers_dir)
     except ServersError:
         return None
     same_file = info.extra.get("config") == str(Path(cfg.source).resolve())
@@ -103,9 +145,6 @@ def install_error_hook() -> None:
     flag values to the type of their task's default while it parses argv: both after the tasks are
     imported and before any task runs, so no task can catch these errors.
     """
-    import os
-    from pathlib import Path
-
     previous = sys.excepthook
 
     def frame_locals(tb, where: tuple[str, ...], name: str) -> dict | None:

@@ -12,7 +12,7 @@ from cloister import hosts as hostlib
 from cloister import images
 
 from ._common import load, settings, task
-from ._output import confirm, progress_bar
+from ._output import confirm, note, progress_bar
 from .cluster import CONFIG_HELP
 
 
@@ -67,9 +67,13 @@ def create(c, config=None, name=None):
     if name and not images.matches(cfg, name):
         print(f"note: '{name}' does not match '{images.pattern(cfg)}', so `ami: latest` will not pick it",
               file=sys.stderr)
+    conf = settings(c)
     with progress_bar() as bar:
-        image = images.create(cfg, settings=settings(c), name=name, progress=bar.update)
+        image = images.create(cfg, settings=conf, name=name, progress=bar.update)
     print(f"created {_describe(image)}")
+    left_out = lib.provider(cfg, settings=conf).images().left_out
+    if left_out:
+        note(left_out)
 
 
 @task(help={"config": CONFIG_HELP, "keep": "how many of the newest images to keep (required)",

@@ -11,7 +11,8 @@ from invoke import Collection, Exit
 
 from cloister import cluster as lib
 from cloister import hosts as hostlib
-from cloister import deploy, layout, putget
+from cloister import budget, deploy, layout, putget
+from cloister.config import label_overrides
 from cloister.errors import HostsFailed
 from cloister.transfer import Transfer, failures
 
@@ -25,14 +26,16 @@ CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
             "wait": "wait for SSH on every node and copy servers/ to them (--no-wait: return once the "
                     "instances run, with servers/ written)",
             "name": "cluster name (overrides the config's cluster_name)",
+            "label": "the old scripts' -l: names the cluster and its AMI prefix (cluster_name and ami_tag)",
             "dry_run": "ec2: print the plan (AMI, types, counts, rules, TTL, $/hour), check permissions "
                        "with EC2's DryRun, create nothing",
             "ttl": "ec2: the instances terminate themselves after this, e.g. 6h or 90m; 0 disables "
                    "(overrides the config's ttl)",
             "yes": "ec2: if the launch fails or is interrupted, terminate what it created without asking"})
-def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False):
+def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False, label=None):
     """Launch the cluster (or find the running one), wait for SSH and write servers/."""
-    cfg = load(c, config, nworkers=number("--nworkers", nworkers), cluster_name=name, ttl=ttl)
+    cfg = load(c, config, nworkers=number("--nworkers", nworkers), ttl=ttl,
+               **label_overrides(label=label, name=name))
     conf = settings(c)
     if dry_run:
         for line in lib.plan(cfg, settings=conf).lines():
@@ -84,6 +87,9 @@ def status(c, config=None):
         raise Exit(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running; run inv cluster.launch", code=1)
     records(f"{cfg.provider} cluster '{cfg.cluster_name}'", [dataclasses.asdict(r) for r in rows],
             ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost"), caption=prov.status_caption(rows))
+    over = budget.warning(cfg, rows)
+    if over:
+        warning(over)
     down = [r for r in rows if r.state not in ("running", "reachable")]
     if down:
         raise Exit(f"{len(down)}/{len(rows)} nodes not running: " + ", ".join(r.id for r in down), code=1)
@@ -128,7 +134,11 @@ def copy_dns(c, config=None):
             "timeout": "seconds before the command is abandoned on a host"},
       positional=["command"])
 def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, command=None):
-    """Run a shell command on every host in parallel and fold identical outputs."""
+    """Run a shell command on every host in parallel and fold identical outputs.
+
+    A host's output beyond 1 MiB is saved to {state_dir}/output/{time}/{host}.out (.err), named in the
+    output instead of printed. Ctrl-C stops the command on every host and prints what came so far.
+    """
     # `command` comes last so that -c means --config here as in every other task.
     if not command:
         raise Exit('give the command to run, e.g. inv cluster.run "hostname; uptime"', code=1)
@@ -137,21 +147,36 @@ def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, comm
     conf = settings(c)
     info = lib.ensure_running(cfg, settings=conf)
     nodes = hostlib.select_nodes(info, role=role, hosts=hosts.split(",") if hosts else None)
-    outputs = lib.run(info, command, nodes=nodes, settings=conf, stream=sys.stdout if stream else None,
-                      timeout=timeout)
+    try:
+        outputs = lib.run(info, command, nodes=nodes, settings=conf, stream=sys.stdout if stream else None,
+                          timeout=timeout)
+    except lib.RunInterrupted as stopped:
+        if not stream:
+            _print_folded(stopped.outputs)
+        raise Exit(f"interrupted: the command was stopped on {len(nodes)} hosts", code=130)
     if not stream:
-        for names, out in lib.fold(outputs):
-            label = ",".join(names)
-            print("-" * 15 + f"\n{label} ({len(names)})" + (f" exit {out.exited}" if out.exited else "")
-                  + "\n" + "-" * 15)
-            if out.error:
-                print(f"error: {out.error}")
-            text = out.stdout + (out.stderr if out.stderr else "")
-            if text:
-                print(text, end="" if text.endswith("\n") else "\n")
+        _print_folded(outputs)
     failed = lib.run_failures(outputs)
     if failed:
         raise Exit(str(failed), code=1)
+
+
+def _print_folded(outputs: list[lib.HostOutput]) -> None:
+    """One block per group of hosts with the same output (like ``clush -b``); a large output is not
+    printed but named by the file it is in."""
+    for names, out in lib.fold(outputs):
+        print("-" * 15 + f"\n{','.join(names)} ({len(names)})" + (f" exit {out.exited}" if out.exited else "")
+              + "\n" + "-" * 15)
+        if out.error:
+            print(f"error: {out.error}")
+        for what, captured in (("stdout", out.out), ("stderr", out.err)):
+            if captured.path:
+                where = captured.path if len(names) == 1 else os.path.join(
+                    os.path.dirname(captured.path), "{host}" + os.path.splitext(captured.path)[1])
+                print(f"[{what}: {size(captured.size)}, too large to print; saved to {where}"
+                      + (f" for each of these {len(names)} hosts (identical)]" if len(names) > 1 else "]"))
+            elif captured.text:
+                print(captured.text, end="" if captured.text.endswith("\n") else "\n")
 
 
 def _moved(t: Transfer) -> str:
@@ -288,10 +313,14 @@ def start(c, config=None, wait=True):
 
 
 @task(name="list", help={"config": CONFIG_HELP + "; its provider and region are listed",
-                         "region": "ec2: list this region instead of the config's"})
-def list_(c, config=None, region=None):
+                         "region": "ec2: list this region instead of the config's",
+                         "reap": "first terminate stopped instances whose TTL has passed (their disks still bill)"})
+def list_(c, config=None, region=None, reap=False):
     """List every cloister cluster (in the config's region for ec2), so none is forgotten."""
     cfg = load(c, config, region=region)
+    if reap:
+        for line in lib.reap(cfg, settings=settings(c)):
+            print(line)
     prov = lib.provider(cfg, settings=settings(c))
     rows = prov.list_clusters()
     where = prov.scope()
@@ -302,4 +331,15 @@ def list_(c, config=None, region=None):
                 ("cluster", "masters", "workers", "states", "types", "age_s", "ttl_left_s"))
 
 
-ns = Collection("cluster", launch, destroy, status, login, copy_dns, run, redeploy, put, get, stop, start, list_)
+@task(help={"config": CONFIG_HELP, "ttl": "the new TTL, counted from now, e.g. 2h or 90m (required)"})
+def extend(c, config=None, ttl=None):
+    """Move the cluster's TTL: every node now powers itself off this long from now."""
+    if ttl is None:
+        raise Exit("pass --ttl DURATION, e.g. --ttl 2h: how long from now the cluster may live", code=1)
+    cfg = load(c, config)
+    for line in lib.extend(cfg, settings=settings(c), ttl=ttl):
+        print(line)
+
+
+ns = Collection("cluster", launch, destroy, status, login, copy_dns, run, redeploy, put, get, stop, start, list_,
+                extend)

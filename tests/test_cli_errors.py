@@ -75,7 +75,6 @@ BAD_CONFIGS = {
     "missing image": ({**LOCAL, "image": "no/such/image"}, "key 'image': directory no/such/image does not exist"),
     "ec2 without region": ({k: v for k, v in EC2.items() if k != "region"}, "key 'region': missing"),
     "ec2 bad ami": ({**EC2, "ami": "ubuntu-22.04"}, "key 'ami': expected an AMI id"),
-    "latest without ami_tag": (with_key({**EC2, "ami": "latest"}), "key 'ami_tag': missing"),
     "ec2 missing key file": ({**EC2, "ssh_key": "/nonexistent/lab.pem"}, "key 'ssh_key': key file /nonexistent"),
     "key readable by others": (with_key(EC2, 0o644), ("key 'ssh_key': key file", "mode 0644; expected 0600")),
     "legacy key twice": ({**EC2, "identity_file": "old"}, "key 'identity_file': legacy name of 'key_name'"),

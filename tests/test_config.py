@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -356,8 +357,17 @@ def test_ec2_required_key_null(tmp_path, ec2, key):
     bad(tmp_path, {**ec2, key: None}, "missing", "required by the ec2 provider", key=key)
 
 
-def test_ami_latest_without_ami_tag(tmp_path, ec2):
-    bad(tmp_path, {**ec2, "ami": "latest"}, "missing", "'ami: latest'", "AMI name prefix", key="ami_tag")
+def test_ami_latest_without_ami_tag_uses_the_old_prefix_with_a_notice(tmp_path, ec2):
+    path = write_cfg(tmp_path, {**ec2, "ami": "latest"})
+    cfg = load_config(path)
+    assert cfg.ami_tag == "clamor"
+    [notice] = cfg.notices
+    assert notice.startswith(f"{path}: no ami_tag") and "clamor" in notice and "\n" not in notice
+
+
+def test_ami_latest_with_an_ami_tag_has_no_notice(tmp_path, ec2):
+    cfg = load_config(write_cfg(tmp_path, {**ec2, "ami": "latest", "ami_tag": "bob-img"}))
+    assert cfg.ami_tag == "bob-img" and cfg.notices == ()
 
 
 @pytest.mark.parametrize("ami", ["ami123", "0123456789", "Latest", "", 12])
@@ -478,12 +488,12 @@ def test_value_errors_from_the_file_do_not_claim_another_source(tmp_path, ec2):
 # --------------------------------------------------------------------------- legacy configs
 
 
-LEGACY_MAPPED = {"identity_file": "key_name", "key_pair": "ssh_key", "driver_instance_type": "master_instance_type"}
+LEGACY_MAPPED = {"identity_file": "key_name", "key_pair": "ssh_key", "driver_instance_type": "master_instance_type",
+                 "swap_size_driver": "swap_size"}
 LEGACY_IGNORED = {
     "driver_file": "servers/driver",
     "servers_file": "servers/servers",
     "datagen_instance_ip": "ec2-54-0-0-1.us-west-2.compute.amazonaws.com",
-    "swap_size_driver": 64,
 }
 
 
@@ -500,22 +510,26 @@ def check_legacy(cfg: ClusterConfig, source: str, pem: Path) -> None:
     assert cfg.master_instance_type == "r5.4xlarge"
     assert cfg.master_type == "r5.4xlarge"
     assert cfg.instance_type == "m5.large"
+    assert cfg.swap_size == 64
     # ignored keys are kept
     assert cfg.legacy == LEGACY_IGNORED
-    # one notice per legacy key, each one line naming the file and the key
-    assert len(cfg.notices) == len(LEGACY_MAPPED) + len(LEGACY_IGNORED)
-    for old, new in LEGACY_MAPPED.items():
+    check_notices(cfg, source, mapped=LEGACY_MAPPED, ignored=LEGACY_IGNORED)
+
+
+def check_notices(cfg: ClusterConfig, source: str, *, mapped: dict, ignored: Iterable[str], more: int = 0) -> None:
+    """One notice per legacy key (plus ``more``), each one line naming the file and the key."""
+    assert len(cfg.notices) == len(mapped) + len(list(ignored)) + more, cfg.notices
+    for old, new in mapped.items():
         matching = [n for n in cfg.notices if f"'{old}'" in n]
         assert len(matching) == 1
-        assert f"read as '{new}'" in matching[0]
-    for old in LEGACY_IGNORED:
+        assert f"legacy key '{old}' read as '{new}'" in matching[0]
+    for old in ignored:
         matching = [n for n in cfg.notices if f"'{old}'" in n]
         assert len(matching) == 1
-        assert "not used" in matching[0]
+        assert f"legacy key '{old}' accepted and not used" in matching[0]
     for notice in cfg.notices:
         assert "\n" not in notice
         assert notice.startswith(source + ":")
-        assert "legacy key" in notice
 
 
 def test_legacy_fixture_loads_unchanged(home):
@@ -530,6 +544,97 @@ def test_legacy_config_in_tmp_path(tmp_path):
     data["key_pair"] = str(pem)
     path = write_cfg(tmp_path, data, "old_config.json")
     check_legacy(load_config(path), str(path), pem)
+
+
+# The original scripts' files: the "driver" branch, the later "master" branch and the oldest sample
+# (master_file, no ami_tag). Their key_pair is relative to the directory the scripts were run from.
+CLAMOR_IGNORED = {"clamor_driver.json": ["driver_file", "servers_file", "datagen_instance_ip"],
+                  "clamor_master.json": ["master_file", "servers_file", "datagen_instance_ip"],
+                  "clamor_oldest.json": ["master_file", "servers_file"]}
+CLAMOR_MAPPED = {"clamor_driver.json": {"identity_file": "key_name", "key_pair": "ssh_key",
+                                        "driver_instance_type": "master_instance_type",
+                                        "swap_size_driver": "swap_size"},
+                 "clamor_master.json": {"identity_file": "key_name", "key_pair": "ssh_key",
+                                        "swap_size_master": "swap_size"},
+                 "clamor_oldest.json": {"identity_file": "key_name", "key_pair": "ssh_key",
+                                        "swap_size_master": "swap_size"}}
+
+
+@pytest.fixture
+def old_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory holding the key files the original samples name relatively."""
+    cwd = tmp_path / "work"
+    make_key(cwd / "keys" / "alice-keypair.pem")
+    make_key(cwd / "alice-keypair.pem")
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+@pytest.mark.parametrize("name", sorted(CLAMOR_MAPPED))
+def test_original_clamor_configs_load_unchanged(old_cwd, name):
+    path = DATA / name
+    data = json.loads(path.read_text())
+    cfg = load_config(path)
+    assert (cfg.provider, cfg.cluster_name, cfg.region, cfg.user) == ("ec2", data["cluster_name"], data["region"], "ubuntu")
+    assert (cfg.instance_type, cfg.nworkers, cfg.root_size) == (data["instance_type"], data["nworkers"], data["root_size"])
+    assert cfg.ami == data["ami"] and cfg.ami_instance_ip == data["ami_instance_ip"]
+    assert cfg.key_name == data["identity_file"]
+    # relative to the working directory (not to the config file's folder), and absolute from then on
+    assert cfg.ssh_key == str(old_cwd / data["key_pair"])
+    assert cfg.master_type == (data.get("driver_instance_type") or data.get("master_instance_type") or data["instance_type"])
+    assert cfg.swap_size == data.get("swap_size_driver", data.get("swap_size_master"))
+    assert cfg.legacy == {key: data[key] for key in CLAMOR_IGNORED[name]}
+    oldest = name == "clamor_oldest.json"
+    assert cfg.ami_tag == ("clamor" if oldest else data["ami_tag"])
+    check_notices(cfg, str(path), mapped=CLAMOR_MAPPED[name], ignored=CLAMOR_IGNORED[name], more=int(oldest))
+    if oldest:
+        [notice] = [n for n in cfg.notices if "ami_tag" in n]
+        assert "'ami: latest'" in notice and "clamor" in notice
+
+
+def test_relative_key_pair_is_not_looked_for_beside_the_config(tmp_path, monkeypatch):
+    make_key(tmp_path / "cfgdir" / "keys" / "alice-keypair.pem")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    path = write_cfg(tmp_path / "cfgdir", json.loads((DATA / "clamor_driver.json").read_text()))
+    bad(tmp_path / "cfgdir", json.loads(path.read_text()), str(tmp_path / "elsewhere" / "keys" / "alice-keypair.pem"),
+        "does not exist", key="ssh_key")
+
+
+def test_relative_ssh_key_is_made_absolute_from_the_working_directory(tmp_path, ec2, monkeypatch):
+    make_key(tmp_path / "k.pem")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_cfg(tmp_path, {**ec2, "ssh_key": "k.pem"}))
+    assert cfg.ssh_key == str(tmp_path / "k.pem")
+
+
+@pytest.mark.parametrize("data, key, also", [
+    ({"swap_size_master": 8, "swap_size_driver": 16}, "swap_size_driver", "(as 'swap_size_master')"),
+    ({"swap_size": 8, "swap_size_master": 16}, "swap_size_master", "which is also set;"),
+])
+def test_two_names_of_swap_size_are_refused(tmp_path, ec2, data, key, also):
+    bad(tmp_path, {**ec2, **data}, "legacy name of 'swap_size'", also, "keep one", key=key)
+
+
+@pytest.mark.parametrize("value", [-1, "32", 1.5, True, 20000])
+def test_bad_swap_size(tmp_path, ec2, value):
+    bad(tmp_path, {**ec2, "swap_size": value}, "GiB of swap", key="swap_size")
+
+
+def test_swap_size_defaults_to_none_and_is_read_from_env_strings(tmp_path, ec2):
+    path = write_cfg(tmp_path, ec2)
+    assert load_config(path).swap_size is None and DEFAULTS["swap_size"] is None
+    assert load_config(path, defaults={"swap_size": "16"}).swap_size == 16
+
+
+def test_label_names_the_cluster_and_its_images(tmp_path, ec2):
+    overrides = config_mod.label_overrides(label="exp-7", name=None)
+    cfg = load_config(write_cfg(tmp_path, {**ec2, "ami": "latest", "ami_tag": "old"}), overrides=overrides)
+    assert (cfg.cluster_name, cfg.ami_tag) == ("exp-7", "exp-7")
+    assert set(cfg.from_flags) == {"cluster_name", "ami_tag"}
+    assert config_mod.label_overrides(label=None, name="n") == {"cluster_name": "n"}
+    with pytest.raises(ConfigError, match="give --label or --name, not both"):
+        config_mod.label_overrides(label="a", name="b")
 
 
 def test_legacy_key_pair_mode_checked_under_new_name(tmp_path, ec2):
@@ -552,10 +657,11 @@ def test_every_ignored_legacy_key_is_accepted(tmp_path, ec2, old):
     assert len(cfg.notices) == 1 and f"'{old}'" in cfg.notices[0]
 
 
-def test_spec_legacy_keys_are_all_known():
-    for key in ("identity_file", "key_pair", "driver_file", "servers_file", "driver_instance_type",
-                "datagen_instance_ip", "swap_size_driver"):
-        assert key in LEGACY_KEYS
+def test_every_key_of_the_original_scripts_is_known():
+    for key in ("identity_file", "key_pair", "cluster_name", "master_file", "driver_file", "servers_file", "user",
+                "instance_type", "master_instance_type", "driver_instance_type", "ami", "ami_tag", "ami_instance_ip",
+                "datagen_instance_ip", "region", "nworkers", "root_size", "swap_size_master", "swap_size_driver"):
+        assert key in LEGACY_KEYS or key in DEFAULTS
 
 
 # --------------------------------------------------------------------------- precedence

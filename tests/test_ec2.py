@@ -25,6 +25,7 @@ from cloister import cluster as lib
 from cloister import budget, hosts, images
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
+from cloister.providers.ec2 import console as ec2_console
 from cloister.providers.ec2 import permissions as ec2_permissions
 from cloister.providers.ec2 import ttl as ec2_ttl
 from cloister.settings import Settings
@@ -967,3 +968,46 @@ def test_the_readme_lists_exactly_the_policy_the_code_needs():
     text = (REPO / "README.md").read_text()
     block = text.split("The minimal IAM policy", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(block) == ec2_permissions.policy()
+
+
+def test_a_console_that_stops_moving_is_a_hanging_boot(aws):
+    client, inject = aws
+    instance = run_instance(client)
+    console = ["[    1.0] cloud-init[82]: Cloud-init v. 22.4.2 running 'init' at Sun, 29 Nov 2026\n"
+               "[    1.1] cloud-init[82]: ci-info: +------+------+\n"]
+
+    def answer(request, **_):
+        body = ("<GetConsoleOutputResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">"
+                f"<instanceId>{instance}</instanceId><timestamp>2026-11-29T00:00:00Z</timestamp>"
+                f"<output>{base64.b64encode(console[0].encode()).decode()}</output></GetConsoleOutputResponse>")
+        return ms.ok_response(request, body)
+
+    inject.on("before-send.ec2.GetConsoleOutput", answer)
+    now = [100.0]
+    watch = ec2_console.BootWatch(stall=60, clock=lambda: now[0])
+    cloisters = ec2_aws.client_for(ms.REGION)
+    assert watch.stalled(cloisters, instance) is None
+    now[0] += 59
+    assert watch.stalled(cloisters, instance) is None
+    console[0] += "[    2.0] systemd[1]: Reached target cloud-init.target\n"
+    assert watch.stalled(cloisters, instance) is None
+    now[0] += 61
+    reason = watch.stalled(cloisters, instance)
+    assert reason.startswith("boot hangs: no SSH, and its console has not moved for 61s")
+    assert reason.endswith("last: systemd[1]: Reached target cloud-init.target")
+
+
+def test_swap_for_the_master_is_a_volume_that_ends_with_it(aws, make_cfg, settings):
+    client, inject = aws
+    lib.launch(make_cfg(nworkers=1, swap_size=16), settings=settings, wait=False)
+    master, worker = [p for a, p in inject.calls if a == "RunInstances"]
+    swap_keys = [k for k, v in master.items() if k.endswith(".DeviceName") and v == "/dev/sdf"]
+    assert len(swap_keys) == 1
+    prefix = swap_keys[0].removesuffix("DeviceName")
+    assert (master[prefix + "Ebs.VolumeSize"], master[prefix + "Ebs.DeleteOnTermination"]) == ("16", "true")
+    assert "/dev/sdf" not in worker.values()
+    user_data = base64.b64decode(master["UserData"]).decode()
+    assert "mkswap -L cloister-swap" in user_data and "17179869184" in user_data
+    assert "mkswap" not in base64.b64decode(worker["UserData"]).decode()
+    rows = {r.role: r for r in lib.status(make_cfg(nworkers=1, swap_size=16), settings=settings)}
+    assert "swap 16 GiB" in rows["master"].type and "swap" not in rows["worker"].type

@@ -34,8 +34,8 @@ from conftest import INV, REPO, no_traceback, one_line_error
 DSUM_DIR = "~/clamor/experiments/cpp/dsum"
 OTHER_DIR = "~/other-bench"
 # dsum's master reading dsum.weld whatever the benchmark is called.
-DSUM_MASTER = ("{binary} -i {host} -p {master_port} -m driver -d {manager} -l dsum.weld -t {nprocs} "
-               "-w {workers} -x {partitions} {args}")
+DSUM_MASTER = ("{binary} -i {host} -p {master_port} -m master -d {manager} -l dsum.weld -t {nprocs} "
+               "-w {worker_hosts} -x {partitions} {args}")
 N = 2000000
 SUM_LINE = "dsum: N={n} partitions={parts} workers={parts} sum={s} expected={s} ok"
 RUN_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{4}")
@@ -185,8 +185,8 @@ def test_dsum_end_to_end(exp, k, p):
 
     master, workers = info.master, info.workers[:k]
     # Logs of every role, every name carrying this run's id, in one folder per host.
-    assert log_names(run_dir / master.host) == {f"manager_{run_id}.log", f"driver_{run_id}.log"}
-    assert sum_line in (run_dir / master.host / f"driver_{run_id}.log").read_text()
+    assert log_names(run_dir / master.host) == {f"manager_{run_id}.log", f"master_{run_id}.log"}
+    assert sum_line in (run_dir / master.host / f"master_{run_id}.log").read_text()
     for h, node in enumerate(workers):
         names = {f"worker{h * p + j}_{run_id}.log" for j in range(p)}
         assert log_names(run_dir / node.host) == names
@@ -305,7 +305,7 @@ def test_master_timeout_is_killed_and_logs_are_still_collected(exp):
     record = exp.record("slow")
     assert record["status"] == "timeout" and record["ended"]
     run_id, run_dir = exp.only_run("slow")
-    assert "master started" in (run_dir / exp.info.master.host / f"driver_{run_id}.log").read_text()
+    assert "master started" in (run_dir / exp.info.master.host / f"master_{run_id}.log").read_text()
     for h, node in enumerate(exp.info.workers[:2]):
         assert (run_dir / node.host / f"worker{h}_{run_id}.log").exists()
     assert exp.leftovers() == {}
@@ -349,7 +349,7 @@ def test_sigint_kills_the_remote_processes_and_collects_the_logs(exp):
     assert record["status"] == "interrupted" and record["ended"]
     assert {r["status"] for r in record["roles"]} <= {"killed", "ok"}, record["roles"]
     run_id, run_dir = exp.only_run("slow")
-    assert log_names(run_dir / exp.info.master.host) == {f"manager_{run_id}.log", f"driver_{run_id}.log"}
+    assert log_names(run_dir / exp.info.master.host) == {f"manager_{run_id}.log", f"master_{run_id}.log"}
     for h, node in enumerate(exp.info.workers[:2]):
         assert log_names(run_dir / node.host) == {f"worker{h * 2 + j}_{run_id}.log" for j in range(2)}
     assert exp.leftovers() == {}
@@ -501,7 +501,7 @@ def test_list_logs_and_clean_of_a_past_run(exp):
     assert proc.returncode == 0, proc.stderr
     assert run_id in proc.stdout
     assert {node.host: sorted(p.name for p in (run_dir / node.host).iterdir()) for node in hosts_} == files
-    assert "sum=" in (run_dir / exp.info.master.host / f"driver_{run_id}.log").read_text()
+    assert "sum=" in (run_dir / exp.info.master.host / f"master_{run_id}.log").read_text()
 
     # exp.clean: removes the run from the hosts, keeps the local copy
     remote_dir = f"~/cloister/runs/dsum/{run_id}"
@@ -537,17 +537,17 @@ def test_manager_local_runs_through_c_run_here(exp, tmp_path):
     data = yaml.safe_load(exp.registry_path.read_text())
     data["benchmarks"]["here"] = {
         "dir": str(bench_dir), "env": {"QUOTED": "it's $(not run)"},
-        "commands": {"manager": 'echo manager {host} {manager_port} {workers} {partitions} "$FROM_VARS" "$QUOTED"; '
-                                'pwd'},
+        "commands": {"manager": 'echo manager {host} {manager_port} {worker_hosts} {worker_endpoints} {partitions} '
+                                '"$FROM_VARS" "$QUOTED"; pwd'},
     }
     exp.registry_path.write_text(yaml.safe_dump(data))
     with no_ssh(exp.cluster):
         proc = exp.inv("exp.manager", "--local", "--benchmark", "here", "-k", "2", "-p", "2")
     assert proc.returncode == 0, proc.stderr
     w1, w2 = (w.host for w in exp.info.workers[:2])
-    workers = f"{w1}:50000,{w1}:50001,{w2}:50000,{w2}:50001"
+    endpoints = f"{w1}:50000,{w1}:50001,{w2}:50000,{w2}:50001"
     assert proc.stdout.splitlines() == [
-        f"manager {exp.info.master.host} 40000 {workers} 4 sourced here it's $(not run)", str(bench_dir)]
+        f"manager {exp.info.master.host} 40000 {w1},{w2} {endpoints} 4 sourced here it's $(not run)", str(bench_dir)]
 
 
 def test_logs_and_clean_of_a_run_that_does_not_exist(exp):

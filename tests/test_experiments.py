@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -15,9 +16,12 @@ import yaml
 from cloister.errors import ConfigError, ExperimentError
 from cloister.experiments import RunShape, load_registry, parse_args, render, validate_name
 from cloister.runs import Proc, log_name, start_script
+from cloister.runs.prepare import NodeFacts
 from conftest import REPO
 
 DEFAULTS = yaml.safe_load((REPO / "experiments.yaml").read_text())["defaults"]
+# Start scripts run here in bash: this machine's kernel must never be changed by a test.
+THIS_MACHINE = NodeFacts(public="127.0.0.1", shared_kernel=True)
 
 
 def write_registry(tmp_path: Path, benchmarks: dict, *, defaults: dict | None = None, name="experiments.yaml") -> Path:
@@ -39,10 +43,10 @@ def bench(tmp_path: Path, name: str = "bench", **entry):
     return load_registry(write_registry(tmp_path, {name: entry})).get(name)
 
 
-SHAPE = RunShape(run_id="20260101-000000-abcd", k=2, nprocs=3, manager="10.0.0.1",
-                 workers=[("10.0.0.2", 50000), ("10.0.0.2", 50001), ("10.0.0.2", 50002),
-                          ("10.0.0.3", 50000), ("10.0.0.3", 50001), ("10.0.0.3", 50002)])
-WORKERS = "10.0.0.2:50000,10.0.0.2:50001,10.0.0.2:50002,10.0.0.3:50000,10.0.0.3:50001,10.0.0.3:50002"
+SHAPE = RunShape(run_id="20260101-000000-abcd", k=2, nprocs=3, manager="10.0.0.1", worker_hosts=["10.0.0.2", "10.0.0.3"],
+                 worker_endpoints=[("10.0.0.2", 50000), ("10.0.0.2", 50001), ("10.0.0.2", 50002),
+                                   ("10.0.0.3", 50000), ("10.0.0.3", 50001), ("10.0.0.3", 50002)])
+ENDPOINTS = "10.0.0.2:50000,10.0.0.2:50001,10.0.0.2:50002,10.0.0.3:50000,10.0.0.3:50001,10.0.0.3:50002"
 
 
 # ------------------------------------------------------------ the repository's registry
@@ -71,15 +75,26 @@ def test_defaults_reproduce_the_old_clamor_layout(tmp_path):
     assert b.ready_log is None  # readiness = ports listening
 
 
-def test_defaults_render_the_old_flags_exactly(tmp_path):
-    b = bench(tmp_path, "bench")
-    assert render(b, "manager", SHAPE, host="10.0.0.1", port=40000) == (
-        f"./bench -i 10.0.0.1 -m manager -r 40000 -t 3 -l bench.weld -w {WORKERS} -x 6")
-    assert render(b, "worker", SHAPE, host="10.0.0.2", port=50001, index=1) == (
-        "./bench -i 10.0.0.2 -m worker -p 50001 -d 10.0.0.1 -l bench.weld")
-    # The old master port was 70000 (not a TCP port); the rest is the old command word for word.
-    assert render(b, "master", SHAPE, host="10.0.0.1", port=b.master_port) == (
-        f"./bench -i 10.0.0.1 -p {b.master_port} -m driver -d 10.0.0.1 -l bench.weld -t 3 -w {WORKERS} -x 6")
+def test_defaults_render_clamors_command_lines_token_by_token(tmp_path):
+    """B = bench, P = 3, K = 2, W = the worker hosts without ports, MANAGER = the master's host."""
+    path = write_registry(tmp_path, {"bench": {}})
+    assert "bench: {}" in path.read_text()
+    b = load_registry(path).get("bench")
+    w = "10.0.0.2,10.0.0.3"
+    assert shlex.split(render(b, "manager", SHAPE, host="10.0.0.1", port=40000)) == [
+        "./bench", "-i", "10.0.0.1", "-m", "manager", "-r", "40000", "-t", "3", "-l", "bench.weld", "-w", w, "-x", "6"]
+    for i in range(3):
+        assert shlex.split(render(b, "worker", SHAPE, host="10.0.0.3", port=b.worker_port(i), index=3 + i)) == [
+            "./bench", "-i", "10.0.0.3", "-m", "worker", "-p", str(50000 + i), "-d", "10.0.0.1", "-l", "bench.weld"]
+    # The old master port was 70000 (not a TCP port): 45000; the rest is Clamor's command word for word.
+    assert shlex.split(render(b, "master", SHAPE, host="10.0.0.1", port=b.master_port)) == [
+        "./bench", "-i", "10.0.0.1", "-p", "45000", "-m", "master", "-d", "10.0.0.1", "-l", "bench.weld", "-t", "3",
+        "-w", w, "-x", "6"]
+
+
+def test_worker_hosts_and_worker_endpoints_placeholders(tmp_path):
+    b = bench(tmp_path, "bench", commands={"master": "{binary} {worker_hosts} {worker_endpoints}"})
+    assert render(b, "master", SHAPE, host="10.0.0.1") == f"./bench 10.0.0.2,10.0.0.3 {ENDPOINTS}"
 
 
 def test_worker_binary_override_only_changes_the_worker(tmp_path):
@@ -127,7 +142,20 @@ def test_env_and_args(tmp_path):
     ({"ready": "logline"}, "ready", ["expected 'port' or {log: REGEX}"]),
     ({"ready": {"log": "(unclosed"}}, "ready.log", ["bad regex"]),
     ({"metric": "time=([0-9.]+"}, "metric", ["bad regex"]),
-    ({"metric": "time=[0-9.]+"}, "metric", ["one group"]),
+    ({"metric": "time=[0-9.]+"}, "metric", ["one group", "got 0 groups"]),
+    ({"metric": "(time|t)=([0-9.]+)"}, "metric", ["one group", "got 2 groups"]),
+    ({"ports": {"master": 40000}}, "ports.master", ["40000 is also ports.manager", "cannot share a port"]),
+    ({"commands": {"master": "{binary} -w {workers}"}}, "commands.master", ["unknown placeholder {workers}",
+                                                                            "worker_endpoints", "worker_hosts"]),
+    ({"prepare": {"disable_alsr": True}}, "prepare.disable_alsr", ["unknown item", "did you mean 'disable_aslr'"]),
+    ({"prepare": {"disable_aslr": "yes"}}, "prepare.disable_aslr", ["true or false"]),
+    ({"prepare": {"stack_limit": "big"}}, "prepare.stack_limit", ["'unlimited', a size in KiB"]),
+    ({"prepare": {"public_hostname": "dns"}}, "prepare.public_hostname", ["recorded or imds"]),
+    ({"prepare": {"local_vars": ""}}, "prepare.local_vars", ["file path"]),
+    ({"prepare": {"sysctl": ["vm.overcommit_memory=1"]}}, "prepare.sysctl", ["mapping of name: value"]),
+    ({"prepare": {"sysctl": {"vm; reboot": 1}}}, "prepare.sysctl.vm; reboot", ["sysctl name"]),
+    ({"prepare": {"sysctl": {"vm.x": "1; reboot"}}}, "prepare.sysctl.vm.x", ["a number or a word"]),
+    ({"prepare": [1]}, "prepare", ["expected a mapping"]),
     ({"timeout": 0}, "timeout", ["positive number"]),
     ({"ready_timeout": "soon"}, "ready_timeout", ["positive number"]),
     ({"env": {"1BAD": "x"}}, "env", ["VARIABLE"]),
@@ -188,6 +216,34 @@ def test_bad_yaml_names_line_and_column(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(str(path)) and "invalid YAML at line 4, column" in message
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("defaults:\n  dir: x\n  dir: y\nbenchmarks: {}\n", "defaults.dir", 3),
+    ("defaults: {}\nbenchmarks:\n  a: {}\n  b: {}\n  a: {}\n", "benchmarks.a", 5),
+    ("defaults: {}\nbenchmarks:\n  a:\n    ports: {manager: 1, manager: 2}\n", "benchmarks.a.ports.manager", 4),
+    ("defaults: {}\ndefaults: {}\n", "defaults", 2),
+])
+def test_a_key_given_twice_is_one_line_naming_file_and_key(tmp_path, text, key, line):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_registry(path)
+    assert str(info.value) == f"{path}: key '{key}': given twice (again at line {line}); keep one"
+
+
+def test_repository_defaults_prepare_processes_as_the_old_scripts_did():
+    prep = load_registry(REPO / "experiments.yaml").get("dsum").prepare
+    assert prep.declared() == {"disable_aslr": True, "stack_limit": "unlimited", "local_vars": "~/.local_vars",
+                               "public_hostname": "recorded", "sysctl": {"vm.overcommit_memory": "1"}}
+
+
+def test_a_benchmark_switches_preparation_items_off(tmp_path):
+    prep = bench(tmp_path, "b", prepare={"disable_aslr": False, "stack_limit": None, "sysctl": {}}).prepare
+    assert prep.declared() == {"disable_aslr": False, "stack_limit": None, "local_vars": "~/.local_vars",
+                               "public_hostname": "recorded", "sysctl": {}}
+    extra = bench(tmp_path, "b", prepare={"sysctl": {"kernel.randomize_va_space": 0, "vm.overcommit_memory": 1}})
+    assert extra.prepare.sysctl == {"kernel.randomize_va_space": "0", "vm.overcommit_memory": "1"}
 
 
 def test_missing_file(tmp_path):
@@ -291,12 +347,12 @@ def shell_argv(command: str, cwd: Path) -> list[str]:
 def test_every_substituted_value_reaches_the_program_as_one_literal_word(tmp_path, value):
     make_stub(tmp_path / "show")
     b = bench(tmp_path, "show", commands={
-        "manager": "{binary} {host} {manager} {workers}",
+        "manager": "{binary} {host} {manager} {worker_hosts} {worker_endpoints}",
         "worker": "{binary} {host} {port} {manager}",
         "master": "{binary} {host} {args}"})
-    shape = RunShape(run_id=SHAPE.run_id, k=1, nprocs=1, manager=value, workers=[(value, 50000)],
-                     args=[value, "--flag", value])
-    assert shell_argv(render(b, "manager", shape, host=value), tmp_path) == [value, value, f"{value}:50000"]
+    shape = RunShape(run_id=SHAPE.run_id, k=1, nprocs=1, manager=value, worker_hosts=[value],
+                     worker_endpoints=[(value, 50000)], args=[value, "--flag", value])
+    assert shell_argv(render(b, "manager", shape, host=value), tmp_path) == [value, value, value, f"{value}:50000"]
     assert shell_argv(render(b, "worker", shape, host=value, port=50000, index=0), tmp_path) == [
         value, "50000", value]
     assert shell_argv(render(b, "master", shape, host=value), tmp_path) == [value, value, "--flag", value]
@@ -319,18 +375,21 @@ def test_start_script_quotes_env_dir_and_detaches(tmp_path):
     value = "a b'c\"$(touch PWNED)`touch PWNED`"
     b = bench(tmp_path, "show", dir="~/my bench $(x)", env={"NASTY": value},
               commands={"worker": "{binary} {port} \"$NASTY\" \"$FROM_VARS\" \"$CLOISTER_RUN_ID\""})
-    shape = RunShape(run_id=SHAPE.run_id, k=1, nprocs=2, manager="m", workers=[("h", 7000), ("h", 7001)])
+    shape = RunShape(run_id=SHAPE.run_id, k=1, nprocs=2, manager="m", worker_hosts=["h"],
+                     worker_endpoints=[("h", 7000), ("h", 7001)])
     procs = [Proc(role="worker", host="h", index=i, port=7000 + i,
                   command=render(b, "worker", shape, host="h", port=7000 + i, index=i)) for i in range(2)]
     env = {**os.environ, "HOME": str(home)}
-    result = subprocess.run(["bash", "-c", start_script(b, shape.run_id, procs)], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["bash", "-c", start_script(b, shape.run_id, procs, node=THIS_MACHINE)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     run_dir = home / "cloister" / "runs" / "show" / shape.run_id
-    pids = [line.split() for line in result.stdout.splitlines()]
+    pids = [line.split() for line in result.stdout.splitlines() if not line.startswith("prep\t")]
     assert [p[1:] for p in pids] == [["worker", "0", "7000"], ["worker", "1", "7001"]]
     deadline = time.monotonic() + 10
-    while not all((run_dir / f"worker{i}.exit").exists() for i in range(2)) and time.monotonic() < deadline:
+    # An exit file is created before its code is written: wait for the codes.
+    while (not all((run_dir / f"worker{i}.exit").exists() and (run_dir / f"worker{i}.exit").read_text().strip()
+                   for i in range(2)) and time.monotonic() < deadline):
         time.sleep(0.02)
     for i in range(2):
         assert (run_dir / f"worker{i}.exit").read_text().strip() == "0"
@@ -342,6 +401,6 @@ def test_start_script_quotes_env_dir_and_detaches(tmp_path):
 def test_start_script_reports_a_missing_directory(tmp_path):
     b = bench(tmp_path, "show", dir="~/absent")
     proc = Proc(role="worker", host="h", index=0, port=1, command="true")
-    result = subprocess.run(["bash", "-c", start_script(b, SHAPE.run_id, [proc])],
+    result = subprocess.run(["bash", "-c", start_script(b, SHAPE.run_id, [proc], node=THIS_MACHINE)],
                             env={**os.environ, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=30)
     assert result.returncode == 66 and "benchmark directory ~/absent not found" in result.stderr

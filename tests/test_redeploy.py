@@ -331,7 +331,8 @@ def test_ctrl_c_stops_the_rsyncs_on_the_dev_host(rd):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0 and "Traceback" not in err
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["interrupted: redeploy stopped (Ctrl-C)"], err
     time.sleep(0.5)
     left = rd.inv("cluster.run", "--role", "dev", "pgrep -x rsync || echo none")
     assert left.stdout.strip().splitlines()[-1] == "none", left.stdout

@@ -122,7 +122,7 @@ def test_record_round_trip_and_keys():
     assert list(json.loads(text)) == [
         "benchmark", "run_id", "status", "error", "k", "p", "args", "manager", "keep", "timeout_s", "hosts",
         "cluster", "provider", "config", "git", "cloister_version", "started", "ended", "timings", "exit_codes",
-        "roles", "failures", "metric"]
+        "roles", "failures", "metric", "preparation"]
     assert json.loads(text)["roles"][0] == {"role": "master", "host": "m", "index": None, "port": 45000,
                                             "command": "./b", "pid": 12, "status": "ok", "exit": 0}
 
@@ -139,6 +139,12 @@ def test_an_incomplete_record_is_refused(edit):
     edit(data)
     with pytest.raises(ValueError, match="not a run record"):
         RunRecord.from_json(json.dumps(data))
+
+
+def test_a_record_written_before_runs_listed_their_preparation_still_loads():
+    data = json.loads(make_record(preparation={"declared": {}, "hosts": {}}).to_json())
+    del data["preparation"]
+    assert RunRecord.from_json(json.dumps(data)).preparation == {}
 
 
 def test_local_runs_lists_records_oldest_first_and_skips_broken_ones(tmp_path):
@@ -176,13 +182,30 @@ def test_a_bad_run_spec_is_refused(tmp_path, changes, message):
         RunSpec(**{**fields, **changes})
 
 
+@pytest.mark.parametrize("ports, p, key, port", [
+    ({"worker_base": 39999}, 2, "manager", 40000),
+    ({"master": 50003}, 4, "master", 50003),
+])
+def test_a_role_port_among_the_worker_ports_is_refused(tmp_path, ports, p, key, port):
+    bench = registry(tmp_path, ports=ports)
+    with pytest.raises(ExperimentError) as info:
+        RunSpec(info=INFO, bench=bench, k=1, nprocs=p, run_id=RUN_ID, settings=Settings())
+    assert str(info.value).startswith(f"{tmp_path / 'experiments.yaml'}: benchmark 'b': key 'ports.{key}': {port} is "
+                                      f"also worker process {port - bench.worker_base}'s port with -p {p}")
+    RunSpec(info=INFO, bench=bench, k=1, nprocs=port - bench.worker_base, run_id=RUN_ID, settings=Settings())
+
+
 def test_run_spec_shape_and_the_local_manager_command(tmp_path):
-    bench = registry(tmp_path, env={"Q": "it's"}, commands={"manager": 'echo {host} {workers} {k} {run_id} "$Q"'})
+    bench = registry(tmp_path, env={"Q": "it's"},
+                     commands={"manager": 'echo {host} {worker_endpoints} {k} {run_id} "$Q" "$PUBLIC_HOSTNAME"; '
+                                          'cat /proc/self/personality'})
     spec = RunSpec(info=INFO, bench=bench, k=2, nprocs=2, run_id=RUN_ID, settings=Settings(runs_dir=str(tmp_path)))
-    assert spec.shape.workers == [("10.0.0.2", 50000), ("10.0.0.2", 50001), ("127.0.0.3", 50000),
-                                  ("127.0.0.3", 50001)]
+    assert spec.shape.worker_hosts == ["10.0.0.2", "127.0.0.3"]
+    assert spec.shape.worker_endpoints == [("10.0.0.2", 50000), ("10.0.0.2", 50001), ("127.0.0.3", 50000),
+                                           ("127.0.0.3", 50001)]
     assert spec.local_dir == tmp_path / "b" / RUN_ID
     assert spec.master_timeout == bench.timeout
     out = subprocess.run(["bash", "-c", manager_here(spec)], capture_output=True, text=True, timeout=30)
+    # The master's address recorded in servers/ is its public one; ASLR is off for the manager started here.
     assert out.stdout.split() == ["10.0.0.1", "10.0.0.2:50000,10.0.0.2:50001,127.0.0.3:50000,127.0.0.3:50001",
-                                  "2", RUN_ID, "it's"]
+                                  "2", RUN_ID, "it's", "127.0.0.1", "00040000"]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from cloister import servers
 from cloister.errors import CloisterError, ServersError
+from cloister.hosts import select_nodes
 from cloister.servers import TEXT_FILES, ClusterInfo, Node, read_servers, write_servers
+from conftest import one_line_error as one_line
+from conftest import run_inv
 
 
 def make_info(name: str = "alpha", nworkers: int = 3, *, dev: bool = True) -> ClusterInfo:
@@ -90,7 +94,11 @@ def test_crash_mid_write_keeps_the_previous_cluster_json(tmp_path, monkeypatch, 
 
     assert len(calls) == crash_at, "the crash was not injected mid-write"
     assert (folder / "cluster.json").read_text() == previous_json
-    assert read_servers(folder, cluster_name="alpha") == before
+    if crash_at == 6:
+        # servers.txt already lists the 7 workers, cluster.json still 2: the mix is refused, never guessed.
+        assert "cluster.json disagrees" in one_line_error(folder, cluster_name="alpha")
+    else:
+        assert read_servers(folder, cluster_name="alpha") == before
     # The failed temp file is cleaned up, not left beside the real ones.
     assert sorted(p.name for p in folder.iterdir()) == sorted([*TEXT_FILES, "cluster.json"])
 
@@ -140,3 +148,59 @@ def test_cluster_json_that_is_a_directory(tmp_path):
     (tmp_path / "cluster.json").mkdir()
     message = one_line_error(tmp_path)
     assert "is a directory" in message
+
+
+# ---------------------------------------------------------------- servers.txt edited by hand
+
+
+def test_servers_txt_reordered_or_shortened_by_hand_sets_the_workers(tmp_path):
+    folder = write_servers(tmp_path / "servers", make_info(nworkers=4))
+    # Any name of a worker will do (the file holds public names); blank lines and comments are skipped.
+    (folder / "servers.txt").write_text("# the fast ones first\nec2-w3.example\n\n54.0.1.1\nalpha-worker-4\n")
+    info = read_servers(folder, cluster_name="alpha")
+    assert [w.id for w in info.workers] == ["i-w3", "i-w1", "i-w4"]
+    assert [n.role for n in info.nodes] == ["master", "worker", "worker", "worker", "dev"]
+    # -k takes the first K of servers.txt.
+    assert [n.id for n in select_nodes(info, role="workers", k=2)] == ["i-w3", "i-w1"]
+    assert [n.id for n in select_nodes(info, k=1)] == ["i-m", "i-w3"]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("ec2-w1.example\nec2-w9.example\n", "lists ec2-w9.example, but cluster.json disagrees: not a worker of "
+                                         "cluster 'alpha'"),
+    ("ec2-m.example\n", "lists ec2-m.example, but cluster.json disagrees"),
+    ("ec2-w1.example\nalpha-worker-1\n", "lists alpha-worker-1 more times than cluster.json has workers there (1)"),
+])
+def test_servers_txt_naming_hosts_cluster_json_does_not_know_is_refused(tmp_path, text, fragment):
+    folder = write_servers(tmp_path / "servers", make_info(nworkers=2))
+    (folder / "servers.txt").write_text(text)
+    message = one_line_error(folder, cluster_name="alpha")
+    assert message.startswith(str(folder / "servers.txt")) and fragment in message, message
+
+
+def test_inv_honours_servers_txt_and_refuses_what_it_cannot(local_cluster, tmp_path):
+    folder = tmp_path / "servers"
+    shutil.copytree(local_cluster.settings.servers_dir, folder)
+    env = {**local_cluster.env(), "INVOKE_CLOISTER_SERVERS_DIR": str(folder)}
+    workers = local_cluster.info.workers
+    chosen = [workers[2], workers[0]]
+    (folder / "servers.txt").write_text("".join(w.host + "\n" for w in chosen))
+    proc = run_inv("cluster.run", "--stream", "--role", "workers", "hostname", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == sorted(f"[{w.host}] {w.name}" for w in chosen)
+
+    (folder / "servers.txt").write_text(workers[0].host + "\n10.99.99.99\n")
+    line = one_line(run_inv("cluster.run", "hostname", env=env))
+    assert line.startswith(f"{folder / 'servers.txt'} lists 10.99.99.99, but cluster.json disagrees"), line
+
+
+def test_a_host_carrying_several_workers_may_be_listed_once_per_worker(tmp_path):
+    nodes = [Node(role="master", id="m", host="10.0.0.1")]
+    nodes += [Node(role="worker", id=f"w{i}", host="10.0.0.2", name=f"w{i}") for i in range(3)]
+    folder = write_servers(tmp_path / "servers", ClusterInfo(provider="static", cluster_name="lab", user="u",
+                                                             ssh_key="k", nodes=nodes))
+    assert [w.id for w in read_servers(folder).workers] == ["w0", "w1", "w2"]
+    (folder / "servers.txt").write_text("w2\n10.0.0.2\n")
+    assert [w.id for w in read_servers(folder).workers] == ["w2", "w0"]
+    (folder / "servers.txt").write_text("10.0.0.2\n" * 4)
+    assert "lists 10.0.0.2 more times than cluster.json has workers there (3)" in one_line_error(folder)

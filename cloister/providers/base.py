@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from ..config import ClusterConfig
 from ..errors import HostsFailed, ProviderError
-from ..servers import ClusterInfo
+from ..servers import ClusterInfo, Node
 from ..settings import Settings
 
 # (text, done, total): one call per poll, for a progress bar.
@@ -174,6 +174,10 @@ class Provider(ABC):
 
     def verify_nodes(self, info: ClusterInfo) -> None:
         """Once SSH answers on every node: check what the provider promised (a TTL armed, say)."""
+
+    def boot_failures(self, info: ClusterInfo, waiting: list[Node]) -> dict[str, str]:
+        """Of the nodes SSH does not reach yet, those whose boot has visibly failed: host -> why."""
+        return {}
 
     def ssh_hint(self, info: ClusterInfo, failed: HostsFailed) -> str:
         """What may be wrong when SSH never answered (a line for the user), or ""."""

@@ -58,6 +58,11 @@ class StaticProvider(Provider):
                                    state="reachable" if up is not None else failed[node.host], uptime_s=up))
         return rows
 
+    def launch_warnings(self) -> list[str]:
+        if self.cfg.swap_size:
+            return [f"swap_size {self.cfg.swap_size}: skipped; cloister does not change existing machines' swap"]
+        return []
+
     def images(self) -> ImageStore:
         raise ProviderError(f"{self.cfg.source}: ami.* needs the ec2 or local provider; static machines have no "
                             f"images", provider=self.name, cluster=self.cfg.cluster_name)

@@ -25,6 +25,7 @@ from ..poll import Backoff
 from ..servers import Node
 from .kill import kill_run
 from .logs import download_run, read_metric
+from .prepare import parse_report
 from .record import GitState, Proc, RunHosts, RunRecord, now
 from .scripts import Probe, kill_script, log_name, parse_pids, parse_probe, probe_script, start_script
 from .spec import RunSpec, address
@@ -63,6 +64,7 @@ class Run:
                                  connect_timeout=spec.settings.connect_timeout)
         self.cxn = {c.host: c for c in self.group}
         self.timings: dict[str, float] = {}
+        self.prepared: dict[str, list[dict[str, str]]] = {}  # host -> its preparation report
         self._ready_seen: set[str] = set()
         self.git = GitState.of(Path.cwd())
         self.started = now()
@@ -85,7 +87,9 @@ class Run:
     def _start(self, by_host: dict[str, list[Proc]]) -> None:
         def start(cxn: Connection):
             procs = by_host[cxn.host]
-            result = cxn.run(start_script(self.bench, self.run_id, procs), warn=True, timeout=60)
+            script = start_script(self.bench, self.run_id, procs, node=self.spec.node_facts(self._node(cxn.host)))
+            result = cxn.run(script, warn=True, timeout=60)
+            self.prepared[cxn.host] = parse_report(result.stdout)
             if result.exited != 0:
                 tail = (result.stderr or result.stdout).strip().splitlines()
                 raise ExperimentError(tail[-1] if tail else f"start failed with exit {result.exited}")
@@ -339,7 +343,8 @@ class Run:
             cluster=spec.info.cluster_name, provider=spec.info.provider, config=spec.config_name, git=self.git,
             cloister_version=__version__, started=self.started, ended=now() if status != "running" else None,
             timings={k: round(v, 4) for k, v in self.timings.items()}, exit_codes={p.key: p.exit for p in self.procs},
-            roles=[replace(p) for p in self.procs], failures=dict(failures), metric=metric)
+            roles=[replace(p) for p in self.procs], failures=dict(failures), metric=metric,
+            preparation={"declared": self.bench.prepare.declared(), "hosts": dict(self.prepared)})
 
     def start_by_hand(self, role: str) -> list[Proc]:
         """Start one role ("manager", "workers" or "master") and leave it running (exp.manager/workers/master).
@@ -367,8 +372,10 @@ class Run:
         except (OSError, ValueError):
             earlier = None
         if earlier:
+            hosts = {**earlier.preparation.get("hosts", {}), **self.prepared}
             record = replace(record, roles=earlier.roles + record.roles, started=earlier.started,
-                             exit_codes={**earlier.exit_codes, **record.exit_codes})
+                             exit_codes={**earlier.exit_codes, **record.exit_codes},
+                             preparation={**record.preparation, "hosts": hosts})
         record.write(self.local_dir)
 
 

@@ -7,9 +7,10 @@ import json
 import re
 import secrets
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..errors import ExperimentError
 from ..files import atomic_write
@@ -105,6 +106,9 @@ class RunRecord:
     roles: list[Proc]
     failures: dict[str, str]
     metric: float | str | None
+    # {"declared": experiments.yaml's prepare, "hosts": {host: [{"item", "status", "detail"}, ...]}};
+    # empty in a record written before runs listed their preparation.
+    preparation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -121,8 +125,9 @@ class RunRecord:
     def from_json(cls, text: str) -> RunRecord:
         """Raises ValueError for anything but a complete record."""
         data = json.loads(text)
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(data, dict) or set(data) != set(names):
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default_factory is dataclasses.MISSING}
+        if not isinstance(data, dict) or not required <= set(data) <= names:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not a run record (keys: {keys})")
         try:

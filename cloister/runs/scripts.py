@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..experiments import Benchmark, remote_dir
 from ..layout import RUNS_DIR, run_dir
+from .prepare import NodeFacts, directory_lines, node_lines, process_lines
 from .record import Proc
 
 LOG_MARKER = "\x1eLOG "  # an ASCII record separator, then the log's name: no log line starts with it
@@ -20,9 +21,8 @@ READY_TAIL_BYTES = 65536
 
 
 def log_name(role: str, index: int | None, run_id: str) -> str:
-    """A process's log file name; the master's is ``driver`` as the old scripts named it."""
-    label = {"master": "driver"}.get(role, role)
-    return f"{label}{'' if index is None else index}_{run_id}.log"
+    """A process's log file name, as Clamor's released scripts name them (``master_{run}.log``)."""
+    return f"{role}{'' if index is None else index}_{run_id}.log"
 
 
 def _source_vars(bench: Benchmark) -> list[str]:
@@ -36,9 +36,21 @@ def _exports(bench: Benchmark) -> list[str]:
     return [f"export {key}={shlex.quote(value)}" for key, value in bench.env.items()]
 
 
-def local_command(bench: Benchmark, command: str) -> str:
-    """``command`` run in the benchmark's directory with its vars file sourced and its env exported."""
-    return " && ".join([f"cd {remote_dir(bench.dir)}", *_source_vars(bench), *_exports(bench), command])
+def local_command(bench: Benchmark, command: str, *, public: str) -> str:
+    """``command`` for this machine's shell as a node would run it: in the benchmark's directory, with
+    the per-process preparation, its vars file sourced, its env exported (no sysctl: that is the node's)."""
+    prep = bench.prepare
+    steps = [f"cd {remote_dir(bench.dir)}"]
+    if prep.stack_limit:
+        steps.append(f"{{ ulimit -s {prep.stack_limit} || true; }}")
+    if prep.public_hostname:
+        steps.append(f"export CLOISTER_PUBLIC_HOSTNAME={shlex.quote(public)}")
+    inner = " && ".join([*steps, *process_lines(prep), *_source_vars(bench), *_exports(bench), command])
+    if not prep.disable_aslr:
+        return inner
+    # One shell under setarch: the command and everything it starts inherit the personality.
+    return (f'if setarch "$(uname -m)" -R true 2>/dev/null; then set -- setarch "$(uname -m)" -R; else set --; fi; '
+            f'"$@" bash -c {shlex.quote(inner)}')
 
 
 def build_command(bench: Benchmark) -> str:
@@ -48,26 +60,30 @@ def build_command(bench: Benchmark) -> str:
 
 # -- start ------------------------------------------------------------------
 
-def start_script(bench: Benchmark, run_id: str, procs: list[Proc]) -> str:
-    """One shell command that starts ``procs`` detached on one host and records their PIDs.
+def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: NodeFacts) -> str:
+    """One shell command that prepares one host and starts ``procs`` detached on it, recording their PIDs.
 
-    Prints ``PID ROLE INDEX PORT`` per process (``parse_pids``); each PID leads its own process
-    group, and ``{role}{i}.exit`` is written when a process ends by itself.
+    Prints the preparation report (``parse_report``), then ``PID ROLE INDEX PORT`` per process
+    (``parse_pids``); each PID leads its own process group, and ``{role}{i}.exit`` is written when a
+    process ends by itself.
     """
-    prelude = _source_vars(bench) + _exports(bench)
+    prelude = process_lines(bench.prepare) + _source_vars(bench) + _exports(bench)
     lines = [
         "set -e",
         f"R={run_dir(bench.name, run_id)}",
         'mkdir -p "$R"',
+        *node_lines(bench.prepare, node),
         f"cd {remote_dir(bench.dir)} || {{ echo \"benchmark directory {bench.dir} not found\" >&2; exit 66; }}",
+        *directory_lines(bench),
         f"export CLOISTER_RUN_ID={shlex.quote(run_id)} CLOISTER_RUN_DIR=\"$R\"",
     ]
     for proc in procs:
         body = "; ".join([*prelude, proc.command, f'echo $? > "$CLOISTER_RUN_DIR"/{proc.key}.exit'])
         logfile = log_name(proc.role, proc.index, run_id)
-        # A subshell with redirected stdio: the session closes at once and the process
-        # survives it; setsid makes the PID lead a process group that kill -- -PID ends.
-        lines.append(f'(setsid bash -c {shlex.quote(body)} > "$R"/{logfile} 2>&1 < /dev/null & '
+        # A subshell with redirected stdio: the session closes at once and the process survives it;
+        # setsid makes the PID lead a process group that kill -- -PID ends. "$@" is the preparation's
+        # prefix (setarch -R), which execs setsid in place, so $! is still the group leader.
+        lines.append(f'("$@" setsid bash -c {shlex.quote(body)} > "$R"/{logfile} 2>&1 < /dev/null & '
                      f'echo "$! {proc.role} {"-" if proc.index is None else proc.index} '
                      f'{"-" if proc.port is None else proc.port}" >> "$R"/pids)')
     lines.append('cat "$R"/pids')

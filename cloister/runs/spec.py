@@ -11,6 +11,7 @@ from ..experiments import Benchmark, RunShape, render
 from ..servers import ClusterInfo, Node
 from ..settings import Settings
 from .logs import local_run_dir
+from .prepare import SHARED_KERNEL, NodeFacts, this_boot_id
 from .record import validate_run_id
 from .scripts import local_command
 
@@ -42,6 +43,12 @@ class RunSpec:
             raise ExperimentError(f"-p {self.nprocs}: expected 1..{65536 - bench.worker_base} processes per host",
                                   benchmark=bench.name)
         validate_run_id(self.run_id)
+        last = bench.worker_port(self.nprocs - 1)
+        for role, port in (("manager", bench.manager_port), ("master", bench.master_port)):
+            if bench.worker_base <= port <= last:
+                raise ExperimentError(f"{bench.source}: benchmark '{bench.name}': key 'ports.{role}': {port} is also "
+                                      f"worker process {port - bench.worker_base}'s port with -p {self.nprocs}; "
+                                      f"expected a port outside {bench.worker_base}-{last}", benchmark=bench.name)
 
     @property
     def master(self) -> Node:
@@ -63,8 +70,16 @@ class RunSpec:
     def shape(self) -> RunShape:
         bench = self.bench
         return RunShape(run_id=self.run_id, k=self.k, nprocs=self.nprocs, manager=address(self.master),
-                        workers=[(address(w), bench.worker_port(j)) for w in self.workers for j in range(self.nprocs)],
+                        worker_hosts=[address(w) for w in self.workers],
+                        worker_endpoints=[(address(w), bench.worker_port(j)) for w in self.workers
+                                          for j in range(self.nprocs)],
                         args=self.args)
+
+    def node_facts(self, node: Node) -> NodeFacts:
+        """What the preparation of ``node`` needs to know; where the provider does not record whether its
+        nodes share this machine's kernel, the node's boot id tells."""
+        return NodeFacts(public=node.public or node.host, shared_kernel=bool(self.info.extra.get(SHARED_KERNEL, False)),
+                         boot_id=this_boot_id())
 
     def command(self, role: str, node: Node, *, port: int | None = None, index: int | None = None) -> str:
         """The role's command line for ``node``."""
@@ -78,4 +93,5 @@ def address(node: Node) -> str:
 
 def manager_here(spec: RunSpec) -> str:
     """The manager's command for this machine's shell, as if logged in to the master (exp.manager --local)."""
-    return local_command(spec.bench, spec.command("manager", spec.master, port=spec.bench.manager_port))
+    return local_command(spec.bench, spec.command("manager", spec.master, port=spec.bench.manager_port),
+                         public=spec.node_facts(spec.master).public)

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from . import prices
 from ...errors import HostsFailed, ProviderError
-from ...servers import ClusterInfo
+from ...config import ClusterConfig
+from ...servers import ClusterInfo, Node
+from ...settings import Settings
 from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
-from . import images, launch, lifecycle, network, plan, ttl
+from . import console, images, launch, lifecycle, network, plan, ttl
+from .aws import aws_errors, client_for
 
 
 class Ec2Images(ImageStore):
@@ -39,6 +42,10 @@ class Ec2Provider(Provider):
     name = "ec2"
     confirms_destroy = True
 
+    def __init__(self, cfg: ClusterConfig, settings: Settings):
+        super().__init__(cfg, settings)
+        self._boot_watch: console.BootWatch | None = None
+
     def launch(self, *, nworkers: int, confirm: Confirm | None = None,
                progress: Progress | None = None) -> Launched:
         return launch.launch(self.cfg, nworkers=nworkers, settings=self.settings, confirm=confirm, progress=progress)
@@ -51,6 +58,14 @@ class Ec2Provider(Provider):
     def verify_nodes(self, info: ClusterInfo) -> None:
         if self.cfg.ttl_seconds:
             ttl.wait_armed(info, info.nodes, settings=self.settings)
+
+    def boot_failures(self, info: ClusterInfo, waiting: list[Node]) -> dict[str, str]:
+        if self._boot_watch is None:
+            self._boot_watch = console.BootWatch(stall=self.settings.boot_stall)
+        with aws_errors(self.cfg):
+            client = client_for(self.cfg.region)
+            reasons = {node.host: self._boot_watch.stalled(client, node.id) for node in waiting}
+        return {host: why for host, why in reasons.items() if why}
 
     def ssh_hint(self, info: ClusterInfo, failed: HostsFailed) -> str:
         if self.cfg.ssh_cidr != "auto" or len(failed.failures) < failed.total:

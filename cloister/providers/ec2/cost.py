@@ -47,11 +47,16 @@ def _spot_prices(client, instances: list[dict[str, Any]]) -> dict[tuple[str, str
     return found
 
 
-def _volumes(client, scope: Scope, now: datetime, region: str | None) -> tuple[dict[str, float], dict[str, float]]:
+def describe_volumes(client, scope: Scope) -> list[dict[str, Any]]:
+    return client.describe_volumes(Filters=scope.filters())["Volumes"]
+
+
+def _volumes(volumes: list[dict[str, Any]], now: datetime,
+             region: str | None) -> tuple[dict[str, float], dict[str, float]]:
     """Per instance: EBS $ so far (from each volume's creation) and $/hour now."""
     so_far: dict[str, float] = defaultdict(float)
     hourly: dict[str, float] = defaultdict(float)
-    for volume in client.describe_volumes(Filters=scope.filters())["Volumes"]:
+    for volume in volumes:
         rate = prices.ebs_hourly(volume["Size"], region) or 0.0
         for attachment in volume.get("Attachments", []):
             hours = max(0.0, (now - volume["CreateTime"]).total_seconds()) / 3600
@@ -60,11 +65,11 @@ def _volumes(client, scope: Scope, now: datetime, region: str | None) -> tuple[d
     return so_far, hourly
 
 
-def node_costs(client, cfg: ClusterConfig, scope: Scope, instances: list[dict[str, Any]],
+def node_costs(client, cfg: ClusterConfig, instances: list[dict[str, Any]], volumes: list[dict[str, Any]],
                now: datetime) -> dict[str, NodeCost]:
     """Every instance's cost so far and per hour now."""
     spot = _spot_prices(client, instances)
-    ebs_so_far, ebs_hourly = _volumes(client, scope, now, cfg.region)
+    ebs_so_far, ebs_hourly = _volumes(volumes, now, cfg.region)
     costs = {}
     for inst in instances:
         kind, zone = inst["InstanceType"], inst["Placement"]["AvailabilityZone"]

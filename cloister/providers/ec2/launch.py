@@ -12,7 +12,7 @@ from ...config import ClusterConfig
 from ...errors import AwsError, CloisterError, ProviderError
 from ...settings import Settings
 from ..base import Confirm, Launched, Progress
-from . import ttl
+from . import swap, ttl
 from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
 from .images import launch_image
 from .instances import (TAG_ROLE, TAG_TTL, Scope, cluster_info, find, forget_host_keys, role_of, scope_of,
@@ -39,9 +39,18 @@ def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: s
     mappings = _volumes(cfg, image)
     if mappings:
         args["BlockDeviceMappings"] = mappings
+    boot: list[tuple[str, str]] = []
     if expires:
         args["InstanceInitiatedShutdownBehavior"] = "terminate"
-        args["UserData"] = ttl.user_data(expires=f"{expires:%Y-%m-%dT%H:%M:%SZ}", epoch=int(expires.timestamp()))
+        boot.append((f"power off at the cluster's TTL ({expires:%Y-%m-%dT%H:%M:%SZ}); the instance was launched "
+                     f"with InstanceInitiatedShutdownBehavior=terminate, so powering off terminates it",
+                     ttl.boot_command(epoch=int(expires.timestamp()))))
+    if role == "master" and cfg.swap_size:
+        args.setdefault("BlockDeviceMappings", []).append(swap.volume(cfg.swap_size))
+        boot.append((f"make the {cfg.swap_size} GiB volume {swap.DEVICE} swap and enable it",
+                     swap.boot_command(cfg.swap_size)))
+    if boot:
+        args["UserData"] = cloud_config(boot)
     if cfg.placement_group:
         args["Placement"] = {"GroupName": cfg.placement_group}
     if role == "worker" and cfg.spot:
@@ -50,6 +59,15 @@ def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: s
             options["MaxPrice"] = str(cfg.spot)
         args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
     return args
+
+
+def cloud_config(boot: list[tuple[str, str]]) -> str:
+    """User data: a cloud-config whose ``bootcmd`` runs each (why, script) at every boot, in order."""
+    lines = ["#cloud-config"] + [f"# cloister: {why}" for why, _ in boot] + ["bootcmd:"]
+    for _, script in boot:
+        lines.append("  - |")
+        lines += [f"    {line}" if line else "" for line in script.rstrip("\n").split("\n")]
+    return "\n".join(lines) + "\n"
 
 
 def _volumes(cfg: ClusterConfig, image: dict[str, Any]) -> list[dict[str, Any]]:

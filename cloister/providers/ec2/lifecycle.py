@@ -13,7 +13,7 @@ from ...servers import ClusterInfo
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for
-from . import cost, ttl
+from . import cost, swap, ttl
 from .instances import (TAG_CLUSTER, TAG_OWNER, TAG_TTL, cluster_info, describe, find, find_existing, forget_host_keys,
                         live_filter, node_of, role_of, scope_of, state_of, summary, tags_of, ttl_left, wait_for)
 from .launch import confirmed, teardown
@@ -131,7 +131,10 @@ def status(cfg: ClusterConfig) -> list[NodeStatus]:
         expired = set(_reap(client, found))
         found = [{**i, "State": {"Name": "shutting-down"}} if i["InstanceId"] in expired else i for i in found]
         now = datetime.now(timezone.utc)
-        costs = cost.node_costs(client, cfg, scope, found, now)
+        volumes = cost.describe_volumes(client, scope)
+        costs = cost.node_costs(client, cfg, found, volumes, now)
+    swaps = {a["InstanceId"]: v["Size"] for v in volumes for a in v.get("Attachments", [])
+             if a.get("Device") == swap.DEVICE}
     rows = []
     for inst in found:
         node = node_of(inst, cfg.cluster_name)
@@ -140,7 +143,8 @@ def status(cfg: ClusterConfig) -> list[NodeStatus]:
         spent = costs[inst["InstanceId"]]
         rows.append(NodeStatus(
             role=node.role, id=node.id, name=node.name, host=node.host or "-",
-            type=inst["InstanceType"] + (" (spot)" if inst.get("InstanceLifecycle") == "spot" else ""),
+            type=inst["InstanceType"] + (" (spot)" if inst.get("InstanceLifecycle") == "spot" else "")
+            + (f", swap {swaps[node.id]} GiB" if node.id in swaps else ""),
             state=state_of(inst), uptime_s=up, ttl_left_s=None if left is None else max(left, 0.0),
             cost=prices.dollars(spent.so_far), cost_usd=spent.so_far, hourly_usd=spent.hourly))
     return rows

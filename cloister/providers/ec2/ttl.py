@@ -29,23 +29,20 @@ UNIT = "cloister-ttl"
 # not inherit that node's expiry.
 EXPIRY_FILE = "/var/lib/cloister/ttl-expires"
 
-USER_DATA = """\
-#cloud-config
-# cloister: power off at the cluster's TTL ({expires}); the instance was launched with
-# InstanceInitiatedShutdownBehavior=terminate, so powering off terminates it.
-bootcmd:
-  - |
-    read -r owner _ < {expiry_file} 2>/dev/null || owner=
-    [ "$owner" = "$INSTANCE_ID" ] || {{ mkdir -p {expiry_dir}; echo "$INSTANCE_ID {epoch}" > {expiry_file}; }}
+# stderr is redirected before the file is opened: at first boot the file is missing, and the shell's
+# "cannot open" would otherwise land on the console (and in a hung boot's last words).
+BOOT = """\
+read -r owner _ 2>/dev/null < {expiry_file} || owner=
+[ "$owner" = "$INSTANCE_ID" ] || {{ mkdir -p {expiry_dir}; echo "$INSTANCE_ID {epoch}" > {expiry_file}; }}
 {arm}"""
 
 # Arms the timer from the expiry file; the same lines run at boot and in `cluster.extend`.
 ARM = """\
-    left=$(( $(cut -d' ' -f2 {expiry_file}) - $(date +%s) ))
-    [ "$left" -gt 60 ] || left=60
-    systemctl stop {unit}.timer 2>/dev/null || true
-    systemd-run --no-block --unit={unit} --timer-property=DefaultDependencies=no \\
-      --timer-property=AccuracySec=1s --on-active="$left" /bin/systemctl poweroff
+left=$(( $(cut -d' ' -f2 {expiry_file}) - $(date +%s) ))
+[ "$left" -gt 60 ] || left=60
+systemctl stop {unit}.timer 2>/dev/null || true
+systemd-run --no-block --unit={unit} --timer-property=DefaultDependencies=no \\
+  --timer-property=AccuracySec=1s --on-active="$left" /bin/systemctl poweroff
 """
 
 # One line: "armed", "booting" (cloud-init has not finished), or "missing <cloud-init status>".
@@ -57,10 +54,11 @@ case "$state" in running|not*run*|"") echo booting ;; *) echo "missing $state" ;
 """
 
 
-def user_data(*, expires: str, epoch: int) -> str:
+def boot_command(*, epoch: int) -> str:
+    """The bootcmd entry that keeps the node's expiry and arms its timer, on every boot."""
     arm = ARM.format(expiry_file=EXPIRY_FILE, unit=UNIT)
-    return USER_DATA.format(expires=expires, epoch=epoch, unit=UNIT, expiry_file=EXPIRY_FILE,
-                            expiry_dir=EXPIRY_FILE.rsplit("/", 1)[0], arm=arm)
+    return BOOT.format(epoch=int(epoch), expiry_file=EXPIRY_FILE, expiry_dir=EXPIRY_FILE.rsplit("/", 1)[0],
+                       arm=arm)
 
 
 def extend_script(epoch: int) -> str:

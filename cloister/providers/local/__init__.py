@@ -83,6 +83,11 @@ class LocalProvider(Provider):
                                 provider=self.name, cluster=self.cfg.cluster_name)
         return machines
 
+    def launch_warnings(self) -> list[str]:
+        if self.cfg.swap_size:
+            return [f"swap_size {self.cfg.swap_size}: skipped; local hosts share this machine's memory and swap"]
+        return []
+
     def interrupted_note(self) -> str:
         return " and the hosts it had started were ended"
 

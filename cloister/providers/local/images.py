@@ -8,14 +8,52 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ... import layout
 from ...config import ClusterConfig
 from ...errors import ProviderError
 from ..base import Image, ImageStore, Progress, matches
 from .machines import state_dir as cluster_dir
+
+# Never in an image, relative to the home: the cluster's private key, and cloister's own state on a node
+# (servers/, known hosts, run logs), which belongs to the cluster the dev host was part of.
+LEFT_OUT = (layout.KEY, layout.SSH_KNOWN_HOSTS, layout.SERVERS_DIR, layout.KNOWN_HOSTS, layout.RUNS_DIR)
+LEFT_OUT_NOTE = ("the image leaves out sockets, fifos and device files (such as SSH control sockets), the "
+                 "cluster key and cloister's state on the node: " + ", ".join(f"~/{p}" for p in LEFT_OUT))
+
+
+def _left_out(home: Path) -> Callable[[str, list[str]], set[str]]:
+    """A copytree ``ignore`` for ``home``: what LEFT_OUT names, and every entry that is not a
+    regular file, directory or symlink (a socket cannot be copied; a fifo would block the copy)."""
+    skipped = {home / path for path in LEFT_OUT}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        out = set()
+        for name in names:
+            path = Path(folder) / name
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue  # gone since it was listed: copytree reports it if it matters
+            if path in skipped or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                out.add(name)
+        return out
+
+    return ignore
+
+
+def _first_problem(err: OSError) -> str:
+    """One line for a failed copy: copytree gathers (source, target, why) for every file that failed."""
+    problems = err.args[0] if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list) else []
+    if not problems:
+        return f"{err.filename}: {err.strerror}" if err.filename else str(err)
+    source, _, why = problems[0]
+    return f"{source}: {why}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def images_dir(state_dir: str) -> Path:
@@ -35,6 +73,7 @@ class LocalImages(ImageStore):
         self.state_dir = state_dir
         self.folder = images_dir(state_dir)
         self.where = f"under {self.folder}"
+        self.left_out = LEFT_OUT_NOTE
 
     def list(self, pattern: str) -> list[Image]:
         if not self.folder.is_dir():
@@ -64,8 +103,12 @@ class LocalImages(ImageStore):
         # Copy next to the target and rename, so `latest` never picks a half-copied image.
         partial = target.parent / f".{name}.partial-{os.getpid()}"
         try:
-            shutil.copytree(home, partial, symlinks=True)
+            shutil.copytree(home, partial, symlinks=True, ignore=_left_out(home))
             partial.rename(target)
+        except (shutil.Error, OSError) as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ProviderError(f"cannot copy the dev host's home into {target}: {_first_problem(err)}",
+                                provider="local", cluster=cfg.cluster_name)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise

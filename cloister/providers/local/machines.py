@@ -178,7 +178,9 @@ class LocalCluster:
                       public=h["address"], name=h["name"]) for h in state["hosts"]]
         return ClusterInfo(provider="local", cluster_name=self.cluster, user=state["user"], ssh_key=str(self.key),
                            nodes=nodes, known_hosts=str(self.known_hosts),
-                           extra={"state_dir": str(self.dir), "launched": state["launched"]})
+                           extra={"state_dir": str(self.dir), "launched": state["launched"],
+                                  # Every host runs on this machine's kernel: no sysctl may be changed.
+                                  "shared_kernel": True})
 
     def dead_hosts(self) -> list[str]:
         state = self._state() or {"hosts": []}

@@ -1,0 +1,207 @@
+"""One command on one host over a channel that cloister reads itself: stoppable, any output size.
+
+Fabric's runner cannot be stopped from another thread (Ctrl-C reaches only the main thread) and its
+watchers re-scan the whole captured output on every chunk, so a large output costs the square of its
+size. ``execute`` reads the channel in 64 KiB chunks, hands them to the caller, polls a stop event
+and a deadline, and closes the channel when either fires. ``guarded`` makes the remote side end
+with the channel: sshd does not signal a command whose session closed without a pty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fabric import Connection
+from invoke.exceptions import CommandTimedOut
+from invoke.runners import Result
+
+from .errors import CloisterError
+
+CHUNK = 1 << 16
+POLL = 0.1                  # seconds between checks of the stop event and the deadline
+SPILL_LIMIT = 1 << 20       # bytes of one stream kept in memory before it goes to a file
+TAIL = 4096                 # bytes of a spilled stream still kept in memory: its last lines
+KILL_GRACE = 1              # seconds between TERM and KILL for the command's process group
+
+
+class Stopped(CloisterError):
+    """The caller stopped the command (Ctrl-C) before it ended; the channel is closed."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
+
+
+class SessionLost(CloisterError):
+    """The SSH session ended before the command reported an exit status."""
+
+    def __init__(self) -> None:
+        super().__init__("SSH session lost before the command ended")
+
+
+def guarded(command: str) -> str:
+    """``command`` in its own process group, killed with its group when the SSH session goes away.
+
+    The session's stdin stays open while the session lives (nothing is ever sent on it), so a watcher
+    reading it sees EOF exactly when the session ends (Ctrl-C, a lost link) and then kills the whole
+    group, children included; SIGHUP or TERM to the wrapper does the same. A command that ends on its
+    own stops the watcher first, and its exit status is the wrapper's. setsid in a background job of a
+    shell without job control does not fork, so ``$!`` is the group's id.
+    """
+    kill = f"kill -TERM -$pid 2>/dev/null; sleep {KILL_GRACE}; kill -KILL -$pid 2>/dev/null"
+    return ("exec 3<&0; "   # background jobs get /dev/null as stdin: keep the session's on fd 3
+            f'setsid "${{SHELL:-/bin/sh}}" -c {shlex.quote(command)} </dev/null 3<&- & pid=$!; '
+            # Past EOF the watcher ignores TERM: the wrapper's "kill $watch" must not cut its KILL short.
+            f"{{ cat <&3 >/dev/null 2>&1; trap '' TERM; {kill}; }} >/dev/null 2>&1 & watch=$!; "
+            f"exec 3<&-; trap '{kill}; exit 129' HUP TERM; "
+            "wait $pid; rc=$?; kill $watch 2>/dev/null; exit $rc")
+
+
+def execute(cxn: Connection, command: str, *, stdout: Callable[[bytes], None], stderr: Callable[[bytes], None],
+            timeout: float | None = None, stop: threading.Event | None = None) -> int:
+    """Run ``command`` (under ``guarded``) and pass its output to ``stdout``/``stderr`` as it arrives.
+
+    Returns the exit status. Raises CommandTimedOut after ``timeout`` seconds, Stopped once ``stop``
+    is set and SessionLost when the connection drops; each closes the channel, which ends the command.
+    """
+    if stop is not None and stop.is_set():
+        raise Stopped()
+    cxn.open()
+    channel = cxn.client.get_transport().open_session(timeout=cxn.connect_timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def check() -> None:
+        if stop is not None and stop.is_set():
+            raise Stopped()
+        if deadline is not None and time.monotonic() > deadline:
+            raise CommandTimedOut(None, timeout)
+
+    try:
+        channel.exec_command(guarded(command))
+        # A closed channel may still hold output that arrived before the close: drain it first.
+        while channel.recv_ready() or channel.recv_stderr_ready() or not (channel.eof_received or channel.closed):
+            check()
+            # One chunk of each per round: a fast producer must not keep this loop from its checks.
+            if channel.recv_ready():
+                stdout(channel.recv(CHUNK))
+            if channel.recv_stderr_ready():
+                stderr(channel.recv_stderr(CHUNK))
+            if not (channel.recv_ready() or channel.recv_stderr_ready()):
+                select.select([channel], [], [], POLL)
+        # The exit status may follow the end of the output.
+        while not channel.status_event.wait(POLL):
+            check()
+        if channel.exit_status < 0:
+            raise SessionLost()
+        return channel.exit_status
+    finally:
+        channel.close()
+
+
+def run_result(cxn: Connection, command: str, *, timeout: float | None = None,
+               stop: threading.Event | None = None) -> Result:
+    """``execute`` with the output kept in memory, as the Invoke Result that ``cxn.run`` would give."""
+    out, err = bytearray(), bytearray()
+    code = execute(cxn, command, stdout=out.extend, stderr=err.extend, timeout=timeout, stop=stop)
+    return Result(stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"), command=command,
+                  exited=code, hide=("stdout", "stderr"))
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One output stream of one host: its text when small, else the file that holds it."""
+
+    size: int
+    digest: str              # sha256 of the bytes: equal outputs fold without comparing files
+    text: str = ""           # all of it; when it is in ``path``, its last lines (for error messages)
+    path: str | None = None
+
+
+class Capture:
+    """A sink for one stream: bytes in memory up to ``limit``, then everything in ``path`` (and the
+    last TAIL bytes in memory). The file is created only when the output outgrows the limit, so small
+    outputs leave nothing behind.
+    """
+
+    def __init__(self, path: Path, *, limit: int = SPILL_LIMIT):
+        self.path = path
+        self.limit = limit
+        self.buffer = bytearray()
+        self.file = None
+        self.size = 0
+        self.hash = hashlib.sha256()
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.size += len(data)
+            self.hash.update(data)
+            if self.file is None and len(self.buffer) + len(data) > self.limit:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "wb")
+                self.file.write(self.buffer)
+            if self.file is not None:
+                self.file.write(data)
+                self.buffer = self.buffer[-TAIL:] + data[-TAIL:]
+            else:
+                self.buffer += data
+
+    def result(self) -> Captured:
+        """What was captured so far; closes the file, so call it once, after the last write."""
+        with self.lock:
+            text = self.buffer.decode(errors="replace")
+            if self.file is None:
+                return Captured(size=self.size, digest=self.hash.hexdigest(), text=text)
+            self.file.close()
+            # The tail starts at a line: the first one in it is most likely cut.
+            return Captured(size=self.size, digest=self.hash.hexdigest(), text=text[-TAIL:].partition("\n")[2],
+                            path=str(self.path))
+
+
+class LineWriter:
+    """A sink that writes whole lines of one host's output as ``[label] line`` to a text stream.
+
+    Lines are cut from each chunk as it comes (no re-scan of what came before), so a long output
+    streams at the rate it arrives; a line still open at the end is written by ``flush``.
+    """
+
+    def __init__(self, label: str, sink, lock: threading.Lock):
+        self.prefix = f"[{label}] "
+        self.sink = sink
+        self.lock = lock
+        self.partial: list[str] = []
+        self.decode = _decoder()
+
+    def write(self, data: bytes) -> None:
+        text = self.decode(data, False)
+        cut = text.rfind("\n")
+        if cut < 0:
+            self.partial.append(text)
+            return
+        block = "".join(self.partial) + text[:cut]
+        self.partial = [text[cut + 1:]]
+        self._emit(block)
+
+    def flush(self) -> None:
+        rest = "".join(self.partial) + self.decode(b"", True)
+        self.partial = []
+        if rest:
+            self._emit(rest)
+
+    def _emit(self, block: str) -> None:
+        with self.lock:
+            self.sink.write(self.prefix + block.replace("\n", "\n" + self.prefix) + "\n")
+            self.sink.flush()
+
+
+def _decoder() -> Callable[[bytes, bool], str]:
+    """UTF-8 decoding across chunk boundaries (a character may be split between two chunks)."""
+    import codecs
+
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode
