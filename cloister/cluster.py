@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import hosts, layout, providers, remote
+from . import access, hosts, keys, layout, providers, remote
 from .config import TTL_RE, ClusterConfig, parse_ttl
 from .errors import CloisterError, HostsFailed
 from .providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
@@ -48,10 +48,7 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
     count = cfg.nworkers if nworkers is None else nworkers
     prov = provider(cfg, settings=settings)
     launched = prov.launch(nworkers=count, confirm=confirm, progress=progress)
-    # A cluster named by --name is not the one its config names; record that, so later tasks
-    # given the same config find it (tasks/_common.load) instead of refusing or missing it.
-    info = replace(launched.info, extra={**launched.info.extra, "config": str(Path(cfg.source).resolve()),
-                                         "named_by_flag": "cluster_name" in cfg.from_flags})
+    info = _recorded(cfg, settings, launched.info)
     try:
         previous = read_servers(settings.servers_dir).cluster_name
     except CloisterError:
@@ -67,9 +64,20 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
                 prov.rollback(exc, info=info, confirm=confirm, progress=progress)
             finally:
                 clear_own_servers(cfg, settings)
+                keys.forget(settings.state_dir, info)
         raise
     return LaunchResult(info=info, created=launched.created,
                         replaced=previous if previous not in (None, info.cluster_name) else None)
+
+
+def _recorded(cfg: ClusterConfig, settings: Settings, info: ClusterInfo) -> ClusterInfo:
+    """``info`` as servers/ records it: with the cluster key, mpirun's default slots, and the config it
+    came from (a cluster named by --name is not the one its config names; later tasks given the same
+    config find it through this, see tasks/_common.load)."""
+    key, _ = keys.cluster_key(settings.state_dir, info)
+    return replace(info, extra={**info.extra, "config": str(Path(cfg.source).resolve()),
+                                "named_by_flag": "cluster_name" in cfg.from_flags,
+                                "cluster_key": str(key), "mpi_slots": cfg.mpi_slots})
 
 
 def _wait_and_copy(prov: Provider, info: ClusterInfo) -> None:
@@ -77,7 +85,8 @@ def _wait_and_copy(prov: Provider, info: ClusterInfo) -> None:
     timeout = min(settings.ssh_timeout, prov.ssh_wait_cap or settings.ssh_timeout)
     try:
         hosts.wait_ssh(info, info.nodes, timeout=timeout, concurrency=settings.concurrency,
-                       probe_timeout=min(settings.connect_timeout, 5.0))
+                       probe_timeout=min(settings.connect_timeout, 5.0),
+                       failed_boots=lambda waiting: prov.boot_failures(info, waiting))
     except HostsFailed as failed:
         hint = prov.ssh_hint(info, failed)
         if not hint:
@@ -95,8 +104,10 @@ def current(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
 def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None = None,
             progress: Progress | None = None) -> list[str]:
     """Tear the cluster down; return what was done, one line each."""
-    messages = provider(cfg, settings=settings).destroy(confirm=confirm, progress=progress)
+    prov = provider(cfg, settings=settings)
+    messages = prov.destroy(confirm=confirm, progress=progress)
     clear_own_servers(cfg, settings)
+    keys.forget_cluster(settings.state_dir, provider=prov.name, region=cfg.region, cluster=cfg.cluster_name)
     return messages
 
 
@@ -129,13 +140,17 @@ def copy_dns(info: ClusterInfo, *, settings: Settings) -> int:
     known = Path(os.path.expanduser(info.known_hosts)) if info.known_hosts else None
     if known and known.exists():
         files[layout.KNOWN_HOSTS] = (known.read_bytes(), 0o644)
-    on_master = dict(files)
-    if info.ssh_key:
-        on_master[layout.KEY] = (Path(os.path.expanduser(info.ssh_key)).read_bytes(), 0o600)
+    files[layout.SSH_KNOWN_HOSTS] = (access.node_known_hosts(info).encode(), 0o644)
+    files[layout.SSH_CONFIG] = (access.ssh_config(info).encode(), 0o600)
+    key, public = keys.cluster_key(settings.state_dir, info)
+    # Only the master gets the cluster's private key: it is where ssh and mpirun start from.
+    on_master = {**files, layout.KEY: (key.read_bytes(), 0o600)}
     master = info.master.host if info.master else None
+    prepare = (f"mkdir -p {layout.SERVERS_DIR} .ssh && chmod 700 .ssh && {keys.authorize_script(public, info)} "
+               f"&& {access.include_script()}")
 
     def push(cxn) -> None:
-        cxn.run(f"mkdir -p {layout.SERVERS_DIR} .ssh && chmod 700 .ssh", warn=False, timeout=30)
+        cxn.run(prepare, warn=False, timeout=30)
         hosts.put_files(cxn, on_master if cxn.host == master else files)
 
     with hosts.group(info, info.nodes, concurrency=settings.concurrency,
@@ -250,6 +265,15 @@ def run_failures(outputs: list[HostOutput]) -> HostsFailed | None:
     return HostsFailed(failed, total=len(outputs)) if failed else None
 
 
+def dev_known_hosts(cfg: ClusterConfig, *, settings: Settings) -> str | None:
+    """Where the dev instance's host key is kept, apart from the cluster's (None: nowhere of its own)."""
+    try:
+        record, _ = provider(cfg, settings=settings).dev_info()
+    except CloisterError:
+        return None
+    return record.known_hosts
+
+
 def ensure_running(cfg: ClusterConfig, *, settings: Settings) -> ClusterInfo:
     """servers/ for this config's cluster; a clear error if the provider says it is gone."""
     info = current(cfg, settings=settings)
@@ -271,7 +295,7 @@ def start(cfg: ClusterConfig, *, settings: Settings, wait: bool = True,
           progress: Progress | None = None) -> ClusterInfo:
     """Start a stopped cluster; rewrite servers/ (addresses change) and, with ``wait``, copy-dns again."""
     prov = provider(cfg, settings=settings)
-    info = prov.start(progress=progress)
+    info = _recorded(cfg, settings, prov.start(progress=progress))
     write_servers(settings.servers_dir, info)
     if wait:
         _wait_and_copy(prov, info)

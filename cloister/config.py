@@ -95,6 +95,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "redeploy_paths": (lambda v: isinstance(v, list) and all(_str(p) for p in v), "a list of paths"),
     "image": (_opt_str, "a directory to copy into each host's home"),
     "dev_host": (lambda v: isinstance(v, bool), "true or false"),
+    "mpi_slots": (lambda v: _int(v) and 1 <= v <= 4096, "mpirun's slots per worker where the provider does not "
+                  "know its processors (1-4096)"),
     "budget": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
                "a budget in dollars for the cluster's life, or null"),
     "owner": (_opt_str, "who owns the cluster's instances (default: the caller's AWS identity)"),
@@ -150,6 +152,7 @@ class ClusterConfig:
     redeploy_paths: list[str] = field(default_factory=lambda: list(DEFAULT_REDEPLOY_PATHS))
     image: str | None = None
     dev_host: bool = True
+    mpi_slots: int = 1
     budget: float | None = None
     owner: str | None = None
     subnet_id: str | None = None
@@ -233,7 +236,7 @@ def _translate(data: Mapping[str, Any], *, file: str, layer: str) -> tuple[dict[
 
 def _coerce(key: str, value: Any) -> Any:
     """Env vars arrive as strings when the default is None or a str; read numbers back."""
-    if key in ("nworkers", "root_size", "swap_size") and isinstance(value, str) and value.strip().isdigit():
+    if key in ("nworkers", "root_size", "swap_size", "mpi_slots") and isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return value
 

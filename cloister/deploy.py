@@ -30,7 +30,7 @@ import paramiko
 from fabric import Connection
 from invoke.runners import Result
 
-from . import broadcast, hosts, transfer
+from . import access, broadcast, hosts, transfer
 from .errors import CloisterError
 from .layout import KEY as REMOTE_KEY
 from .layout import NODE_STATE, SSH_KNOWN_HOSTS
@@ -116,33 +116,6 @@ def target_address(node: Node) -> str:
     return node.private or node.host
 
 
-def node_known_hosts(info: ClusterInfo) -> str:
-    """The cluster's known_hosts with every node listed under all its names and addresses."""
-    path = Path(os.path.expanduser(info.known_hosts)) if info.known_hosts else None
-    try:
-        text = path.read_text() if path else ""
-    except OSError:
-        text = ""
-    aliases: dict[str, set[str]] = {}
-    for node in info.nodes:
-        names = {n for n in (node.host, node.private, node.public, node.name) if n}
-        for name in names:
-            aliases.setdefault(name, set()).update(names)
-    out: list[str] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 3 or line.startswith("#") or fields[0].startswith("|") or fields[0].startswith("@"):
-            if line.strip():
-                out.append(line)
-            continue
-        names: set[str] = set()
-        for name in fields[0].split(","):
-            names.add(name)
-            names.update(aliases.get(name, ()))
-        out.append(",".join(sorted(names)) + " " + " ".join(fields[1:]))
-    return "".join(line + "\n" for line in out)
-
-
 def agent_holds_key(key_path: str | None) -> bool:
     """True when SSH_AUTH_SOCK names an agent that holds ``key_path``'s key."""
     if not key_path or not os.environ.get("SSH_AUTH_SOCK"):
@@ -222,12 +195,14 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
              concurrency: int = DEFAULT_CONCURRENCY, connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT,
              timeout: float | None = None, ami_instance_ip: str | None = None, agent: bool | None = None,
              control_persist: str | None = CONTROL_PERSIST, on_result: OnResult | None = None,
-             on_skip: Callable[[str], None] | None = None) -> RedeployReport:
+             on_skip: Callable[[str], None] | None = None, dev_known_hosts: str | None = None) -> RedeployReport:
     """rsync ``paths`` from the dev instance to ``nodes`` (default: master and workers).
 
     Returns a report with one Transfer per node; failed nodes are in it, not raised. Raises
     CloisterError only when nothing can start (no dev instance, dev unreachable, no path exists).
     ``agent=None`` forwards the local agent when it holds the cluster key, else uses the key file.
+    ``dev_known_hosts`` keeps the host key of a dev instance that is not a node of the cluster apart
+    from the cluster's (it outlives clusters, whose known_hosts every launch forgets).
     """
     started = time.monotonic()
     wanted = check_paths(paths)
@@ -242,7 +217,8 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
     node_ssh, dev_ssh = _sender_ssh(info, agent=use_agent, connect_timeout=connect_timeout,
                                     control_persist=control_persist)
     tree = tree and not dry_run and len(targets) > 1
-    leases = _Leases(info, dev, slots=concurrency, connect_timeout=connect_timeout, forward_agent=use_agent)
+    dev_record = _dev_record(info, dev_known_hosts)
+    leases = _Leases(dev_record, dev, slots=concurrency, connect_timeout=connect_timeout, forward_agent=use_agent)
     try:
         present, missing = _paths_on_dev(leases.first, dev.host, wanted, files, on_skip=on_skip)
         hop = _Hop(info=info, dev=dev.host, leases=leases, files=files, paths=present, dev_ssh=dev_ssh,
@@ -265,14 +241,15 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
 def _sender_files(info: ClusterInfo, *, agent: bool) -> Files:
     """What a sender needs in its home to reach the nodes: their host keys, and the cluster key
     unless the caller's agent is forwarded."""
-    if not agent and not info.ssh_key:
-        raise CloisterError("no cluster key (ssh_key) to give the dev instance, and no SSH agent holding one")
-    files: Files = {SSH_KNOWN_HOSTS: (node_known_hosts(info).encode(), 0o644)}
+    key = info.extra.get("cluster_key") or info.ssh_key
+    if not agent and not key:
+        raise CloisterError("no cluster key to give the dev instance, and no SSH agent holding one")
+    files: Files = {SSH_KNOWN_HOSTS: (access.node_known_hosts(info).encode(), 0o644)}
     if not agent:
         try:
-            files[REMOTE_KEY] = (Path(os.path.expanduser(info.ssh_key)).read_bytes(), 0o600)
+            files[REMOTE_KEY] = (Path(os.path.expanduser(key)).read_bytes(), 0o600)
         except OSError as err:
-            raise CloisterError(f"cannot read the cluster key {info.ssh_key}: {err.strerror}")
+            raise CloisterError(f"cannot read the cluster key {key}: {err.strerror}")
     return files
 
 
@@ -374,11 +351,20 @@ class _Hop:
         return fresh
 
 
+def _dev_record(info: ClusterInfo, dev_known_hosts: str | None) -> ClusterInfo:
+    """The record to reach the dev instance with: the cluster's, with the dev's own known_hosts when
+    the dev instance is not one of the cluster's nodes."""
+    if info.dev is not None or not dev_known_hosts:
+        return info
+    Path(dev_known_hosts).parent.mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(info, known_hosts=dev_known_hosts)
+
+
 def close_masters(info: ClusterInfo, *, ami_instance_ip: str | None = None,
-                  connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT) -> int:
+                  connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT, dev_known_hosts: str | None = None) -> int:
     """Close the dev instance's shared SSH connections to the nodes; return how many were open."""
     dev = dev_node(info, ami_instance_ip=ami_instance_ip)
-    cxn = hosts.connection(info, dev, connect_timeout=connect_timeout)
+    cxn = hosts.connection(_dev_record(info, dev_known_hosts), dev, connect_timeout=connect_timeout)
     script = ("n=0; for s in ~/.ssh/cloister-cm-*; do [ -S \"$s\" ] || continue; "
               "ssh -o ControlPath=\"$s\" -O exit cloister >/dev/null 2>&1; n=$((n+1)); done; echo $n")
     try:

@@ -32,6 +32,9 @@ from .remote import Stopped
 from .servers import ClusterInfo, Node
 from .settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
 
+# How often a wait for SSH asks the provider whether silent nodes' boots have failed.
+BOOT_LOOK_EVERY = 10.0
+
 STOP_GRACE = 1.0  # seconds the workers get to wind down after Ctrl-C before the exit goes on without them
 
 
@@ -369,11 +372,17 @@ def check(result: GroupResult, *, what: str = "") -> GroupResult:
 
 
 def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0,
-             concurrency: int = DEFAULT_CONCURRENCY, probe_timeout: float = 5.0) -> None:
-    """Wait until every node answers a command over SSH; name the ones that never do."""
+             concurrency: int = DEFAULT_CONCURRENCY, probe_timeout: float = 5.0,
+             failed_boots: Callable[[list[Node]], dict[str, str]] | None = None) -> None:
+    """Wait until every node answers a command over SSH; name the ones that never do.
+
+    ``failed_boots`` is asked now and then about the nodes still silent; a node it names (a boot that
+    visibly hangs) fails the wait at once instead of running out the timeout.
+    """
     pending = list(nodes)
     total = len(pending)
     backoff = Backoff(timeout, initial=0.05, maximum=5.0)
+    next_look = time.monotonic() + BOOT_LOOK_EVERY
     while pending:
         with group(info, pending, concurrency=concurrency, connect_timeout=probe_timeout) as grp:
             result = call(grp, lambda cxn: cxn.run("true", timeout=probe_timeout))
@@ -381,6 +390,11 @@ def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0
         pending = [n for n in pending if n.host in last]
         if not pending:
             return
+        if failed_boots is not None and time.monotonic() >= next_look:
+            next_look = time.monotonic() + BOOT_LOOK_EVERY
+            hung = failed_boots(pending)
+            if hung:
+                raise HostsFailed(hung, total=total, what="boot failed")
         if not backoff.wait():
             raise HostsFailed({n.host: last[n.host] for n in pending}, total=total,
                               what=f"no SSH after {timeout:.0f}s")

@@ -40,9 +40,9 @@ def latest(cfg: ClusterConfig, *, settings: Settings) -> Image:
 
 
 def create(cfg: ClusterConfig, *, settings: Settings, name: str | None = None,
-           progress: Progress | None = None) -> Image:
+           progress: Progress | None = None, reboot: bool = True) -> Image:
     """Image the dev instance as ``name`` or ``{prefix}-{UTC time}`` and wait until it can be launched."""
-    return _store(cfg, settings).create(name or new_name(cfg), progress=progress)
+    return _store(cfg, settings).create(name or new_name(cfg), progress=progress, reboot=reboot)
 
 
 def prunable(cfg: ClusterConfig, *, settings: Settings, keep: int) -> list[Image]:

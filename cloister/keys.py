@@ -52,7 +52,11 @@ def cluster_key(state_dir: str, info: ClusterInfo) -> tuple[Path, str]:
 
 
 def forget(state_dir: str, info: ClusterInfo) -> None:
-    shutil.rmtree(folder(state_dir, info), ignore_errors=True)
+    forget_cluster(state_dir, provider=info.provider, region=info.region, cluster=info.cluster_name)
+
+
+def forget_cluster(state_dir: str, *, provider: str, region: str | None, cluster: str) -> None:
+    shutil.rmtree(Path(state_dir).resolve() / "keys" / provider / (region or "-") / cluster, ignore_errors=True)
 
 
 def authorize_script(public_line: str, info: ClusterInfo) -> str:

@@ -16,7 +16,8 @@ from .errors import ServersError
 from .files import atomic_write
 
 ROLES = ("master", "worker", "dev")
-TEXT_FILES = ("manager.txt", "master.txt", "servers.txt", "servers_private.txt", "servers_public.txt")
+TEXT_FILES = ("manager.txt", "master.txt", "servers.txt", "servers_private.txt", "servers_public.txt",
+              "mpi_hosts.txt")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Node:
     private: str = ""
     public: str = ""
     name: str = ""
+    slots: int | None = None  # processors the provider knows the machine has (mpirun's slots)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,16 @@ def text_files(info: ClusterInfo) -> dict[str, str]:
         "servers.txt": lines([w.public or w.host for w in workers]),
         "servers_private.txt": lines([w.private or w.host for w in workers]),
         "servers_public.txt": lines([w.public or w.host for w in workers]),
+        "mpi_hosts.txt": mpi_hosts(info),
     }
+
+
+def mpi_hosts(info: ClusterInfo) -> str:
+    """An OpenMPI hostfile of the workers (private addresses, as the nodes reach each other): ``slots``
+    is the worker's processor count where the provider knows it, else the config's ``mpi_slots``."""
+    default = int(info.extra.get("mpi_slots") or 1)
+    return "".join(f"{w.private or w.host} slots={w.slots or default} max-slots={w.slots or default}\n"
+                   for w in info.workers)
 
 
 def write_servers(directory: str | os.PathLike, info: ClusterInfo) -> Path:

@@ -12,7 +12,7 @@ from cloister import hosts as hostlib
 from cloister import images
 
 from ._common import load, settings, task
-from ._output import confirm, note, progress_bar
+from ._output import confirm, note, progress_bar, warning
 from .cluster import CONFIG_HELP
 
 
@@ -60,16 +60,20 @@ def list_(c, config=None):
 
 
 @task(help={"config": CONFIG_HELP,
-            "name": "image name (default: {ami_tag}-{UTC yyyymmdd-hhmm}; `ami: latest` only sees the prefix)"})
-def create(c, config=None, name=None):
+            "name": "image name (default: {ami_tag}-{UTC yyyymmdd-hhmm}; `ami: latest` only sees the prefix)",
+            "no_reboot": "ec2: image the dev instance without EC2's restart (faster; files being written may "
+                         "be inconsistent in the image)"})
+def create(c, config=None, name=None, no_reboot=False):
     """Image the dev instance (local: the dev host's home) and wait until it is available."""
     cfg = load(c, config)
     if name and not images.matches(cfg, name):
         print(f"note: '{name}' does not match '{images.pattern(cfg)}', so `ami: latest` will not pick it",
               file=sys.stderr)
     conf = settings(c)
+    if lib.provider(cfg, settings=conf).images().reboots and not no_reboot:
+        warning("EC2 restarts the dev instance to image it (a consistent disk); --no-reboot images it running")
     with progress_bar() as bar:
-        image = images.create(cfg, settings=conf, name=name, progress=bar.update)
+        image = images.create(cfg, settings=conf, name=name, progress=bar.update, reboot=not no_reboot)
     print(f"created {_describe(image)}")
     left_out = lib.provider(cfg, settings=conf).images().left_out
     if left_out:

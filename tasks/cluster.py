@@ -222,6 +222,7 @@ def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False
     report = deploy.redeploy(info, paths=wanted, delete=delete, dry_run=dry_run, tree=tree,
                              concurrency=conf.redeploy_concurrency, connect_timeout=conf.connect_timeout,
                              ami_instance_ip=cfg.ami_instance_ip,
+                             dev_known_hosts=lib.dev_known_hosts(cfg, settings=conf),
                              on_result=done, on_skip=skipped)
     for items, names in changes.items():
         # Nodes with the same itemized changes are listed once (like cluster.run folds outputs).

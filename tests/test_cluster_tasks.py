@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -192,8 +193,12 @@ def test_copy_dns_puts_servers_on_every_node_and_the_key_on_the_master(local_clu
             assert remote["cluster_name"] == info.cluster_name
             assert remote["nodes"] == local_nodes
             assert read("cloister/known_hosts") == Path(info.known_hosts).read_text()
+            # The cluster's own key, authorized everywhere; the user's key never leaves this machine.
+            cluster_key = Path(json.loads((servers / "cluster.json").read_text())["extra"]["cluster_key"])
+            public = cluster_key.with_name(cluster_key.name + ".pub").read_text().strip()
+            assert read(".ssh/authorized_keys").count(public) == 1
             if node == info.master:
-                assert read(".ssh/cloister_key") == Path(info.ssh_key).read_text()
+                assert read(".ssh/cloister_key") == cluster_key.read_text() != Path(info.ssh_key).read_text()
                 key = sftp.stat(".ssh/cloister_key")
                 assert (key.st_mode & 0o777, key.st_uid) == (0o600, sftp.stat(".").st_uid)
             else:
@@ -283,3 +288,31 @@ def test_help_of_cluster_run_documents_every_flag():
     expected = {arg.name.replace("_", "-") for arg in cluster_tasks()["cluster.run"].get_arguments()}
     assert set(documented) == expected
     assert {"command", "config", "role", "hosts", "stream", "timeout"} <= expected
+
+
+def test_plain_ssh_from_the_master_reaches_every_worker_with_no_flags(local_cluster):
+    """copy-dns leaves an ssh config (cluster key, recorded host keys, user) that ~/.ssh/config includes."""
+    info = local_cluster.info
+    assert local_cluster.inv("cluster.copy-dns").returncode == 0
+    for worker in info.workers:
+        for name in (worker.host, worker.name):
+            hop = sh(info, info.master, f"ssh {name} hostname")
+            assert (hop.exited, hop.stdout) == (0, worker.name + "\n"), hop.stderr
+    again = local_cluster.inv("cluster.copy-dns")
+    assert again.returncode == 0
+    config = sh(info, info.master, "cat ~/.ssh/config").stdout
+    assert config.count("Include ~/.ssh/cloister_config") == 1
+
+
+def test_mpirun_from_the_master_runs_across_the_workers(local_cluster):
+    if not shutil.which("mpirun"):
+        pytest.skip("openmpi-bin is not installed (make test installs it)")
+    info = local_cluster.info
+    assert local_cluster.inv("cluster.copy-dns").returncode == 0
+    hosts_file = sh(info, info.master, "cat ~/cloister/servers/mpi_hosts.txt").stdout
+    assert hosts_file.splitlines() == [f"{w.private or w.host} slots=1 max-slots=1" for w in info.workers]
+    # Loopback hosts share one network: tell OpenMPI which interface carries its own traffic.
+    run = sh(info, info.master, "mpirun --hostfile ~/cloister/servers/mpi_hosts.txt --mca btl_tcp_if_include lo "
+                                "--mca oob_tcp_if_include lo -n %d hostname" % len(info.workers))
+    assert run.exited == 0, run.stderr
+    assert sorted(run.stdout.split()) == sorted(w.name for w in info.workers)

@@ -25,6 +25,7 @@ from cloister import cluster as lib
 from cloister import budget, hosts, images
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
+from cloister.providers.ec2 import Ec2Images
 from cloister.providers.ec2 import console as ec2_console
 from cloister.providers.ec2 import permissions as ec2_permissions
 from cloister.providers.ec2 import ttl as ec2_ttl
@@ -625,7 +626,15 @@ def test_ssh_readiness_names_the_nodes_that_never_answer(aws, make_cfg, settings
 # -- AMIs --------------------------------------------------------------------------------
 
 
-def test_ami_create_list_prune(aws, make_cfg, settings):
+@pytest.fixture
+def cleaned(monkeypatch):
+    """moto's instances have no sshd: record the dev instance's cleaning instead (the twin tests do it for real)."""
+    calls: list[str] = []
+    monkeypatch.setattr(Ec2Images, "clean_dev", lambda store: calls.append(store.cfg.ami_instance_ip))
+    return calls
+
+
+def test_ami_create_list_prune(aws, make_cfg, settings, cleaned):
     client, inject = aws
     snapshot_tags: list[dict[str, str]] = []
     inject.on("before-send.ec2.CreateImage", ms.snapshot_tags_handler(snapshot_tags))
@@ -638,6 +647,7 @@ def test_ami_create_list_prune(aws, make_cfg, settings):
     by_ip = make_cfg(ami="latest", ami_tag="alice-clamor", ami_instance_ip=dev["PublicIpAddress"])
     time.sleep(1.1)
     second = images.create(by_ip, settings=settings, name="alice-clamor-second")
+    assert cleaned == [dev["PublicDnsName"], dev["PublicIpAddress"]]
     created = [p for a, p in inject.calls if a == "CreateImage"]
     assert {p["InstanceId"] for p in created} == {dev["InstanceId"]}
     assert len(snapshot_tags) == 2 and "alice-clamor" in snapshot_tags[0].values()
@@ -738,7 +748,7 @@ def test_ttl_check_answers_are_read_strictly(output, armed, pending, reason):
     assert (state.armed, state.pending) == (armed, pending) and reason in state.reason
 
 
-def test_prune_outlasts_a_snapshot_still_in_use_and_sweeps_orphans(aws, make_cfg, settings):
+def test_prune_outlasts_a_snapshot_still_in_use_and_sweeps_orphans(aws, make_cfg, settings, cleaned):
     """Right after DeregisterImage, real EC2 often answers InvalidSnapshot.InUse: the snapshot must still go.
     A snapshot that an earlier prune left behind (tagged by cloister, used by no image) goes too."""
     client, inject = aws

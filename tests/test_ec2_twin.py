@@ -505,8 +505,6 @@ def dev_known_hosts(cluster: Ec2Cluster) -> Path:
     return cluster.root / "state" / "ec2" / "dev_known_hosts"
 
 
-@pytest.mark.xfail(strict=True, reason="cluster.redeploy records the dev instance's host key in the cluster's "
-                                       "known_hosts, not in dev_known_hosts as ami.* does (reported)")
 def test_redeploy_keeps_the_dev_instances_host_key_apart_from_the_clusters(cluster, dev):
     """The dev instance outlives clusters: its key belongs with ami.login's, not in the cluster's file
     that every launch and start forgets (so each new cluster would trust the dev instance anew)."""
@@ -627,7 +625,6 @@ def test_a_short_ttl_really_ends_the_instances(ttl_cluster, twin, ec2):
     assert proc.returncode == 1 and "is running; run inv cluster.launch" in proc.stderr, proc.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="boot watchdog pending")
 def test_a_launch_whose_boot_deadlocks_fails_with_the_consoles_reason(stuck_cluster, twin, ec2):
     cluster, launch = stuck_cluster
     left = STUCK_LIMIT - (time.monotonic() - launch.started)
@@ -643,9 +640,10 @@ def test_a_launch_whose_boot_deadlocks_fails_with_the_consoles_reason(stuck_clus
     (stuck,) = [line.split("] ", 1)[-1].strip() for line in console.splitlines() if "running 'init'" in line]
     assert "Started ssh.service" not in console, console[-3000:]
     assert stuck[:100] in proc.stderr, (proc.stderr, stuck)  # the line, perhaps shortened
-    assert instance["PublicDnsName"] in proc.stderr or instance["InstanceId"] in proc.stderr, proc.stderr
+    assert instance["InstanceId"] in proc.stderr, proc.stderr
     # --yes: the failed launch terminated what it created and left no servers/ behind.
     assert "terminated the 1 instances it created" in proc.stderr, proc.stderr
     assert instance["State"]["Name"] in ("shutting-down", "terminated"), instance["State"]
     assert not (cluster.servers_dir / "cluster.json").exists()
-    assert_servers_loopback(cluster)
+    named = re.findall(r"^\[([^\]]+)\]", proc.stderr, re.M)
+    assert named and all(loopback(host) for host in named), proc.stderr

@@ -56,6 +56,7 @@ def test_text_files_use_the_old_names_one_host_a_line(tmp_path):
         "servers.txt": "ec2-w1.example\nec2-w2.example\n",
         "servers_private.txt": "10.0.1.1\n10.0.1.2\n",
         "servers_public.txt": "ec2-w1.example\nec2-w2.example\n",
+        "mpi_hosts.txt": "10.0.1.1 slots=1 max-slots=1\n10.0.1.2 slots=1 max-slots=1\n",
     }
     # The dev host is no cluster member: it is in cluster.json only.
     assert "ec2-d.example" not in "".join(read.values())

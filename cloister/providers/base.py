@@ -112,6 +112,7 @@ class ImageStore(ABC):
     """A provider's images, named ``{prefix}-{yyyymmdd-hhmm}`` (see ``cloister.images``)."""
 
     where: str = ""  # for messages: "owned by you in us-west-2", "under .cloister/images"
+    reboots: bool = False  # the dev instance restarts while it is imaged, unless asked not to
     left_out: str = ""  # what an image never contains, for ami.create to say; "" when it copies everything
 
     @abstractmethod
@@ -119,8 +120,9 @@ class ImageStore(ABC):
         """Own images whose name matches ``pattern`` (``prefix-*``), newest first."""
 
     @abstractmethod
-    def create(self, name: str, *, progress: Progress | None = None) -> Image:
-        """Image the dev instance as ``name`` and wait until the image can be launched."""
+    def create(self, name: str, *, progress: Progress | None = None, reboot: bool = True) -> Image:
+        """Image the dev instance as ``name`` and wait until the image can be launched; ``reboot``: let the
+        provider restart the machine for a consistent disk, where it does (see ``reboots``)."""
 
     @abstractmethod
     def delete(self, doomed: list[Image]) -> list[str]:

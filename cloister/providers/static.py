@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import hosts
+from .. import hosts, keys
 from ..servers import ClusterInfo, Node
 from ..errors import ProviderError
 from .base import ClusterRow, Confirm, ImageStore, Launched, NodeStatus, Progress, Provider
@@ -41,7 +41,14 @@ class StaticProvider(Provider):
         """Nothing was created, so nothing is ended."""
 
     def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
-        return [f"static cluster '{self.cfg.cluster_name}': machines are not ours to stop; forgot servers/"]
+        """The machines stay; the cluster key that copy-dns authorized on them goes."""
+        info = self.info()
+        timeout = min(self.settings.connect_timeout, PROBE_TIMEOUT)
+        with hosts.group(info, info.nodes, concurrency=self.settings.concurrency, connect_timeout=timeout) as grp:
+            failed = hosts.failures(hosts.call(grp, lambda cxn: cxn.run(keys.revoke_script(info), timeout=30)))
+        lines = [f"static cluster '{self.cfg.cluster_name}': machines are not ours to stop; revoked the cluster "
+                 f"key on {len(info.nodes) - len(failed)}/{len(info.nodes)} of them; forgot servers/"]
+        return lines + [f"[{host}] cluster key not revoked: {error}" for host, error in failed.items()]
 
     def status(self) -> list[NodeStatus]:
         """Each machine's uptime, read over SSH; an unreachable one says why."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ... import access, hosts, layout
 from . import prices
 from ...errors import HostsFailed, ProviderError
 from ...config import ClusterConfig
@@ -24,15 +25,34 @@ from .aws import aws_errors, client_for
 class Ec2Images(ImageStore):
     """Own AMIs in the config's region."""
 
+    reboots = True
+
     def __init__(self, provider: "Ec2Provider"):
+        self.provider = provider
         self.cfg = provider.cfg
         self.where = f"owned by you in {self.cfg.region}"
+        self.left_out = ("removed from the dev instance before imaging: the cluster keys copy-dns authorized, SSH "
+                         "control sockets and " + ", ".join(f"~/{p}" for p in layout.NOT_IN_IMAGES))
 
     def list(self, pattern: str) -> list[Image]:
         return images.list_images(self.cfg)
 
-    def create(self, name: str, *, progress: Progress | None = None) -> Image:
-        return images.create_image(self.cfg, name=name, progress=progress)
+    def create(self, name: str, *, progress: Progress | None = None, reboot: bool = True) -> Image:
+        return images.create_image(self.cfg, name=name, progress=progress, no_reboot=not reboot,
+                                   prepare=self.clean_dev)
+
+    def clean_dev(self) -> None:
+        """A snapshot cannot leave files out: take them off the dev instance before imaging it."""
+        record, host = self.provider.dev_info()
+        try:
+            with hosts.connection(record, host, connect_timeout=self.provider.settings.connect_timeout) as cxn:
+                done = cxn.run(access.image_cleanup_script(), timeout=60)
+            problem = None if done.exited == 0 else (done.stderr or done.stdout).strip()[-200:]
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the dev instance is one line
+            problem = hosts.describe_error(exc)
+        if problem:
+            raise ProviderError(f"[{host}] could not clean the dev instance before imaging it ({problem}); no image "
+                                f"was made", provider=self.provider.name, cluster=self.cfg.cluster_name)
 
     def delete(self, doomed: list[Image]) -> list[str]:
         return images.delete_images(self.cfg, doomed=doomed)
@@ -64,8 +84,8 @@ class Ec2Provider(Provider):
             self._boot_watch = console.BootWatch(stall=self.settings.boot_stall)
         with aws_errors(self.cfg):
             client = client_for(self.cfg.region)
-            reasons = {node.host: self._boot_watch.stalled(client, node.id) for node in waiting}
-        return {host: why for host, why in reasons.items() if why}
+            reasons = {node: self._boot_watch.stalled(client, node.id) for node in waiting}
+        return {node.host: f"{node.id}: {why}" for node, why in reasons.items() if why}
 
     def ssh_hint(self, info: ClusterInfo, failed: HostsFailed) -> str:
         if self.cfg.ssh_cidr != "auto" or len(failed.failures) < failed.total:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -63,14 +64,19 @@ def _root_volume_size(image: dict[str, Any]) -> int | None:
     return None
 
 
-def create_image(cfg: ClusterConfig, *, name: str, progress: Progress | None = None) -> Image:
-    """Image the dev instance as ``name`` and wait until the AMI is available."""
+def create_image(cfg: ClusterConfig, *, name: str, progress: Progress | None = None, no_reboot: bool = False,
+                 prepare: Callable[[], None] | None = None) -> Image:
+    """Image the dev instance as ``name`` and wait until the AMI is available; ``prepare`` runs once the
+    dev instance is found, before it is imaged."""
     with aws_errors(cfg):
         client = client_for(cfg.region)
         dev = dev_instance(client, cfg)
+        if prepare:
+            prepare()
         tags = [{"Key": TAG_IMAGE, "Value": prefix(cfg)}]
         image_id = client.create_image(
             InstanceId=dev["InstanceId"], Name=name, Description=f"cloister image of {cfg.ami_instance_ip}",
+            NoReboot=no_reboot,
             TagSpecifications=[{"ResourceType": "image", "Tags": tags}, {"ResourceType": "snapshot", "Tags": tags}],
         )["ImageId"]
         backoff = Backoff(IMAGE_TIMEOUT, initial=2.0, maximum=15.0, factor=1.5)

@@ -87,8 +87,10 @@ def node_of(instance: dict[str, Any], cluster: str) -> Node:
     name = f"{cluster}-master" if role == "master" else f"{cluster}-worker-{instance.get('AmiLaunchIndex', 0) + 1}"
     public = instance.get("PublicDnsName") or instance.get("PublicIpAddress") or ""
     private = instance.get("PrivateIpAddress") or ""
+    cpu = instance.get("CpuOptions") or {}
+    slots = cpu.get("CoreCount", 0) * cpu.get("ThreadsPerCore", 1) or None
     return Node(role=role, id=instance["InstanceId"], host=public or private, private=private, public=public,
-                name=name)
+                name=name, slots=slots)
 
 
 def known_hosts_path(settings: Settings, cfg: ClusterConfig) -> Path:

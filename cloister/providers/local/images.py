@@ -20,9 +20,7 @@ from ...errors import ProviderError
 from ..base import Image, ImageStore, Progress, matches
 from .machines import state_dir as cluster_dir
 
-# Never in an image, relative to the home: the cluster's private key, and cloister's own state on a node
-# (servers/, known hosts, run logs), which belongs to the cluster the dev host was part of.
-LEFT_OUT = (layout.KEY, layout.SSH_KNOWN_HOSTS, layout.SERVERS_DIR, layout.KNOWN_HOSTS, layout.RUNS_DIR)
+LEFT_OUT = layout.NOT_IN_IMAGES
 LEFT_OUT_NOTE = ("the image leaves out sockets, fifos and device files (such as SSH control sockets), the "
                  "cluster key and cloister's state on the node: " + ", ".join(f"~/{p}" for p in LEFT_OUT))
 
@@ -86,7 +84,7 @@ class LocalImages(ImageStore):
                 found.append(Image(id=str(path), name=path.name, created=created))
         return sorted(found, key=lambda i: (i.created, i.name), reverse=True)
 
-    def create(self, name: str, *, progress: Progress | None = None) -> Image:
+    def create(self, name: str, *, progress: Progress | None = None, reboot: bool = True) -> Image:
         cfg = self.cfg
         home = dev_home(cfg, state_dir=self.state_dir)
         if not home.is_dir():
