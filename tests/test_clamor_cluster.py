@@ -107,7 +107,7 @@ def test_a_benchmark_declared_empty_gets_clamors_argv_in_every_role(clamor):
         for i in range(p):
             assert argv(node.host, f"worker{h * p + i}") == [
                 "-i", node.host, "-m", "worker", "-p", str(50000 + i), "-d", MANAGER, "-l", f"{B}.weld"]
-    assert argv(master.host, "driver") == [
+    assert argv(master.host, "master") == [
         "-i", master.host, "-p", "45000", "-m", "master", "-d", MANAGER, "-l", f"{B}.weld", "-t", P, "-w", W,
         "-x", str(p * K)]
 
