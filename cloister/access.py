@@ -49,7 +49,11 @@ def ssh_config(info: ClusterInfo) -> str:
     """Client settings for every node, under each of its names and addresses. Not IdentitiesOnly: a
     forwarded agent (redeploy without a key on the dev instance) must still be offered."""
     names = sorted({n for node in info.nodes for n in (node.host, node.private, node.public, node.name) if n})
+    # A node's name resolves nowhere (EC2's DNS knows only ip-... names): say which address it is.
+    aliases = "".join(f"Host {node.name}\n    HostName {node.private or node.host}\n"
+                      for node in info.nodes if node.name and node.name not in (node.host, node.private))
     return (f"# Written by cloister for cluster '{info.cluster_name}'; copy-dns rewrites it.\n"
+            f"{aliases}"
             f"Host {' '.join(names)}\n"
             f"    User {info.user}\n"
             f"    IdentityFile ~/{layout.KEY}\n"

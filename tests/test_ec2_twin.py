@@ -6,8 +6,9 @@ address). Each task runs as a user would run it: `inv ...` in a subprocess of it
 endpoint in the environment and servers/, state, config and runs/ in temporary directories.
 
 One cluster (a master and 2 workers, plus a dev instance launched beside it) lives through the tests
-of this module in order: launch, status, run, copy-dns, redeploy, exp.run, stop, start, extend,
-destroy. Two more launches run in the background meanwhile, so their waiting overlaps the main
+of this module in order: launch, status, run, copy-dns (then plain ssh and mpirun from the master),
+redeploy, ami.create (an instance of the image must carry none of the cluster's keys or state), exp.run,
+stop, start, extend, destroy. Two more launches run in the background meanwhile, so their waiting overlaps the main
 cluster's life: a cluster with a 90 s TTL (its instance must power itself off and be terminated) and
 one whose user data deadlocks boot (the launch must fail with the console's reason, not wait blind).
 
@@ -16,6 +17,7 @@ Every address cloister writes into servers/ (after each task) must be in 127.0.0
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import io
@@ -23,6 +25,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import subprocess
 import tarfile
 import time
@@ -36,6 +39,7 @@ import pytest
 from conftest import INV, REPO, no_traceback
 from twin import Twin
 
+from cloister.providers.ec2 import prices
 from cloister.servers import ClusterInfo
 
 BOOT_TIMEOUT = 90.0  # generous: 2 shared cores, several machines booting at once; a boot alone is ~3 s
@@ -50,6 +54,7 @@ SUFFIX = f"{os.getpid() % 100000}"
 TTL_SECONDS = 90
 STUCK_LIMIT = 120.0  # the deadlocked launch must fail within this
 BOOT_STALL = 30  # cloister.boot_stall for that launch
+AMI_TAG = f"clamor-e2e-{SUFFIX}"  # the main cluster's ami_tag: ami.create names its images after it
 
 # The TTL user data cloister sent until commit f9a0a11 (cloister/ec2.py): the timer keeps systemd's
 # default dependencies, so systemd-run waits in cloud-init's init stage for sysinit.target, which
@@ -210,7 +215,8 @@ class Ec2Cluster:
         if not self.servers_dir.exists():
             return
         for path in self.servers_dir.glob("*.txt"):
-            self.seen_addresses.update(path.read_text().split())
+            # One host a line; mpi_hosts.txt adds OpenMPI's "slots=N max-slots=N" after it.
+            self.seen_addresses.update(line.split()[0] for line in path.read_text().splitlines() if line.strip())
         cluster = self.servers_dir / "cluster.json"
         if cluster.exists():
             for node in json.loads(cluster.read_text())["nodes"]:
@@ -354,7 +360,7 @@ def cluster(twin, keys, ttl_cluster, stuck_cluster, dev, tmp_path_factory):
     """The main cluster: a master and 2 workers; the launch itself is the first test's to check.
     (It asks for the background clusters so that they launch first and wait while this one works.)"""
     made = Ec2Cluster(twin, keys, tmp_path_factory.mktemp("main"), f"main-{SUFFIX}",
-                      {"nworkers": 2, "ttl": "1h", "ami_instance_ip": dev.address})
+                      {"nworkers": 2, "ttl": "1h", "ami_instance_ip": dev.address, "ami_tag": AMI_TAG})
     started = time.monotonic()
     made.launch = made.inv("cluster.launch", timeout=300)
     made.launch_s = time.monotonic() - started
@@ -425,8 +431,14 @@ def table_rows(text: str) -> list[dict[str, str]]:
     return [dict(zip(header, row)) for row in rows]
 
 
-def test_status_shows_every_node_running_with_its_ttl(cluster):
-    proc = cluster.inv("cluster.status")
+@pytest.fixture(scope="module")
+def status(cluster) -> subprocess.CompletedProcess:
+    """`inv cluster.status` of the running cluster, run once for the tests that read it."""
+    return cluster.inv("cluster.status")
+
+
+def test_status_shows_every_node_running_with_its_ttl(cluster, status):
+    proc = status
     assert proc.returncode == 0, proc.stdout + proc.stderr
     no_traceback(proc)
     info = cluster.servers()
@@ -439,6 +451,22 @@ def test_status_shows_every_node_running_with_its_ttl(cluster):
         assert left and 50 <= int(left.group(1)) < 60, row  # ttl 1h, less the time since launch
         assert row["cost"].startswith("$"), row
     assert "cost so far" in proc.stdout
+
+
+def test_status_shows_what_each_node_costs_and_the_rate_per_hour_now(cluster, status):
+    proc = status
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = table_rows(proc.stdout)
+    assert len(rows) == 3 and all(re.fullmatch(r"\$\d+\.\d\d", row["cost"]) for row in rows), proc.stdout
+    # The caption (rich may wrap it): what the cluster cost so far and what it costs per hour now.
+    text = " ".join(proc.stdout.split())
+    found = re.search(r"cost so far \$(\d+\.\d\d); \$(\d+\.\d\d)/hour now; estimated from EC2 list prices", text)
+    assert found, proc.stdout
+    so_far, per_hour = float(found.group(1)), float(found.group(2))
+    assert abs(so_far - sum(float(row["cost"][1:]) for row in rows)) <= 0.005 * len(rows) + 1e-9, proc.stdout
+    # Three m5.large on demand, plus their public IPv4 addresses and root volumes (cents, not dollars).
+    node = prices.hourly("m5.large", ms.REGION)
+    assert 3 * node - 0.005 <= per_hour <= 3 * node + 0.06, (per_hour, node)
 
 
 def test_run_hostname_on_every_node(cluster, twin):
@@ -471,6 +499,55 @@ def test_copy_dns_puts_servers_and_known_hosts_on_every_node_and_the_key_on_the_
         key_part = out.split("== key", 1)[1].split()
         # The key only on the master (0600), and the master's cluster.json names it where it is.
         assert key_part == (["600", "~/.ssh/cloister_key"] if node.role == "master" else ["~/.ssh/cloister_key"]), out
+
+
+def master_output(proc: subprocess.CompletedProcess, info: ClusterInfo) -> list[str]:
+    """The lines `inv cluster.run --role master ...` printed for the master, below its header."""
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["-" * 15, f"{info.master.host} (1)"] and lines[2] == "-" * 15, proc.stdout
+    return lines[3:]
+
+
+def assert_plain_ssh_from_the_master(cluster: Ec2Cluster, twin: Twin, names: list[str]) -> None:
+    """`ssh NAME hostname` on the master, with no flags, for each worker's NAME: each worker answers."""
+    info = cluster.servers()
+    proc = cluster.inv("cluster.run", "--role", "master", " && ".join(f"ssh {shlex.quote(n)} hostname" for n in names))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    no_traceback(proc)
+    assert master_output(proc, info) == [twin.machine(w.id).hostname for w in info.workers], proc.stdout
+
+
+def test_plain_ssh_from_the_master_reaches_every_worker_by_private_address(cluster, twin):
+    """After copy-dns, `ssh WORKER` on the master needs no flags (the private addresses are what the
+    nodes use among themselves, and what mpi_hosts.txt lists)."""
+    assert_plain_ssh_from_the_master(cluster, twin, [w.private for w in cluster.servers().workers])
+
+
+def test_plain_ssh_from_the_master_reaches_every_worker_by_its_name(cluster, twin):
+    """The workers' names in servers/cluster.json work too. No DNS knows them (EC2's VPC DNS resolves
+    only ip-... names), so the ssh config copy-dns writes must say which address each name is."""
+    assert_plain_ssh_from_the_master(cluster, twin, [w.name for w in cluster.servers().workers])
+
+
+def test_mpirun_from_the_master_with_the_hostfile_copy_dns_placed(cluster, twin):
+    info = cluster.servers()
+    # The hostfile lists the workers' private addresses with their slots (vCPUs where EC2 says, else 1).
+    lines = (cluster.servers_dir / "mpi_hosts.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == [w.private for w in info.workers], lines
+    assert all(re.fullmatch(r"\S+ slots=[1-9]\d* max-slots=[1-9]\d*", line) for line in lines), lines
+    status, out = ssh(info.master.host, cluster.keys, "command -v mpirun")
+    if status != 0:
+        pytest.skip("mpirun is not installed (make test installs openmpi-bin)")
+    # On the twin every instance shares this machine's network namespace: all their addresses are on
+    # lo, and OpenMPI would pick the machine's other interfaces (where no instance listens) for its
+    # own traffic unless told to use lo. On EC2 no flag is needed. --map-by node: one rank per worker,
+    # so that both are reached whatever their slots.
+    proc = cluster.inv("cluster.run", "--role", "master", "--timeout", "90",
+                       "mpirun --hostfile ~/cloister/servers/mpi_hosts.txt --mca btl_tcp_if_include lo "
+                       "--mca oob_tcp_if_include lo --map-by node -n 2 hostname")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    no_traceback(proc)
+    assert sorted(master_output(proc, info)) == sorted(twin.machine(w.id).hostname for w in info.workers), proc.stdout
 
 
 def test_redeploy_pushes_the_dev_instances_code_to_every_node(cluster, dev):
@@ -510,6 +587,117 @@ def test_redeploy_keeps_the_dev_instances_host_key_apart_from_the_clusters(clust
     that every launch and start forgets (so each new cluster would trust the dev instance anew)."""
     assert dev.address not in cluster.known(), cluster.known_hosts.read_text()
     assert dev_known_hosts(cluster).exists()
+
+
+def home_files(host: str, keys: Keys, *dirs: str) -> dict[str, bytes]:
+    """Every regular file under ``dirs`` of ubuntu's home on ``host``: path (from the home) -> content."""
+    status, out = ssh(host, keys, f"cd ~ && tar -cf - $(ls -d {' '.join(dirs)} 2>/dev/null) 2>/dev/null | base64 -w0")
+    assert status == 0 and out, out
+    found = {}
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(out)), mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                found[member.name] = tar.extractfile(member).read()
+    return found
+
+
+def test_the_users_own_key_is_on_no_node_and_not_on_the_dev_instance(cluster, dev):
+    """Nodes and the dev instance reach each other with the cluster key; the user's own key (ssh_key)
+    never leaves this machine, not even after copy-dns and redeploy."""
+    info = cluster.servers()
+    own = cluster.keys.path.read_bytes()
+    body = re.sub(rb"\s", b"", b"".join(line for line in own.splitlines() if not line.startswith(b"-----")))
+    from cryptography.hazmat.primitives import serialization as ser
+
+    seed = ser.load_ssh_private_key(own, None).private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw,
+                                                              ser.NoEncryption())
+    for host in [n.host for n in info.nodes] + [dev.address]:
+        files = home_files(host, cluster.keys, ".ssh", "cloister")
+        assert ".ssh/authorized_keys" in files, (host, sorted(files))
+        for path, content in files.items():
+            assert own.strip() not in content, (host, path)
+            assert body not in re.sub(rb"\s", b"", content) and seed not in content, (host, path)
+    # The key the master and the dev instance hold is the cluster's, not the user's.
+    cluster_key = Path(info.extra["cluster_key"]).read_bytes()
+    assert cluster_key != own
+    for host in (info.master.host, dev.address):
+        assert home_files(host, cluster.keys, ".ssh")[".ssh/cloister_key"] == cluster_key, host
+
+
+# What copy-dns and redeploy leave in a home that an image must never carry (as ami.create's note names it).
+NOT_IN_IMAGES = (".ssh/cloister_key", ".ssh/cloister_known_hosts", ".ssh/cloister_config", "cloister/servers",
+                 "cloister/known_hosts", "cloister/runs")
+RESTART_WARNING = "warning: EC2 restarts the dev instance to image it (a consistent disk); --no-reboot images it running"
+
+
+def assert_image_created(proc: subprocess.CompletedProcess, name: str) -> str:
+    """ami.create's output: the image's id, after checking the note of what was left out."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    no_traceback(proc)
+    found = re.search(rf"^created (ami-[0-9a-f]+)  ({name})  created \S+ \S+ UTC$", proc.stdout, re.MULTILINE)
+    assert found, proc.stdout
+    (left_out,) = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
+    assert left_out.startswith("note: removed from the dev instance before imaging: the cluster keys copy-dns "
+                               "authorized, SSH control sockets and "), left_out
+    for path in NOT_IN_IMAGES:
+        assert f"~/{path}" in left_out, (path, left_out)
+    return found.group(1)
+
+
+def test_ami_create_images_the_dev_instance_without_the_cluster_key_or_cloisters_state(cluster, dev, twin, ec2):
+    info = cluster.servers()
+    keys = cluster.keys
+    # The dev instance before imaging: redeploy left the cluster key, the nodes' host keys and a shared
+    # connection there. Give it also everything copy-dns leaves on a node (as if it had been one, or the
+    # user had copied servers/ there) and a line of the user's own in ~/.ssh/config.
+    status, out = ssh(info.master.host, keys, "cd ~ && tar -cf - cloister .ssh/cloister_config .ssh/config | "
+                      "base64 -w0 && echo && grep -F cloister-cluster: .ssh/authorized_keys")
+    assert status == 0, out
+    archive, marked = out.split("\n", 1)
+    status, out = ssh(dev.address, keys, "tar -xf - && mkdir -p cloister/runs/dsum/r1 && echo ok > "
+                      f"cloister/runs/dsum/r1/master.log && echo {shlex.quote(marked.strip())} >> .ssh/authorized_keys && "
+                      "printf 'Host github.com\\n    User git\\n' >> .ssh/config && ls -A .ssh",
+                      stdin=base64.b64decode(archive))
+    assert status == 0 and re.search(r"^cloister-cm-", out, re.MULTILINE), out  # redeploy's shared connection
+    before = home_files(dev.address, keys, ".ssh", "cloister")
+    assert before[".ssh/cloister_key"] == Path(info.extra["cluster_key"]).read_bytes()
+    assert all(any(f == p or f.startswith(p + "/") for f in before) for p in NOT_IN_IMAGES), sorted(before)
+    assert b"cloister-cluster:" in before[".ssh/authorized_keys"]
+    assert b"Include ~/.ssh/cloister_config" in before[".ssh/config"]
+
+    proc = cluster.inv("ami.create", timeout=240)
+    image_id = assert_image_created(proc, rf"{re.escape(AMI_TAG)}-\d{{8}}-\d{{4}}")
+    assert RESTART_WARNING in proc.stderr.splitlines(), proc.stderr
+
+    answer = ec2.run_instances(ImageId=image_id, InstanceType="t3.micro", MinCount=1, MaxCount=1, KeyName=KEY_NAME,
+                               TagSpecifications=[{"ResourceType": "instance",
+                                                   "Tags": [{"Key": "Name", "Value": "from-image"}]}])
+    instance_id = answer["Instances"][0]["InstanceId"]
+    try:
+        # While it boots: --no-reboot images the dev instance without the warning, and cleans it the same way.
+        name = f"{AMI_TAG}-no-reboot"
+        proc = cluster.inv("ami.create", "--no-reboot", "--name", name, timeout=240)
+        assert_image_created(proc, re.escape(name))
+        assert "warning:" not in proc.stderr, proc.stderr
+
+        assert twin.machine(instance_id).wait_ssh(BOOT_TIMEOUT), twin.console(instance_id)[-3000:]
+        (found,) = describe(ec2, {"Name": "instance-id", "Values": [instance_id]})
+        address = found.get("PublicDnsName") or found["PrivateIpAddress"]
+        check = "; ".join(f"[ ! -e {p} ] || echo present: {p}" for p in NOT_IN_IMAGES)
+        status, out = ssh(address, keys, f"cloud-init status --wait >/dev/null; cd ~ && {{ {check}; ls -A .ssh; }}")
+        assert status == 0, out
+        assert "present:" not in out and "cloister-cm-" not in out, out
+        after = home_files(address, keys, ".ssh", "cloister", "clamor")
+        assert not [f for f in after if f.startswith(("cloister/", ".ssh/cloister"))], sorted(after)
+        authorized = after[".ssh/authorized_keys"].decode()
+        assert "cloister-cluster:" not in authorized and keys.public.split()[1] in authorized, authorized
+        config = after[".ssh/config"].decode()
+        assert "cloister" not in config and "Include" not in config, config
+        assert "Host github.com\n    User git\n" in config, config  # the user's own lines stay
+        for name in ("dsum", "dsum.weld", "experiment_vars"):
+            assert after[f"{BENCH_DIR}/{name}"] == (DSUM / name).read_bytes(), name
+    finally:
+        ec2.terminate_instances(InstanceIds=[instance_id])
 
 
 def test_exp_run_of_the_sample_benchmark(cluster):
