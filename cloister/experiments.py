@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import shlex
 import string
@@ -21,7 +22,9 @@ PLACEHOLDERS = frozenset({"binary", "worker_binary", "benchmark", "host", "port"
                           "manager_port", "master_port", "worker_hosts", "worker_endpoints", "nprocs", "k",
                           "partitions", "run_id", "args"})
 KEYS = ("dir", "binary", "worker_binary", "vars_file", "env", "args", "ports", "commands", "ready",
-        "ready_timeout", "timeout", "build", "metric", "prepare")
+        "ready_timeout", "timeout", "build", "metric", "prepare", "resources")
+SAMPLE_INTERVAL = 1.0  # seconds between resource samples on each host of a run
+MIN_SAMPLE_INTERVAL = 0.1  # a sampler waking more often would cost more than it tells
 PORT_KEYS = ("manager", "master", "worker_base")
 # Shell control operators and redirections: refused in --args rather than quoted,
 # because they are almost certainly a mistake or an injection attempt.
@@ -49,6 +52,7 @@ class Benchmark:
     build: str
     metric: str | None
     prepare: Preparation
+    resources: float  # seconds between resource samples on each host; 0: not sampled
     source: str = ""
 
     def worker_port(self, local_index: int) -> int:
@@ -218,6 +222,28 @@ def _metric(raw: Mapping[str, Any], fail: Fail) -> str | None:
     return metric
 
 
+def sample_interval(value: Any) -> float:
+    """Seconds between resource samples, from experiments.yaml's ``resources`` or ``--resources``:
+    at least MIN_SAMPLE_INTERVAL, or 0 (false, off) for none. Raises ValueError."""
+    if value in (False, None, 0) or str(value).strip().lower() in ("off", "false", "no", "0"):
+        return 0.0
+    try:
+        seconds = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not MIN_SAMPLE_INTERVAL <= seconds < math.inf:
+        raise ValueError(f"expected seconds between resource samples (at least {MIN_SAMPLE_INTERVAL:g}), or off")
+    return seconds
+
+
+def _resources(raw: Mapping[str, Any], fail: Fail) -> float:
+    try:
+        return sample_interval(raw.get("resources", SAMPLE_INTERVAL))
+    except ValueError:
+        raise fail("resources", f"expected seconds between resource samples (at least {MIN_SAMPLE_INTERVAL:g}), "
+                                f"or false; got {raw['resources']!r}")
+
+
 def _seconds(raw: Mapping[str, Any], key: str, fail: Fail) -> float:
     value = raw.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -245,7 +271,8 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
         args=raw.get("args") or "", manager_port=ports["manager"], master_port=ports["master"],
         worker_base=ports["worker_base"], commands=_commands(raw, fail), ready_log=_ready_log(raw, fail),
         ready_timeout=_seconds(raw, "ready_timeout", fail), timeout=_seconds(raw, "timeout", fail),
-        build=raw.get("build") or "true", metric=_metric(raw, fail), prepare=parse_preparation(raw.get("prepare"), fail=fail), source=file)
+        build=raw.get("build") or "true", metric=_metric(raw, fail), prepare=parse_preparation(raw.get("prepare"), fail=fail), source=file,
+        resources=_resources(raw, fail))
 
 
 def _duplicate_key(node: Any, path: tuple[str, ...] = ()) -> tuple[str, int] | None:
@@ -366,9 +393,10 @@ def _quote_path(path: str) -> str:
 
 
 def remote_dir(path: str) -> str:
-    """A remote directory for a shell: '~/x' becomes "$HOME"/'x' so it expands but stays quoted."""
+    """A remote directory for a shell: '~/x' becomes "$HOME"/'x' so it expands but stays quoted; a
+    relative path that starts with '-' gets './' so that cd does not take it for an option."""
     if path == "~":
         return '"$HOME"'
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
+    return shlex.quote(f"./{path}" if path.startswith("-") else path)

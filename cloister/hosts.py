@@ -230,38 +230,6 @@ def each(items: list[Any], fn: Callable[[Any], None], *, concurrency: int, stop:
         raise
 
 
-def stream(cxn: Connection, command: str, *, timeout: float,
-           on_stdout: Callable[[bytes], None] | None = None) -> tuple[int, bytes, str]:
-    """Run ``command`` on a Connection; return (exit code, raw stdout, stderr).
-
-    Fabric decodes output as text and cannot be stopped early; an archive (a run's logs) needs the
-    bytes, and a master's output is passed to ``on_stdout`` as it arrives. Raises CommandTimedOut.
-    """
-    import select
-
-    cxn.open()
-    channel = cxn.client.get_transport().open_session(timeout=timeout)
-    out, err = bytearray(), bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        channel.exec_command(command)
-        # Until EOF: output may still arrive after the exit status.
-        while channel.recv_ready() or channel.recv_stderr_ready() or not (channel.eof_received or channel.closed):
-            if time.monotonic() > deadline:
-                raise CommandTimedOut(None, timeout)
-            select.select([channel], [], [], 0.1)
-            while channel.recv_ready():
-                chunk = channel.recv(1 << 16)
-                out += chunk
-                if on_stdout:
-                    on_stdout(chunk)
-            while channel.recv_stderr_ready():
-                err += channel.recv_stderr(1 << 16)
-        return channel.recv_exit_status(), bytes(out), err.decode(errors="replace")
-    finally:
-        channel.close()
-
-
 def put_files(cxn: Connection, files: dict[str, tuple[bytes, int]]) -> None:
     """Write ``files`` (path relative to home -> (content, mode)) over one SFTP session, each atomically
     (temporary file, then rename), so a reader on the node never sees half a file."""
@@ -398,30 +366,3 @@ def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0
         if not backoff.wait():
             raise HostsFailed({n.host: last[n.host] for n in pending}, total=total,
                               what=f"no SSH after {timeout:.0f}s")
-
-
-class PrefixWriter:
-    """A file-like sink that writes whole lines prefixed with ``[host] ``."""
-
-    def __init__(self, label: str, sink: Any, lock: threading.Lock):
-        self.label = label
-        self.sink = sink
-        self.lock = lock
-        self.buffer = ""
-
-    def write(self, text: str) -> int:
-        self.buffer += text
-        *lines, self.buffer = self.buffer.split("\n")
-        if lines:
-            with self.lock:
-                for line in lines:
-                    self.sink.write(f"[{self.label}] {line}\n")
-                self.sink.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        if self.buffer:
-            with self.lock:
-                self.sink.write(f"[{self.label}] {self.buffer}\n")
-                self.sink.flush()
-            self.buffer = ""

@@ -17,18 +17,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import paramiko
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 from invoke.runners import Result
 
 from .errors import CloisterError
+from .poll import retry
+
+T = TypeVar("T")
 
 CHUNK = 1 << 16
 POLL = 0.1                  # seconds between checks of the stop event and the deadline
 SPILL_LIMIT = 1 << 20       # bytes of one stream kept in memory before it goes to a file
 TAIL = 4096                 # bytes of a spilled stream still kept in memory: its last lines
 KILL_GRACE = 1              # seconds between TERM and KILL for the command's process group
+RECONNECT_TIMEOUT = 30.0    # seconds a host whose session was lost gets to take a new one
 
 
 class Stopped(CloisterError):
@@ -43,6 +49,35 @@ class SessionLost(CloisterError):
 
     def __init__(self) -> None:
         super().__init__("SSH session lost before the command ended")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a new connection may cure ``exc``: the session or the link went away, or the host's sshd
+    refused for a moment. A refused key or host key, a timeout or a command's own failure may not."""
+    if isinstance(exc, (paramiko.AuthenticationException, paramiko.BadHostKeyException, CommandTimedOut)):
+        return False
+    if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+        return False
+    return isinstance(exc, (SessionLost, EOFError, ConnectionError, TimeoutError, paramiko.SSHException,
+                            paramiko.ssh_exception.NoValidConnectionsError))
+
+
+def reconnecting(call: Callable[[], T], *, timeout: float = RECONNECT_TIMEOUT) -> T:
+    """``call`` (which opens its Connection itself), again with backoff while the connection is lost:
+    a Connection whose session died reconnects on its next use."""
+    return retry(call, transient=connection_lost, timeout=timeout, initial=0.2, maximum=2.0)
+
+
+def lost_session(cxn: Connection) -> str | None:
+    """Why ``cxn``'s SSH session died under it, or None if it lives or was closed on purpose (a closed
+    client drops its transport; a dead one keeps it, inactive, until the next use reconnects)."""
+    transport = cxn.client.get_transport()
+    if transport is None or transport.is_active():
+        return None
+    reason = transport.saved_exception
+    if reason is None or isinstance(reason, EOFError):
+        return "connection closed by the host"
+    return str(reason).strip() or reason.__class__.__name__
 
 
 def guarded(command: str) -> str:

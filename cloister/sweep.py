@@ -22,8 +22,10 @@ from typing import Any
 from .errors import ExperimentError
 from .files import atomic_write
 from .runs import RunRecord, new_run_id
+from .runs.resources import SWEEP_FIELDS, sweep_columns
 
-FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric")
+# The resource columns summarise each run's hosts (cloister.runs.resources.sweep_columns).
+FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric", *SWEEP_FIELDS)
 
 
 def parse_int_list(text: str | int, *, flag: str) -> list[int]:
@@ -128,7 +130,8 @@ class SweepState:
         self.rows.append({"k": str(combo.k), "p": str(combo.p), "args": " ".join(combo.args),
                           "repeat": str(combo.repeat), "run_id": record.run_id, "status": record.status,
                           "duration_s": "" if total is None else f"{total:.4f}",
-                          "metric": "" if record.metric is None else str(record.metric)})
+                          "metric": "" if record.metric is None else str(record.metric),
+                          **sweep_columns(record.resources)})
         self._write_rows()
         self.current = None
         self._save()

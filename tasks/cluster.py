@@ -13,7 +13,8 @@ from cloister import cluster as lib
 from cloister import hosts as hostlib
 from cloister import budget, deploy, layout, putget
 from cloister.config import label_overrides
-from cloister.errors import HostsFailed
+from cloister.errors import CloisterError, HostsFailed
+from cloister.runs import lock as runlock
 from cloister.transfer import Transfer, failures
 
 from ._common import load, number, settings, task
@@ -67,6 +68,12 @@ def destroy(c, config=None, yes=False):
     """Destroy the cluster named in the config and forget its servers/."""
     cfg = load(c, config)
     conf = settings(c)
+    try:
+        busy = runlock.in_flight_on(lib.current(cfg, settings=conf), connect_timeout=min(conf.connect_timeout, 5.0))
+    except CloisterError:  # no servers/ of this cluster: nothing recorded to ask
+        busy = None
+    if busy:
+        warning(f"{busy} is in flight on '{cfg.cluster_name}'; destroying ends it and its logs stay on the nodes")
     # A provider that asks itself does so once it knows what it would end.
     asks = lib.provider(cfg, settings=conf).confirms_destroy
     if not asks and not yes and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):

@@ -7,6 +7,7 @@ import re
 import sys
 import time
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,9 +18,10 @@ from cloister import hosts as hostlib
 from cloister import layout
 from cloister import runs as runlib
 from cloister import sweep as sweeplib
+from cloister.runs import present
 from cloister.config import ClusterConfig
 from cloister.errors import HostsFailed
-from cloister.experiments import Benchmark, Registry, load_registry, parse_args
+from cloister.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
 from cloister.servers import ClusterInfo
 from cloister.settings import Settings
 
@@ -31,6 +33,10 @@ CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
 K_HELP = "number of worker hosts: the first K of servers.txt (default: every worker)"
 P_HELP = "worker processes per host"
 ARGS_HELP = "extra arguments for the master, e.g. --args='-n 5' (shell operators are refused)"
+HOSTS_FAILED_LINE = re.compile(r"\d+/\d+ hosts failed$")  # HostsFailed's count, said again by the summary
+RESOURCES_HELP = ("seconds between CPU/memory/network/disk samples on each host, or off "
+                  "(default: the benchmark's resources, 1)")
+RUN_HELP = "run id (looked up in runs/*/) or a run folder"
 
 
 def _logging() -> None:
@@ -74,12 +80,21 @@ def _require(benchmark):
 
 
 def _spec(c, *, config, benchmark, k, p, args=None, timeout=None, manager=True, keep=False,
-          run_id=None) -> runlib.RunSpec:
+          run_id=None, resources=None) -> runlib.RunSpec:
     k, timeout = number("-k", k, positive=True), number("--timeout", timeout, float, positive=True)
+    interval = None if resources is None else _interval(resources)
     ctx = _context(c, config, _require(benchmark))
     return runlib.RunSpec(info=ctx.info, bench=ctx.bench, k=len(ctx.info.workers) if k is None else k, nprocs=int(p),
                           args=parse_args(args), settings=ctx.conf, timeout=timeout, manager=manager, keep=keep,
-                          run_id=run_id or runlib.new_run_id(), config_name=ctx.cfg.source)
+                          run_id=run_id or runlib.new_run_id(), config_name=ctx.cfg.source,
+                          resources=interval)
+
+
+def _interval(text: str) -> float:
+    try:
+        return sample_interval(text)
+    except ValueError as err:
+        raise Exit(f"--resources {text!r}: {err}", code=1)
 
 
 def _remote_dir(benchmark: str, run_id: str) -> str:
@@ -99,8 +114,9 @@ def _summary(record: runlib.RunRecord) -> None:
 
 def _failure(record: runlib.RunRecord) -> str:
     lines = [f"[{host}] {err}" for host, err in record.failures.items()]
-    if record.error and not lines:
-        lines.append(record.error)
+    # The error's own lines where the failures do not already say them (a timeout, a start-up crash).
+    lines += [line for line in (record.error or "").splitlines()
+              if not any(shown.startswith(line) for shown in lines) and not HOSTS_FAILED_LINE.search(line)]
     # A start-up crash or a timeout is in the error line, not in failures: no "0/N hosts failed".
     failed = f": {len(record.failures)}/{1 + record.k} hosts failed" if record.failures else ""
     lines.append(f"run {record.run_id} {record.status}{failed}")
@@ -111,12 +127,14 @@ def _failure(record: runlib.RunRecord) -> str:
             "timeout": "seconds the master may run (default: the benchmark's timeout)",
             "manager": "start the manager on the master first (default: yes; --no-manager to skip)",
             "keep": "leave the processes running after the run (stop them with inv exp.killall)",
-            "args": ARGS_HELP})
-def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True, keep=False, args=None):
+            "args": ARGS_HELP, "resources": RESOURCES_HELP,
+            "concurrent": "run even while another run is in flight on the cluster (its ports must differ)"})
+def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True, keep=False, args=None,
+        resources=None, concurrent=False):
     """Run a benchmark end to end: workers, master, logs, clean-up, run.json."""
     _logging()
-    spec = _spec(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout, manager=manager,
-                 keep=keep)
+    spec = replace(_spec(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout,
+                         manager=manager, keep=keep, resources=resources), concurrent=concurrent)
     record = runlib.Run(spec, out=sys.stdout).execute()
     _summary(record)
     print(f"logs: {spec.local_dir}/ (run.json, one folder per host)")
@@ -200,10 +218,10 @@ def logs(c, benchmark=None, run=None, config=None):
     run_id = _pick_run(ctx.conf, name, run)
     local_dir = runlib.local_run_dir(ctx.conf.runs_dir, benchmark=name, run_id=run_id)
     with closing(ctx.every_host()) as grp:
-        errors = runlib.download_run(grp, benchmark=name, run_id=run_id, local_dir=local_dir)
+        errors, had = runlib.download_run(grp, benchmark=name, run_id=run_id, local_dir=local_dir)
     if errors:
         raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
-    if not local_dir.is_dir():
+    if not had:
         raise Exit(f"no host has logs of {name} run {run_id} ({_remote_dir(name, run_id)})", code=1)
     print(f"logs of {name} run {run_id} in {local_dir}/")
 
@@ -345,5 +363,24 @@ def _sweep_with_progress(sweep_name, *, state, all_combos, **options) -> list[di
                        f"the same command resumes it", code=130)
 
 
-ns = Collection("exp", run, manager, workers, master, killall, logs, clean, make, sweep)
+@task(help={"run": RUN_HELP})
+def show(c, run):
+    """Show a run: parameters, hosts, phases, exit codes, metric, resources."""
+    folder, record = present.load_run(run, runs_dir=settings(c).runs_dir)
+    for title, columns, rows in present.show(record, folder=folder):
+        table(title, columns, rows)
+
+
+@task(help={"run_a": RUN_HELP, "run_b": RUN_HELP + ", compared with RUN_A"})
+def compare(c, run_a, run_b):
+    """Compare two runs side by side, marking what differs."""
+    runs_dir = settings(c).runs_dir
+    (_, a), (_, b) = present.load_run(run_a, runs_dir=runs_dir), present.load_run(run_b, runs_dir=runs_dir)
+    sections, differing = present.compare(a, b)
+    for title, columns, rows in sections:
+        table(title, columns, rows)
+    print(f"differ in: {', '.join(differing)}" if differing else "same parameters, commit, machines and status")
+
+
+ns = Collection("exp", run, manager, workers, master, killall, logs, clean, make, sweep, show, compare)
 ns.add_task(list_, name="list")

@@ -277,11 +277,12 @@ def test_a_worker_crashing_at_start_up_fails_fast(exp):
     assert proc.returncode != 0
     no_traceback(proc)
     assert elapsed < 20, f"took {elapsed:.1f}s: waited for the ready_timeout (60 s) instead of failing fast"
-    # names every host and a process of each, and shows the log tail
+    # names every host and every process of each, each with its log tail
     errors = sorted(line for line in proc.stderr.splitlines() if "exited at start-up" in line)
     assert len(errors) == 2, proc.stderr
     for line, (h, node) in zip(errors, enumerate(exp.info.workers[:2])):
-        assert line.startswith(f"[{node.host}] worker{2 * h} (and 1 more) exited at start-up with exit 1: boom")
+        assert line == (f"[{node.host}] worker{2 * h} exited at start-up with exit 1: boom; "
+                        f"worker{2 * h + 1} exited at start-up with exit 1: boom"), line
     assert "0/" not in proc.stderr.splitlines()[-1], "the summary must not say no host failed"
     record = exp.record("crash")
     assert record["status"] == "failed" and "boom" in record["error"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cloister.errors import ConfigError, ExperimentError
-from cloister.experiments import RunShape, load_registry, parse_args, render, validate_name
+from cloister.experiments import RunShape, load_registry, parse_args, remote_dir, render, validate_name
 from cloister.runs import Proc, log_name, start_script
 from cloister.runs.prepare import NodeFacts
 from conftest import REPO
@@ -404,3 +404,20 @@ def test_start_script_reports_a_missing_directory(tmp_path):
     result = subprocess.run(["bash", "-c", start_script(b, SHAPE.run_id, [proc], node=THIS_MACHINE)],
                             env={**os.environ, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=30)
     assert result.returncode == 66 and "benchmark directory ~/absent not found" in result.stderr
+
+
+@pytest.mark.parametrize("folder", ["~/absent $(touch PWNED) `touch PWNED`; touch PWNED", "-absent $(touch PWNED)"])
+def test_a_missing_hostile_directory_is_named_and_never_run(tmp_path, folder):
+    b = bench(tmp_path, "show", dir=folder)
+    proc = Proc(role="worker", host="h", index=0, port=1, command="true")
+    result = subprocess.run(["bash", "-c", start_script(b, SHAPE.run_id, [proc], node=THIS_MACHINE)], cwd=tmp_path,
+                            env={**os.environ, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 66 and f"benchmark directory {folder} not found" in result.stderr
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_a_directory_that_starts_with_a_dash_is_not_an_option(tmp_path):
+    (tmp_path / "-P").mkdir()
+    result = subprocess.run(["bash", "-c", f"cd {remote_dir('-P')} && pwd"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=30)
+    assert result.stdout.strip() == str(tmp_path / "-P")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -35,57 +37,78 @@ def registry(tmp_path: Path, **entry):
 
 def test_parse_probe_of_nothing():
     probe = parse_probe("")
-    assert (probe.alive, probe.exits, probe.listening, probe.logs) == (set(), {}, set(), {})
+    assert (probe.alive, probe.exits, probe.listening, probe.sockets, probe.logs) == (set(), {}, {}, {}, {})
 
 
 def test_parse_probe_skips_what_it_does_not_understand():
     text = "\n".join([
-        "12 S", "13 Z", "14", "x R", "", "   ",  # a zombie is dead; a PID without a state vanished mid-read
+        # a leader and a member of its group; a zombie leader is dead; a bare PID (a process that ended
+        # mid-read) and other odd lines are skipped
+        "12 S 12", "15 R 12", "13 Z 13", "14", "16 S", "x R x", "", "   ",
+        "--sock", "12 1001", "12 1002", "12", "12 x", "y 7",
         "--exit", "worker0.exit 0", "worker1.exit -3", "worker2.exit", "worker3.exit oops", "a b c",
-        "--net", "0100007F:1F90", "00000000000000000000000001000000:0050", "0000000000000000FFFF00000100007F:0051",
-        "nothex:1F90", "0100007F", "0100007F:zz", "01007F:0050",
-        "--unknown", "99 S",
+        "--net", "0100007F:1F90 1001", "00000000000000000000000001000000:0050 1002",
+        "0000000000000000FFFF00000100007F:0051 1003", "0100007F:1F91", "nothex:1F90 5", "0100007F 6",
+        "0100007F:zz 7", "01007F:0050 8", "0100007F:1F92 x",
+        "--unknown", "99 S 99",
     ])
     probe = parse_probe(text)
     assert probe.alive == {12}
+    assert probe.sockets == {12: {1001, 1002}}
     assert probe.exits == {"worker0": 0, "worker1": -3}
-    assert probe.listening == {("127.0.0.1", 8080), ("::1", 80), ("127.0.0.1", 81)}
+    assert probe.listening == {1001: ("127.0.0.1", 8080), 1002: ("::1", 80), 1003: ("127.0.0.1", 81)}
+    assert probe.listens(12) == {("127.0.0.1", 8080), ("::1", 80)}
+    assert probe.listens(13) == set()
     assert probe.logs == {}
 
 
 def test_parse_probe_keeps_log_lines_that_look_like_sections():
-    text = (f"12 S\n--exit\n--net\n{LOG_MARKER}worker0_x.log\n--exit\nworker0.exit 5\n13 S\n"
+    text = (f"12 S 12\n--exit\n--net\n{LOG_MARKER}worker0_x.log\n--exit\nworker0.exit 5\n13 S 13\n"
             f"{LOG_MARKER}worker1_x.log\n")
     probe = parse_probe(text)
     assert probe.alive == {12} and probe.exits == {}
-    assert probe.logs == {"worker0_x.log": "--exit\nworker0.exit 5\n13 S\n", "worker1_x.log": ""}
+    assert probe.logs == {"worker0_x.log": "--exit\nworker0.exit 5\n13 S 13\n", "worker1_x.log": ""}
+
+
+LISTENER = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(30)"
 
 
 def test_probe_script_through_bash(tmp_path):
-    """The script and its parser together, on this machine: a live process, an exit code, a listener."""
+    """The script and its parser together, on this machine: a live process group whose child listens,
+    an exit code, a listener outside the run, the tail of a process that ended."""
     bench = registry(tmp_path, ready={"log": "^ready$"})
     run_dir = tmp_path / "cloister" / "runs" / "b" / RUN_ID
     run_dir.mkdir(parents=True)
-    sleeper = subprocess.Popen(["sleep", "30"])
-    listener = socket.socket()
+    # A group leader (as the start script makes one) whose child holds the socket.
+    leader = subprocess.Popen(["setsid", "bash", "-c", f"python3 -c {shlex.quote(LISTENER)}; true"],
+                              stdout=subprocess.PIPE, text=True)
+    stranger = socket.socket()
     try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        (run_dir / "pids").write_text(f"{sleeper.pid} worker 0 1\n999999999 worker 1 2\n")
+        port = int(leader.stdout.readline())
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        (run_dir / "pids").write_text(f"{leader.pid} worker 0 {port}\n999999999 worker 1 2\n")
         (run_dir / "worker1.exit").write_text("7\n")
         (run_dir / f"worker0_{RUN_ID}.log").write_text("starting\nready\n")
-        result = subprocess.run(["bash", "-c", probe_script(bench, RUN_ID, with_logs=True)], capture_output=True,
-                                text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+        (run_dir / f"worker1_{RUN_ID}.log").write_text("".join(f"line {i}\n" for i in range(9)))
+        result = subprocess.run(["bash", "-c", probe_script(bench, RUN_ID, with_logs=False, tails=True)],
+                                capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
         assert result.returncode == 0, result.stderr
         probe = parse_probe(result.stdout)
-        assert sleeper.pid in probe.alive and 999999999 not in probe.alive
+        assert leader.pid in probe.alive and 999999999 not in probe.alive
         assert probe.exits == {"worker1": 7}
-        assert listener.getsockname() in probe.listening
-        assert probe.logs == {f"worker0_{RUN_ID}.log": "starting\nready\n\n"}
+        assert probe.listens(leader.pid) == {("127.0.0.1", port)}
+        assert stranger.getsockname() in probe.listening.values()
+        # Only the process that ended: its last lines.
+        assert probe.logs == {f"worker1_{RUN_ID}.log": "".join(f"line {i}\n" for i in range(4, 9)) + "\n"}
+
+        result = subprocess.run(["bash", "-c", probe_script(bench, RUN_ID, with_logs=True)], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+        assert parse_probe(result.stdout).logs[f"worker0_{RUN_ID}.log"] == "starting\nready\n\n"
     finally:
-        listener.close()
-        sleeper.kill()
-        sleeper.wait()
+        stranger.close()
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
 
 
 def test_probe_of_a_host_without_the_run_is_empty(tmp_path):
@@ -122,7 +145,7 @@ def test_record_round_trip_and_keys():
     assert list(json.loads(text)) == [
         "benchmark", "run_id", "status", "error", "k", "p", "args", "manager", "keep", "timeout_s", "hosts",
         "cluster", "provider", "config", "git", "cloister_version", "started", "ended", "timings", "exit_codes",
-        "roles", "failures", "metric", "preparation"]
+        "roles", "failures", "metric", "preparation", "resources"]
     assert json.loads(text)["roles"][0] == {"role": "master", "host": "m", "index": None, "port": 45000,
                                             "command": "./b", "pid": 12, "status": "ok", "exit": 0}
 

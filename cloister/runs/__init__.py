@@ -8,9 +8,14 @@ ends by itself. Locally, a run is ``{runs_dir}/{benchmark}/{run_id}/`` with one 
 
 - ``spec``: ``RunSpec``, what a run is asked to do;
 - ``orchestration``: ``Run``, doing it;
+- ``readiness``: waiting until the processes listen with their own sockets (or log their ready line);
+- ``lock``: one run at a time per cluster, a lock file on the master;
 - ``scripts``: the shell scripts sent to the hosts and the parsers of their output;
 - ``record``: ``RunRecord`` (run.json) and run ids;
 - ``logs``: downloading, removing, listing and reading logs;
+- ``resources``: the /proc sampler beside each host's processes (``resources.raw``, a ``sampler`` line in
+  ``pids``), and the run's ``resources.csv``, ``resources.png`` and run.json summary;
+- ``present``: exp.show and exp.compare;
 - ``kill``: ending a run's or a benchmark's processes outside a ``Run``.
 """
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from .. import hosts
+from .. import hosts, remote
 from ..experiments import Benchmark
 from .scripts import kill_script, killall_script, parse_killed
 
 
 def kill_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str) -> dict[str, str]:
     """Kill every process group run ``run_id`` started on the hosts of ``grp``; return per-host errors."""
-    return hosts.failures(hosts.call(grp, lambda c: c.run(kill_script(bench, run_id), warn=True, timeout=60)))
+    script = kill_script(bench, run_id)
+    return hosts.failures(hosts.call(grp, lambda c: remote.reconnecting(lambda: c.run(script, warn=True, timeout=60))))
 
 
 def killall(grp: hosts.CappedGroup, *, bench: Benchmark) -> dict[str, int | BaseException]:

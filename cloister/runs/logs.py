@@ -5,19 +5,23 @@ Locally a run is ``{runs_dir}/{benchmark}/{run_id}/``: one folder per host and `
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shlex
 import tarfile
+import tempfile
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from fabric import Connection
 
-from .. import hosts
+from .. import hosts, remote
 from ..errors import CloisterError
 from ..layout import RUNS_DIR, run_dir
 from .record import RECORD_FILE, RunRecord
+
+FETCH_TIMEOUT = 120.0  # seconds for one host's clean-up and archive
 
 
 def local_run_dir(runs_dir: str | os.PathLike, *, benchmark: str, run_id: str) -> Path:
@@ -25,29 +29,45 @@ def local_run_dir(runs_dir: str | os.PathLike, *, benchmark: str, run_id: str) -
 
 
 def download_run(grp: hosts.CappedGroup, *, benchmark: str, run_id: str, local_dir: Path,
-                 before: str | None = None) -> dict[str, str]:
-    """Fetch the run's folder from every host of ``grp`` into ``local_dir/{host}/``; return per-host errors.
+                 before: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """Fetch the run's folder from every host of ``grp`` into ``local_dir/{host}/``: (per-host errors,
+    the hosts that had the folder).
 
     One command per host streams the folder as a tar archive; ``before`` (e.g. the kill script)
-    runs first in the same command, so finishing a run costs one round trip per host.
+    runs first in the same command, so finishing a run costs one round trip per host. ``before``
+    must be safe to run twice: a host whose SSH session is lost is reconnected and asked again.
     """
     fetch_logs = f"cd {run_dir(benchmark, run_id)} 2>/dev/null || exit 0\ntar -czf - ."
     script = (f"( {before}\n) 1>&2\n" if before else "") + fetch_logs
+    command = f"bash -c {shlex.quote(script)}"
 
-    def fetch(cxn: Connection) -> int:
-        code, data, err = hosts.stream(cxn, f"bash -c {shlex.quote(script)}", timeout=120)
-        if code != 0:
-            raise CloisterError(f"exit {code}: " + (err.strip().splitlines() or ["(no message)"])[-1])
-        if not data:
-            return 0
-        target = local_dir / cxn.host
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
-            members = [m for m in archive.getmembers() if m.isfile()]
-            archive.extractall(target, members=members, filter="data")
-        return len(members)
+    def fetch(cxn: Connection) -> bool:
+        # On disk, not in memory: a run's logs may be large.
+        with tempfile.TemporaryFile() as archive:
+            size = remote.reconnecting(lambda: _fetch_once(cxn, command=command, archive=archive, stop=grp.stop))
+            if not size:
+                return False
+            archive.seek(0)
+            target = local_dir / cxn.host
+            target.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+                tar.extractall(target, members=[m for m in tar.getmembers() if m.isfile()], filter="data")
+            return True
 
-    return hosts.failures(hosts.call(grp, fetch))
+    result = hosts.call(grp, fetch)
+    return hosts.failures(result), [cxn.host for cxn, value in result.items() if value is True]
+
+
+def _fetch_once(cxn: Connection, *, command: str, archive: BinaryIO, stop: threading.Event) -> int:
+    """Run ``command`` once, its stdout into ``archive`` (emptied first); the archive's size."""
+    archive.seek(0)
+    archive.truncate()
+    err = bytearray()
+    code = remote.execute(cxn, command, stdout=archive.write, stderr=err.extend, timeout=FETCH_TIMEOUT, stop=stop)
+    if code != 0:
+        raise CloisterError(f"exit {code}: " + (err.decode(errors="replace").strip().splitlines() or
+                                                ["(no message)"])[-1])
+    return archive.tell()
 
 
 def clean_remote(grp: hosts.CappedGroup, *, benchmark: str | None,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import codecs
 import logging
-import re
 import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -18,15 +16,18 @@ from typing import TextIO
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 
-from .. import __version__, hosts
+from .. import __version__, hosts, remote
 from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
 from ..layout import run_dir
-from ..poll import Backoff
 from ..servers import Node
 from .kill import kill_run
+from .lock import acquire, release_script
 from .logs import download_run, read_metric
 from .prepare import parse_report
+from .readiness import Readiness
 from .record import GitState, Proc, RunHosts, RunRecord, now
+from .resources import collect as collect_resources
+from .resources import sampler_launch
 from .scripts import Probe, kill_script, log_name, parse_pids, parse_probe, probe_script, start_script
 from .spec import RunSpec, address
 
@@ -65,7 +66,8 @@ class Run:
         self.cxn = {c.host: c for c in self.group}
         self.timings: dict[str, float] = {}
         self.prepared: dict[str, list[dict[str, str]]] = {}  # host -> its preparation report
-        self._ready_seen: set[str] = set()
+        self.readiness = Readiness(bench=self.bench, run_id=self.run_id, group=self._group,
+                                   addresses={n.host: address(n) for n in self.nodes})
         self.git = GitState.of(Path.cwd())
         self.started = now()
         self._t0 = time.monotonic()
@@ -88,6 +90,8 @@ class Run:
         def start(cxn: Connection):
             procs = by_host[cxn.host]
             script = start_script(self.bench, self.run_id, procs, node=self.spec.node_facts(self._node(cxn.host)))
+            if self.spec.sample_interval:
+                script += "\n" + sampler_launch(self.bench.name, self.run_id, interval=self.spec.sample_interval)
             result = cxn.run(script, warn=True, timeout=60)
             self.prepared[cxn.host] = parse_report(result.stdout)
             if result.exited != 0:
@@ -100,79 +104,11 @@ class Run:
 
         hosts.check(hosts.call(self._group(by_host), start), what="start")
 
-    # -- readiness -----------------------------------------------------------
-    def _wait_ready(self, procs: list[Proc]) -> None:
-        """Poll over the open connections until every proc listens (or logs readiness); fail fast,
-        naming every host where a process exited at start-up."""
-        pending = {p.host for p in procs}
-        # Workers are often up within tens of milliseconds: poll early, and never less than 4 times a second.
-        backoff = Backoff(self.bench.ready_timeout, initial=0.02, factor=1.5, maximum=0.25)
-        while True:
-            pending -= self._probe_ready(procs, pending)
-            if not pending:
-                return
-            if not backoff.wait():
-                raise ExperimentError(f"not ready after {self.bench.ready_timeout:g}s on {', '.join(sorted(pending))} "
-                                      f"({self._awaited(procs)})", benchmark=self.bench.name, run_id=self.run_id)
-
-    def _probe_ready(self, procs: list[Proc], pending: set[str]) -> set[str]:
-        """One probe of the ``pending`` hosts: those where every proc is ready. Raises HostsFailed
-        when a proc has exited."""
-        script = probe_script(self.bench, self.run_id, with_logs=True)
-        result = hosts.check(hosts.call(self._group(pending), lambda c: c.run(script, warn=True, timeout=30)),
-                             what="readiness")
-        ready: set[str] = set()
-        exited: dict[str, str] = {}
-        for cxn, res in result.items():
-            probe = parse_probe(res.stdout)
-            mine = [p for p in procs if p.host == cxn.host]
-            dead = [p for p in mine if p.pid not in probe.alive]
-            if dead:
-                exited[cxn.host] = self._exited_at_start(cxn, dead, probe)
-            elif all(self._is_ready(p, probe) for p in mine):
-                ready.add(cxn.host)
-        if exited:
-            raise HostsFailed(exited, total=len({p.host for p in procs}), what="start-up")
-        return ready
-
-    def _exited_at_start(self, cxn: Connection, dead: list[Proc], probe: Probe) -> str:
-        for proc in dead:
-            proc.status = "exited early"
-            proc.exit = probe.exits.get(proc.key)
-        first = dead[0]
-        more = f" (and {len(dead) - 1} more)" if len(dead) > 1 else ""
-        code = "" if first.exit is None else f" with exit {first.exit}"
-        return f"{first.key}{more} exited at start-up{code}: {self._log_tail(cxn, first)}"
-
-    def _awaited(self, procs: list[Proc]) -> str:
-        if self.bench.ready_log and any(p.role == "worker" for p in procs):
-            return f"waiting for {self.bench.ready_log!r} in the worker logs"
-        ports = sorted({p.port for p in procs if p.port is not None})
-        shown = f"{ports[0]}-{ports[-1]}" if len(ports) > 2 else ", ".join(map(str, ports))
-        return f"waiting for port{'s' if len(ports) > 1 else ''} {shown} to listen"
-
-    def _is_ready(self, proc: Proc, probe: Probe) -> bool:
-        if self.bench.ready_log and proc.role == "worker":
-            name = log_name(proc.role, proc.index, self.run_id)
-            if re.search(self.bench.ready_log, probe.logs.get(name, ""), flags=re.MULTILINE):
-                self._ready_seen.add(name)
-            return name in self._ready_seen
-        if proc.port is None:
-            return True
-        ip_of_host = address(self._node(proc.host))
-        return any(port == proc.port and ip in (ip_of_host, "0.0.0.0", "::") for ip, port in probe.listening)
-
-    def _log_tail(self, cxn: Connection, proc: Proc, lines: int = 5) -> str:
-        path = f"{run_dir(self.bench.name, self.run_id)}/{log_name(proc.role, proc.index, self.run_id)}"
-        result = cxn.run(f"tail -n {lines} {path} 2>/dev/null", warn=True, timeout=15)
-        text = [line.strip() for line in result.stdout.strip().splitlines() if line.strip()]
-        return " | ".join(text) if text else "(empty log)"
-
     # -- phases ------------------------------------------------------------
     def start_manager(self) -> Proc:
         proc = self._proc("manager", self.spec.master, port=self.bench.manager_port)
         self._start({proc.host: [proc]})
-        self._wait_ready([proc])
+        self.readiness.wait([proc])
         return proc
 
     def start_workers(self) -> list[Proc]:
@@ -182,7 +118,7 @@ class Run:
                    for h, node in enumerate(self.spec.workers)}
         self._start(by_host)
         procs = [p for group in by_host.values() for p in group]
-        self._wait_ready(procs)
+        self.readiness.wait(procs)
         return procs
 
     def run_master(self) -> Proc:
@@ -196,19 +132,27 @@ class Run:
         command = (f"tail -n +1 -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null; "
                    f"cat {rdir}/{proc.key}.exit >&2 2>/dev/null; true")
         timeout = self.spec.master_timeout
-        writer = hosts.PrefixWriter("master", self.out, _OUTPUT_LOCK) if self.out else None
+        writer = remote.LineWriter("master", self.out, _OUTPUT_LOCK) if self.out else None
+        exit_text = bytearray()
         try:
-            _, _, exit_text = hosts.stream(self.cxn[proc.host], f"bash -c {shlex.quote(command)}", timeout=timeout,
-                                           on_stdout=_decoding(writer.write) if writer else None)
+            # Guarded: a tail whose session is lost ends with it instead of outliving the run.
+            remote.execute(self.cxn[proc.host], f"bash -c {shlex.quote(command)}", timeout=timeout,
+                           stdout=writer.write if writer else _discard, stderr=exit_text.extend)
         except CommandTimedOut:
             proc.status = "timeout"
             outcome = "left running (--keep)" if self.spec.keep else "killed"
             raise RunTimeout(f"[{proc.host}] master still running after the {timeout:g}s timeout; {outcome}",
                              benchmark=self.bench.name, run_id=self.run_id, timeout=timeout)
+        except Exception as exc:
+            if not remote.connection_lost(exc):
+                raise
+            why = remote.lost_session(self.cxn[proc.host]) or hosts.describe_error(exc)
+            raise HostsFailed({proc.host: f"SSH session lost while the master ran ({why})"}, total=len(self.nodes),
+                              what="master")
         finally:
             if writer:
                 writer.flush()
-        code = exit_text.strip()
+        code = exit_text.decode(errors="replace").strip()
         proc.exit = int(code) if code.lstrip("-").isdigit() else None
         proc.status = "ok" if proc.exit == 0 else "failed"
         return proc
@@ -248,11 +192,13 @@ class Run:
 
     def download(self) -> dict[str, str]:
         """Copy every file of this run from each host into runs/{benchmark}/{run_id}/{host}/."""
-        return download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir)
+        return download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir)[0]
 
     # -- the whole run -----------------------------------------------------
     def execute(self) -> RunRecord:
         """The whole run; whatever happens, its processes are killed (unless keep) and its logs collected."""
+        if not self.spec.concurrent:
+            self._lock()
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.record("running", None, {}).write(self.local_dir)
         status, error, completed = "failed", None, False
@@ -272,6 +218,18 @@ class Run:
                 record = self._conclude(status, error, failures, completed=completed)
         return record
 
+    def _lock(self) -> None:
+        """Take the cluster's run lock before anything is written or started: a refused run leaves nothing."""
+        master = self.cxn[self.spec.master.host]
+        try:
+            acquire(master, benchmark=self.bench.name, run_id=self.run_id)
+        except Exception as exc:
+            self.group.close()
+            if isinstance(exc, CloisterError):
+                raise
+            raise ExperimentError(f"[{master.host}] {hosts.describe_error(exc)}", benchmark=self.bench.name,
+                                  run_id=self.run_id) from exc
+
     def _phases(self) -> dict[str, str]:
         """Connect, manager, workers, master; return the master's failure, if it failed."""
         spec = self.spec
@@ -282,10 +240,12 @@ class Run:
             self.start_manager()
             self.timings["manager_ready_s"] = time.monotonic() - self._t0
             log.info("[%s] manager ready", spec.master.host)
+        self.timings["workers_started_s"] = time.monotonic() - self._t0
         workers = self.start_workers()
         self.timings["workers_ready_s"] = time.monotonic() - self._t0
         log.info("%d worker processes ready on %d hosts (%.2fs)", len(workers), spec.k, self.timings["workers_ready_s"])
         master_start = time.monotonic()
+        self.timings["master_started_s"] = master_start - self._t0
         master = self.run_master()
         self.timings["master_s"] = time.monotonic() - master_start
         if master.exit == 0:
@@ -297,29 +257,48 @@ class Run:
         """Kill, collect the logs, judge the processes that outlived the master, write run.json."""
         if status == "interrupted":
             log.warning("interrupted: killing the run's processes and collecting its logs")
-        probes = self._finish(failures, final_state=completed)
+        lost = self._lost_sessions(failures)
+        probes = self._finish(failures, final_state=completed, lost=lost)
         if completed:
-            failures.update(self._final_states(probes))
+            for host, text in self._final_states(probes).items():
+                _add(failures, host=host, text=text)
             status = "ok" if not failures else "failed"
+        if failures and error is None:
+            error = "\n".join(f"[{host}] {text}" for host, text in failures.items())
         self.timings["total_s"] = time.monotonic() - self._t0
         record = self.record(status, error, failures)
+        record = replace(record, resources=collect_resources(self.local_dir, record=record))
         record.write(self.local_dir)
         self.group.close()
         return record
 
-    def _finish(self, failures: dict[str, str], *, final_state: bool) -> dict[str, Probe]:
-        """One command per host: record the final process states, kill (unless keep), send the logs back."""
+    def _lost_sessions(self, failures: dict[str, str]) -> set[str]:
+        """The hosts whose SSH session died under the run, named in ``failures``; looked at before the
+        clean-up reconnects to them."""
+        lost = {host: why for host, cxn in self.cxn.items() if (why := remote.lost_session(cxn))}
+        for host, why in lost.items():
+            failures.setdefault(host, f"SSH session lost during the run ({why})")
+        return set(lost)
+
+    def _finish(self, failures: dict[str, str], *, final_state: bool, lost: set[str]) -> dict[str, Probe]:
+        """One command per host: record the final process states, kill (unless keep), release the run
+        lock, send the logs back. Each step is safe to repeat: a lost session is reconnected and asked again."""
+        self.group.stop.clear()  # the clean-up must reach every host, even after a Ctrl-C
+        rdir = run_dir(self.bench.name, self.run_id)
         steps = []
         if final_state:
-            steps.append(f"( {probe_script(self.bench, self.run_id, with_logs=False)}\n) > "
-                         f"{run_dir(self.bench.name, self.run_id)}/{FINAL_STATE}")
+            steps.append(f"[ -e {rdir}/{FINAL_STATE} ] || {{ ( {probe_script(self.bench, self.run_id, with_logs=False)}"
+                         f"\n) > {rdir}/{FINAL_STATE}.tmp && mv {rdir}/{FINAL_STATE}.tmp {rdir}/{FINAL_STATE}; }}")
         if not self.spec.keep:
-            steps.append(kill_script(self.bench, self.run_id))
-        fetched = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
-                               before="\n".join(steps) or None)
+            steps += [kill_script(self.bench, self.run_id), release_script(self.run_id)]
+        fetched, _ = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
+                                  before="\n".join(steps))
+        what = "log download" if self.spec.keep else "kill and log download"
         for host, err in fetched.items():
-            failures.setdefault(host, ("log download failed: " if self.spec.keep else
-                                       "kill and log download failed: ") + err)
+            _add(failures, host=host, text=f"{what} failed: {err}")
+        for host in sorted(lost - set(fetched)):
+            _add(failures, host=host, text="reconnected: " + ("logs collected" if self.spec.keep else
+                                                              "its processes killed and its logs collected"))
         if not self.spec.keep:
             self._mark_killed(set(fetched))
         probes = {}
@@ -379,7 +358,10 @@ class Run:
         record.write(self.local_dir)
 
 
-def _decoding(write: Callable[[str], object]) -> Callable[[bytes], None]:
-    """A sink for raw chunks that passes text on; a UTF-8 character split across two chunks stays whole."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return lambda chunk: write(decoder.decode(chunk))
+def _add(failures: dict[str, str], *, host: str, text: str) -> None:
+    """One more failure of ``host``: a host's failures are one line."""
+    failures[host] = f"{failures[host]}; {text}" if host in failures else text
+
+
+def _discard(chunk: bytes) -> None:
+    """A sink for output nobody reads (a run without ``out``)."""

@@ -109,6 +109,9 @@ class RunRecord:
     # {"declared": experiments.yaml's prepare, "hosts": {host: [{"item", "status", "detail"}, ...]}};
     # empty in a record written before runs listed their preparation.
     preparation: dict[str, Any] = field(default_factory=dict)
+    # {"interval_s": seconds, "hosts": {host: peaks, means and totals}} (cloister.runs.resources);
+    # empty when the run was not sampled or was recorded before runs were.
+    resources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -18,6 +18,7 @@ from .record import Proc
 
 LOG_MARKER = "\x1eLOG "  # an ASCII record separator, then the log's name: no log line starts with it
 READY_TAIL_BYTES = 65536
+TAIL_LINES = 5  # lines of a log shown when its process ended at start-up
 
 
 def log_name(role: str, index: int | None, run_id: str) -> str:
@@ -73,7 +74,8 @@ def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: Node
         f"R={run_dir(bench.name, run_id)}",
         'mkdir -p "$R"',
         *node_lines(bench.prepare, node),
-        f"cd {remote_dir(bench.dir)} || {{ echo \"benchmark directory {bench.dir} not found\" >&2; exit 66; }}",
+        f"cd {remote_dir(bench.dir)} || {{ echo {shlex.quote(f'benchmark directory {bench.dir} not found')} >&2; "
+        "exit 66; }",
         *directory_lines(bench),
         f"export CLOISTER_RUN_ID={shlex.quote(run_id)} CLOISTER_RUN_DIR=\"$R\"",
     ]
@@ -102,23 +104,39 @@ def parse_pids(text: str) -> dict[str, int]:
 
 # -- probe ------------------------------------------------------------------
 
-def probe_script(bench: Benchmark, run_id: str, *, with_logs: bool) -> str:
-    """The run's live PIDs, the exit codes written so far, the listening sockets and (``with_logs``
-    and a ready log pattern) the tail of every worker log on one host."""
+def probe_script(bench: Benchmark, run_id: str, *, with_logs: bool, tails: bool = False) -> str:
+    """What one host's part of a run is doing: every process of the run's process groups, the sockets
+    they hold, the exit codes written so far and every listening TCP socket; with ``with_logs`` (and a
+    ready log pattern) the tail of every worker log; with ``tails`` the last lines of the log of every
+    recorded process that is no longer running."""
     lines = [
         f"R={run_dir(bench.name, run_id)}", 'cd "$R" 2>/dev/null || exit 0',
-        # PID and state from /proc (no procps needed); the state follows the last ')' of the name.
-        'for p in $(awk \'{print $1}\' pids 2>/dev/null); do '
-        '[ -r /proc/$p/stat ] && echo "$p $(sed \'s/.*) //\' /proc/$p/stat | cut -d" " -f1)"; done',
+        "P=\" $(awk '{print $1}' pids 2>/dev/null | tr '\\n' ' ')\"",
+        # "PID STATE GROUP" for every process of the run's groups, from one read of each /proc/PID/stat
+        # (no procps needed): a process that ends meanwhile is missing, never half-read. The state and
+        # the group follow the last ')' of the name.
+        "M=$(cat /proc/[0-9]*/stat 2>/dev/null | "
+        "awk -v P=\"$P\" '{p = $1; sub(/.*\\) /, \"\"); if (index(P, \" \" $3 \" \")) print p, $1, $3}')",
+        'printf "%s\\n" "$M"',
+        # The sockets each group's processes hold: a port is ready only when the run's own process holds it.
+        'echo "--sock"',
+        'printf "%s\\n" "$M" | while read -r q s g; do [ -n "$g" ] && ls -l /proc/$q/fd 2>/dev/null | '
+        'sed -n "s/.*socket:\\[\\([0-9]*\\)\\]$/$g \\1/p"; done',
         'echo "--exit"', 'for f in *.exit; do [ -f "$f" ] && echo "$f $(cat "$f")"; done',
-        'echo "--net"', "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4==\"0A\"{print $2}'",
+        'echo "--net"', "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '$4==\"0A\"{print $2, $10}'",
     ]
+    # The log sections come last because a log line may look like a marker or a section.
+    marker = LOG_MARKER.replace("\x1e", "\\036")  # printf's octal escape for the separator
     if with_logs and bench.ready_log:
         # The tails come back and are matched here with Python's re, the syntax experiments.yaml is
-        # validated with; the log sections come last because a log line may look like a marker.
-        marker = LOG_MARKER.replace("\x1e", "\\036")  # printf's octal escape for the separator
+        # validated with.
         lines.append(f'for f in worker*_*.log; do [ -f "$f" ] && printf "{marker}%s\\n" "$f" '
                      f'&& tail -c {READY_TAIL_BYTES} "$f" && echo; done')
+    if tails:
+        log = '"$r$i"' + shlex.quote(f"_{run_id}.log")
+        lines.append('while read -r p r i o; do printf "%s\\n" "$M" | grep -q "^$p [^Z] $p\\$" && continue; '
+                     f'[ "$i" = - ] && i=; printf "{marker}%s\\n" {log}; tail -n {TAIL_LINES} {log} 2>/dev/null; '
+                     'echo; done < pids')
     # No worker log on this host is not an error of the probe.
     lines.append("true")
     return "\n".join(lines)
@@ -128,10 +146,15 @@ def probe_script(bench: Benchmark, run_id: str, *, with_logs: bool) -> str:
 class Probe:
     """What ``probe_script`` saw on one host."""
 
-    alive: set[int]
-    exits: dict[str, int]
-    listening: set[tuple[str, int]]
-    logs: dict[str, str]
+    alive: set[int]  # the recorded PIDs (each leads its process group) still running
+    exits: dict[str, int]  # process key -> the exit code it wrote
+    listening: dict[int, tuple[str, int]]  # socket inode -> address, for every listening TCP socket
+    sockets: dict[int, set[int]]  # process group -> inodes of the sockets its processes hold
+    logs: dict[str, str]  # log name -> its tail
+
+    def listens(self, group: int) -> set[tuple[str, int]]:
+        """The addresses on which a process of ``group`` listens."""
+        return {self.listening[inode] for inode in self.sockets.get(group, ()) if inode in self.listening}
 
 
 def _decode_address(hex_addr: str) -> tuple[str, int] | None:
@@ -154,7 +177,7 @@ def _decode_address(hex_addr: str) -> tuple[str, int] | None:
 def parse_probe(text: str) -> Probe:
     """``probe_script``'s output; lines it does not understand are skipped."""
     section = "ps"
-    probe = Probe(alive=set(), exits={}, listening=set(), logs={})
+    probe = Probe(alive=set(), exits={}, listening={}, sockets={}, logs={})
     text, *logs = text.split(LOG_MARKER)
     for chunk in logs:
         name, _, body = chunk.partition("\n")
@@ -164,14 +187,16 @@ def parse_probe(text: str) -> Probe:
             section = line[2:]
             continue
         parts = line.split()
-        if not parts:
-            continue
-        if section == "ps" and len(parts) >= 2 and parts[0].isdigit() and not parts[1].startswith("Z"):
-            probe.alive.add(int(parts[0]))
+        numbers = [int(part) for part in parts if part.isdigit()]
+        if section == "ps" and len(parts) == 3 and len(numbers) == 2:
+            if parts[1] != "Z" and numbers[0] == numbers[1]:
+                probe.alive.add(numbers[0])
+        elif section == "sock" and len(parts) == 2 and len(numbers) == 2:
+            probe.sockets.setdefault(numbers[0], set()).add(numbers[1])
         elif section == "exit" and len(parts) == 2 and parts[1].lstrip("-").isdigit():
             probe.exits[parts[0].removesuffix(".exit")] = int(parts[1])
-        elif section == "net" and (address := _decode_address(parts[0])):
-            probe.listening.add(address)
+        elif section == "net" and len(parts) == 2 and parts[1].isdigit() and (address := _decode_address(parts[0])):
+            probe.listening[int(parts[1])] = address
     return probe
 
 

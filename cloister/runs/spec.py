@@ -30,7 +30,9 @@ class RunSpec:
     timeout: float | None = None  # seconds the master may run; None: the benchmark's timeout
     manager: bool = True
     keep: bool = False
+    concurrent: bool = False  # run beside a run in flight on the cluster instead of refusing (ports differ)
     config_name: str = ""
+    resources: float | None = None  # seconds between resource samples; 0: none; None: the benchmark's
 
     def __post_init__(self) -> None:
         bench, workers = self.bench, self.info.workers
@@ -61,6 +63,11 @@ class RunSpec:
     @property
     def master_timeout(self) -> float:
         return self.timeout or self.bench.timeout
+
+    @property
+    def sample_interval(self) -> float:
+        """Seconds between resource samples on each host; 0: the run is not sampled."""
+        return self.bench.resources if self.resources is None else self.resources
 
     @property
     def local_dir(self) -> Path:

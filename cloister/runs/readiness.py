@@ -1,0 +1,100 @@
+"""Waiting until a run's processes are ready, over the run's open connections.
+
+A process is ready when a socket that one of its own processes holds (its process group's socket
+inodes, matched against the host's listening sockets) listens on its port, or when its log shows the
+benchmark's ready line. On local hosts, which share one network, a port held by another host's
+process must not count. A process that ends before it is ready fails the run at once, named with the
+last lines of its log.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+
+from .. import hosts
+from ..errors import ExperimentError, HostsFailed
+from ..experiments import Benchmark
+from ..poll import Backoff
+from .record import Proc
+from .scripts import Probe, log_name, parse_probe, probe_script
+
+ANY_ADDRESS = ("0.0.0.0", "::")
+
+
+class Readiness:
+    """The readiness of one run's processes; ``group`` gives the run's open connections to some hosts,
+    ``addresses`` the address each host's processes are reached at."""
+
+    def __init__(self, *, bench: Benchmark, run_id: str, group: Callable[[Iterable[str]], hosts.CappedGroup],
+                 addresses: dict[str, str]):
+        self.bench = bench
+        self.run_id = run_id
+        self.group = group
+        self.addresses = addresses
+        self._ready_seen: set[str] = set()  # logs that showed the ready line (a later tail may no longer)
+
+    def wait(self, procs: list[Proc]) -> None:
+        """Poll until every proc is ready; fail at once when one has ended."""
+        pending = {p.host for p in procs}
+        # Workers are often up within tens of milliseconds: poll early, and never less than 4 times a second.
+        backoff = Backoff(self.bench.ready_timeout, initial=0.02, factor=1.5, maximum=0.25)
+        while True:
+            probes = self._probe(pending, with_logs=True)
+            if any(p.pid not in probes[p.host].alive for p in procs if p.host in probes):
+                self._fail(procs)
+            pending -= {host for host, probe in probes.items()
+                        if all(self._is_ready(p, probe=probe) for p in procs if p.host == host)}
+            if not pending:
+                return
+            if not backoff.wait():
+                raise ExperimentError(f"not ready after {self.bench.ready_timeout:g}s on {', '.join(sorted(pending))} "
+                                      f"({self._awaited(procs)})", benchmark=self.bench.name, run_id=self.run_id)
+
+    def _probe(self, host_names: Iterable[str], *, with_logs: bool, tails: bool = False) -> dict[str, Probe]:
+        script = probe_script(self.bench, self.run_id, with_logs=with_logs, tails=tails)
+        result = hosts.check(hosts.call(self.group(host_names), lambda c: c.run(script, warn=True, timeout=30)),
+                             what="readiness")
+        return {cxn.host: parse_probe(res.stdout) for cxn, res in result.items()}
+
+    def _fail(self, procs: list[Proc]) -> NoReturn:
+        """Name every process of the phase that has ended, on every host, each with its log's last lines.
+
+        Ends come in bursts (one cause, such as a port taken, ends many processes): one more look at
+        every host of the phase finds those that ended since the look that saw the first.
+        """
+        probes = self._probe({p.host for p in procs}, with_logs=False, tails=True)
+        failures: dict[str, str] = {}
+        for host in sorted(probes):
+            probe = probes[host]
+            dead = [p for p in procs if p.host == host and p.pid not in probe.alive]
+            for proc in dead:
+                proc.status = "exited early"
+                proc.exit = probe.exits.get(proc.key)
+            if dead:
+                failures[host] = "; ".join(self._ended(proc, probe=probe) for proc in dead)
+        raise HostsFailed(failures, total=len(probes), what="start-up")
+
+    def _ended(self, proc: Proc, *, probe: Probe) -> str:
+        code = "" if proc.exit is None else f" with exit {proc.exit}"
+        tail = [line.strip() for line in probe.logs.get(log_name(proc.role, proc.index, self.run_id), "").splitlines()]
+        return f"{proc.key} exited at start-up{code}: {' | '.join(line for line in tail if line) or '(empty log)'}"
+
+    def _is_ready(self, proc: Proc, *, probe: Probe) -> bool:
+        if self.bench.ready_log and proc.role == "worker":
+            name = log_name(proc.role, proc.index, self.run_id)
+            if re.search(self.bench.ready_log, probe.logs.get(name, ""), flags=re.MULTILINE):
+                self._ready_seen.add(name)
+            return name in self._ready_seen
+        if proc.port is None:
+            return True
+        reachable = (self.addresses[proc.host], *ANY_ADDRESS)
+        return any(port == proc.port and ip in reachable for ip, port in probe.listens(proc.pid))
+
+    def _awaited(self, procs: list[Proc]) -> str:
+        if self.bench.ready_log and any(p.role == "worker" for p in procs):
+            return f"waiting for {self.bench.ready_log!r} in the worker logs"
+        ports = sorted({p.port for p in procs if p.port is not None})
+        shown = f"{ports[0]}-{ports[-1]}" if len(ports) > 2 else ", ".join(map(str, ports))
+        return f"waiting for port{'s' if len(ports) > 1 else ''} {shown} to listen"
