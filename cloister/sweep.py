@@ -196,10 +196,21 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def expected_seconds(state: SweepState) -> float:
+    """How long the next run will take: the mean of the recorded runs' durations (0 before the first)."""
+    durations = [float(r["duration_s"]) for r in state.rows if r.get("duration_s")]
+    return sum(durations) / len(durations) if durations else 0.0
+
+
 def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[Combo, str], RunRecord],
               cleanup_interrupted: Callable[[str], None], fail_fast: bool,
-              on_progress: Callable[[int, int, Combo | None], None] | None = None) -> list[dict[str, str]]:
-    """Run every pending combination in order; record each when its run has ended."""
+              on_progress: Callable[[int, int, Combo | None], None] | None = None,
+              refuse: Callable[[float], str | None] | None = None) -> list[dict[str, str]]:
+    """Run every pending combination in order; record each when its run has ended.
+
+    ``refuse`` is asked before each run, with the run's expected seconds (the mean of the runs so far),
+    why it must not start (a budget it would cross); the sweep then stops, resumable.
+    """
     if state.current:
         # A previous sweep process died mid-run: its processes may still hold ports.
         cleanup_interrupted(state.current["run_id"])
@@ -207,6 +218,10 @@ def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[
     todo = list(pending(state, all_combos))
     finished = len(all_combos) - len(todo)
     for combo in todo:
+        reason = refuse(expected_seconds(state)) if refuse else None
+        if reason:
+            raise ExperimentError(f"{reason}; stopped before {combo.key} ({finished}/{len(all_combos)} runs "
+                                  f"recorded; the same command resumes it)")
         if on_progress:
             on_progress(finished, len(all_combos), combo)
         run_id = new_run_id()

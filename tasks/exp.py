@@ -15,7 +15,7 @@ from invoke import Collection, Exit
 
 from cloister import cluster as clusterlib
 from cloister import hosts as hostlib
-from cloister import layout
+from cloister import budget, layout
 from cloister import runs as runlib
 from cloister import sweep as sweeplib
 from cloister.runs import present
@@ -332,8 +332,13 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         with closing(ctx.every_host()) as grp:
             runlib.kill_run(grp, bench=bench, run_id=run_id)
 
+    def refuse(seconds):
+        rows = clusterlib.status(ctx.cfg, settings=ctx.conf)
+        return budget.would_cross(ctx.cfg, rows, seconds=seconds)
+
     rows = _sweep_with_progress(sweep_name, state=state, all_combos=all_combos, run_one=run_one,
-                                cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast)
+                                cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
+                                refuse=refuse if ctx.cfg.budget else None)
     image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else ""))

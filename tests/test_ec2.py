@@ -31,7 +31,7 @@ from cloister.providers.ec2 import permissions as ec2_permissions
 from cloister.providers.ec2 import ttl as ec2_ttl
 from cloister.settings import Settings
 from cloister.config import load_config
-from cloister.errors import AwsError, CloisterError, HostsFailed, ProviderError
+from cloister.errors import AwsError, CloisterError, ExperimentError, HostsFailed, ProviderError
 from cloister.servers import read_servers
 
 from conftest import REPO, run_inv
@@ -1021,3 +1021,21 @@ def test_swap_for_the_master_is_a_volume_that_ends_with_it(aws, make_cfg, settin
     assert "mkswap" not in base64.b64decode(worker["UserData"]).decode()
     rows = {r.role: r for r in lib.status(make_cfg(nworkers=1, swap_size=16), settings=settings)}
     assert "swap 16 GiB" in rows["master"].type and "swap" not in rows["worker"].type
+
+
+def test_a_sweep_stops_before_a_run_that_would_cross_the_budget(aws, make_cfg, settings, tmp_path):
+    from cloister import sweep as sweeplib
+
+    cfg = make_cfg(nworkers=1, budget=0.01)
+    lib.launch(cfg, settings=settings, wait=False)
+    rows = lib.status(cfg, settings=settings)
+    assert budget.would_cross(cfg, rows, seconds=60) is None
+    reason = budget.would_cross(cfg, rows, seconds=3600)
+    assert reason.startswith("budget: 't1' has spent $") and "would take it past its $0.01 budget" in reason
+
+    state = sweeplib.SweepState(tmp_path / "sweep", {"benchmark": "b", "k": [1], "p": [1], "grid": {}})
+    combos = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=1)
+    with pytest.raises(ExperimentError, match=r"would take it past .* stopped before k=1 p=1 .*0/2 runs"):
+        sweeplib.run_sweep(state=state, all_combos=combos, run_one=lambda c, r: pytest.fail("must not run"),
+                           cleanup_interrupted=lambda r: None, fail_fast=False,
+                           refuse=lambda seconds: budget.would_cross(cfg, rows, seconds=seconds + 3600))
