@@ -14,5 +14,5 @@ step inv exp.run --config "$CONFIG" --benchmark dsum -k 4 -p 2
 run_dir=$(ls -d runs/dsum/*/ | sort | tail -n 1)
 printf '\n\033[1mEvery log of that run, from every host, in one place:\033[0m\n'
 find "$run_dir" -type f | sort
-printf '\n\033[1mThe master (driver) log:\033[0m\n'
+printf '\n\033[1mThe master log:\033[0m\n'
 cat "$run_dir"/*/master_*.log
