@@ -44,11 +44,11 @@ def test_an_image_after_redeploy_leaves_out_sockets_the_key_and_cloister_state(o
     assert "Traceback" not in made.stderr
     assert made.stderr.splitlines() == [
         "note: the image leaves out sockets, fifos and device files (such as SSH control sockets), the cluster key "
-        "and cloister's state on the node: ~/.ssh/cloister_key, ~/.ssh/cloister_known_hosts, ~/cloister/servers, "
-        "~/cloister/known_hosts, ~/cloister/runs"]
+        "and cloister's state on the node: ~/.ssh/cloister_key, ~/.ssh/cloister_known_hosts, ~/.ssh/cloister_config, "
+        "~/cloister/servers, ~/cloister/known_hosts, ~/cloister/runs"]
     (image,) = images.list_images(env.cfg, settings=env.settings)
     after = kinds(Path(image.id))
-    left_out = (layout.KEY, layout.SSH_KNOWN_HOSTS, layout.SERVERS_DIR, layout.KNOWN_HOSTS, layout.RUNS_DIR)
+    left_out = layout.NOT_IN_IMAGES
     expected = {path: kind for path, kind in before.items() if kind in ("file", "dir", "link")
                 and not any(path == p or path.startswith(p + "/") for p in left_out)}
     assert after == expected
