@@ -18,7 +18,7 @@ from cloister import hosts as hostlib
 from cloister import budget, layout
 from cloister import runs as runlib
 from cloister import sweep as sweeplib
-from cloister.runs import present
+from cloister.runs import detached, present
 from cloister.config import ClusterConfig
 from cloister.errors import HostsFailed
 from cloister.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
@@ -128,14 +128,23 @@ def _failure(record: runlib.RunRecord) -> str:
             "manager": "start the manager on the master first (default: yes; --no-manager to skip)",
             "keep": "leave the processes running after the run (stop them with inv exp.killall)",
             "args": ARGS_HELP, "resources": RESOURCES_HELP,
-            "concurrent": "run even while another run is in flight on the cluster (its ports must differ)"})
+            "concurrent": "run even while another run is in flight on the cluster (its ports must differ)",
+            "detach": "return once the master has started; the run goes on (finish it with inv exp.attach)"})
 def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True, keep=False, args=None,
-        resources=None, concurrent=False):
+        resources=None, concurrent=False, detach=False):
     """Run a benchmark end to end: workers, master, logs, clean-up, run.json."""
     _logging()
     spec = replace(_spec(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout,
                          manager=manager, keep=keep, resources=resources), concurrent=concurrent)
-    record = runlib.Run(spec, out=sys.stdout).execute()
+    record = runlib.Run(spec, out=sys.stdout).execute(detach=detach)
+    if record is None:
+        print(f"{spec.bench.name} run {spec.run_id} in flight; follow and finish it with: "
+              f"inv exp.attach --run {spec.run_id}")
+        return
+    _conclusion(record, spec)
+
+
+def _conclusion(record: runlib.RunRecord, spec: runlib.RunSpec) -> None:
     _summary(record)
     print(f"logs: {spec.local_dir}/ (run.json, one folder per host)")
     if record.metric is not None:
@@ -183,9 +192,36 @@ def master(c, benchmark=None, k=None, p=1, config=None, args=None, run=None):
     _start_role(c, "master", config=config, benchmark=benchmark, k=k, p=p, args=args, run_id=run)
 
 
-@task(help={"benchmark": BENCH_HELP + " (default: every benchmark)", "config": CONFIG_HELP})
-def killall(c, benchmark=None, config=None):
+@task(help={"run": "run id of a run in flight (default: the latest, see inv exp.ps)", "config": CONFIG_HELP})
+def attach(c, run=None, config=None):
+    """Follow a run in flight from its master's output on and finish it as exp.run would."""
+    _logging()
+    ctx = _context(c, config, None)
+    with closing(hostlib.connection(ctx.info, ctx.info.master, connect_timeout=ctx.conf.connect_timeout)) as cxn:
+        state = detached.pick(cxn, run_id=run, takeover=True)
+    spec = detached.spec_of(state, info=ctx.info, registry=ctx.registry, settings=ctx.conf)
+    print(f"attached to {state.benchmark} run {state.run_id} (k={state.k} p={state.p}, started {state.started})")
+    _conclusion(runlib.Run(spec, out=sys.stdout).attach(state), spec)
+
+
+@task(help={"config": CONFIG_HELP})
+def ps(c, config=None):
+    """List the runs in flight on the cluster, as its hosts tell."""
+    ctx = _context(c, config, None)
+    with closing(ctx.every_host()) as grp:
+        rows, errors = detached.ps(grp, master=ctx.info.master.host)
+    table(f"runs in flight on {ctx.info.cluster_name}", detached.PS_COLUMNS, rows)
+    if errors:
+        raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
+
+
+@task(help={"benchmark": BENCH_HELP + " (default: every benchmark)", "config": CONFIG_HELP,
+            "run": "kill only this run in flight (see inv exp.ps); its logs stay on the hosts for inv exp.logs"})
+def killall(c, benchmark=None, config=None, run=None):
     """Kill a benchmark's processes and free its ports on every host."""
+    if run:
+        _kill_run(c, config=config, run_id=run)
+        return
     ctx = _context(c, config, benchmark)
     errors: dict[str, str] = {}
     with closing(ctx.every_host()) as grp:
@@ -199,6 +235,18 @@ def killall(c, benchmark=None, config=None):
     if errors:
         raise HostsFailed(errors, total=total)
     print(f"{', '.join(b.name for b in ctx.benches)}: nothing left running on {total} hosts")
+
+
+def _kill_run(c, *, config, run_id: str) -> None:
+    ctx = _context(c, config, None)
+    with closing(ctx.every_host()) as grp:
+        master = next(cxn for cxn in grp if cxn.host == ctx.info.master.host)
+        state = detached.pick(master, run_id=run_id, takeover=False)
+        errors = runlib.end_run(grp, bench=ctx.registry.get(state.benchmark), run_id=state.run_id)
+    if errors:
+        raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
+    print(f"{state.benchmark} run {state.run_id}: killed on every host; its logs: "
+          f"inv exp.logs --benchmark {state.benchmark} --run {state.run_id}")
 
 
 def _pick_run(conf: Settings, benchmark: str, run_id: str | None) -> str:
@@ -387,5 +435,5 @@ def compare(c, run_a, run_b):
     print(f"differ in: {', '.join(differing)}" if differing else "same parameters, commit, machines and status")
 
 
-ns = Collection("exp", run, manager, workers, master, killall, logs, clean, make, sweep, show, compare)
+ns = Collection("exp", run, attach, ps, manager, workers, master, killall, logs, clean, make, sweep, show, compare)
 ns.add_task(list_, name="list")

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from .. import hosts, remote
 from ..experiments import Benchmark
+from .detached import conclude_script
+from .lock import release_script
 from .scripts import kill_script, killall_script, parse_killed
 
 
 def kill_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str) -> dict[str, str]:
     """Kill every process group run ``run_id`` started on the hosts of ``grp``; return per-host errors."""
     script = kill_script(bench, run_id)
+    return hosts.failures(hosts.call(grp, lambda c: remote.reconnecting(lambda: c.run(script, warn=True, timeout=60))))
+
+
+def end_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str) -> dict[str, str]:
+    """Kill run ``run_id`` on the hosts of ``grp`` and leave it no longer in flight (its lock released, its
+    state removed; its logs stay for exp.logs); return per-host errors."""
+    script = "\n".join([kill_script(bench, run_id), release_script(run_id), conclude_script(bench.name, run_id)])
     return hosts.failures(hosts.call(grp, lambda c: remote.reconnecting(lambda: c.run(script, warn=True, timeout=60))))
 
 

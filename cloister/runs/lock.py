@@ -3,8 +3,9 @@
 Two runs of benchmarks on the same ports would fail late with the benchmark's own "Address already
 in use", so ``exp.run`` takes the lock before it starts anything. The file says ``BENCHMARK RUN_ID
 SESSION_PID``: the PID of the SSH session that took it (the run's connection to the master). A lock
-is held while that session lives or while any process group the run recorded on the master runs
-(a run left running with --keep); otherwise it is stale and the next run replaces it.
+is held while that session lives or while any process group the run recorded on the master runs (a
+run whose exp.run was detached or died, until exp.attach finishes it, or one left running with --keep);
+otherwise it is stale and the next run replaces it.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def acquire(cxn: Connection, *, benchmark: str, run_id: str) -> None:
         raise ExperimentError(f"[{cxn.host}] could not take the run lock ~/{LOCK_FILE}: "
                               + (tail[-1] if tail else f"exit {result.exited}"), benchmark=benchmark, run_id=run_id)
     _, other, other_run, why = words
-    holder = "its exp.run is connected" if why == "session" else "its processes are running, e.g. after --keep"
+    holder = "its exp.run is connected" if why == "session" else \
+        "its processes are running: detached, or left by --keep"
     raise ExperimentError(f"run {other_run} of {other} is in flight on this cluster ({holder}; ~/{LOCK_FILE} on "
-                          f"{cxn.host}): wait for it to end, end it with inv exp.killall --benchmark {other}, or pass "
-                          f"--concurrent if the two runs use different ports", benchmark=benchmark, run_id=run_id)
+                          f"{cxn.host}): wait for it to end (inv exp.attach --run {other_run} follows a detached "
+                          f"one), end it with inv exp.killall --benchmark {other}, or pass --concurrent if the two "
+                          "runs use different ports", benchmark=benchmark, run_id=run_id)

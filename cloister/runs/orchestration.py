@@ -7,7 +7,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +20,7 @@ from .. import __version__, hosts, remote
 from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
 from ..layout import run_dir
 from ..servers import Node
+from .detached import RunState, conclude_script, save
 from .kill import kill_run
 from .lock import acquire, release_script
 from .logs import download_run, read_metric
@@ -34,6 +35,7 @@ from .spec import RunSpec, address
 log = logging.getLogger("cloister.runs")
 _OUTPUT_LOCK = threading.Lock()
 FINAL_STATE = "final-state"  # the processes' states when the master had ended, before the kill
+ATTACH_CONTEXT_LINES = 10  # of the master's log shown again when attaching, before what comes next
 
 
 @contextmanager
@@ -123,15 +125,24 @@ class Run:
 
     def run_master(self) -> Proc:
         """Start the master detached, stream its log as ``[master]`` lines, wait for it or time out."""
+        return self.follow_master(self.start_master(), timeout=self.spec.master_timeout)
+
+    def start_master(self) -> Proc:
         proc = self._proc("master", self.spec.master, port=self.bench.master_port)
         self._start({proc.host: [proc]})
+        return proc
+
+    def follow_master(self, proc: Proc, *, timeout: float, lines: str = "+1") -> Proc:
+        """Stream the master's log from line ``lines`` (tail's -n) until it ends; wait for it or time out."""
         rdir = run_dir(self.bench.name, self.run_id)
         logfile = f"{rdir}/{log_name('master', None, self.run_id)}"
-        # -F, not -f: the log may not exist yet when the PID is already known. The exit code comes back
-        # on stderr once tail ends with the master, so no second round trip asks for it.
-        command = (f"tail -n +1 -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null; "
-                   f"cat {rdir}/{proc.key}.exit >&2 2>/dev/null; true")
-        timeout = self.spec.master_timeout
+        exit_file = f"{rdir}/{proc.key}.exit"
+        # -F, not -f: the log may not exist yet when the PID is already known. An ended master's PID may have
+        # been reused by the time an attach comes: its exit file says it ended. The exit code comes back on
+        # stderr once tail ends with the master, so no second round trip asks for it.
+        command = (f"if [ -e {exit_file} ]; then tail -n {shlex.quote(lines)} {logfile} 2>/dev/null; "
+                   f"else tail -n {shlex.quote(lines)} -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null; fi; "
+                   f"cat {exit_file} >&2 2>/dev/null; true")
         writer = remote.LineWriter("master", self.out, _OUTPUT_LOCK) if self.out else None
         exit_text = bytearray()
         try:
@@ -141,8 +152,9 @@ class Run:
         except CommandTimedOut:
             proc.status = "timeout"
             outcome = "left running (--keep)" if self.spec.keep else "killed"
-            raise RunTimeout(f"[{proc.host}] master still running after the {timeout:g}s timeout; {outcome}",
-                             benchmark=self.bench.name, run_id=self.run_id, timeout=timeout)
+            limit = self.spec.master_timeout  # an attach waits only what is left of it
+            raise RunTimeout(f"[{proc.host}] master still running after the {limit:g}s timeout; {outcome}",
+                             benchmark=self.bench.name, run_id=self.run_id, timeout=limit)
         except Exception as exc:
             if not remote.connection_lost(exc):
                 raise
@@ -195,17 +207,33 @@ class Run:
         return download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir)[0]
 
     # -- the whole run -----------------------------------------------------
-    def execute(self) -> RunRecord:
-        """The whole run; whatever happens, its processes are killed (unless keep) and its logs collected."""
+    def execute(self, *, detach: bool = False) -> RunRecord | None:
+        """The whole run; whatever happens, its processes are killed (unless keep) and its logs collected.
+        With ``detach``, return None once the master has started, leaving the run to exp.attach."""
         if not self.spec.concurrent:
             self._lock()
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.record("running", None, {}).write(self.local_dir)
-        status, error, completed = "failed", None, False
+        return self._guarded(lambda: self._phases(detach=detach))
+
+    def attach(self, state: RunState) -> RunRecord:
+        """Take over the run in flight ``state`` from its master's log onwards and finish it as execute would."""
+        self.procs, self.prepared, self.git, self.started = list(state.procs), dict(state.prepared), state.git, \
+            state.started
+        self.timings = dict(state.timings)
+        self._t0 = time.monotonic() - (time.time() - state.t0)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        return self._guarded(self._resume)
+
+    def _guarded(self, phases: Callable[[], dict[str, str] | None]) -> RunRecord | None:
+        """Run ``phases`` (the master's failure, or None when detached), then conclude the run unless detached."""
+        status, error, completed, detached = "failed", None, False, False
         failures: dict[str, str] = {}
         try:
-            failures.update(self._phases())
-            completed = True
+            outcome = phases()
+            detached = outcome is None
+            failures.update(outcome or {})
+            completed = not detached
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted (Ctrl-C)"
             raise
@@ -214,9 +242,12 @@ class Run:
             if isinstance(err, HostsFailed):
                 failures.update(err.failures)
         finally:
-            with _no_interrupts():
-                record = self._conclude(status, error, failures, completed=completed)
-        return record
+            if detached:
+                self.group.close()
+            else:
+                with _no_interrupts():
+                    record = self._conclude(status, error, failures, completed=completed)
+        return None if detached else record
 
     def _lock(self) -> None:
         """Take the cluster's run lock before anything is written or started: a refused run leaves nothing."""
@@ -230,8 +261,8 @@ class Run:
             raise ExperimentError(f"[{master.host}] {hosts.describe_error(exc)}", benchmark=self.bench.name,
                                   run_id=self.run_id) from exc
 
-    def _phases(self) -> dict[str, str]:
-        """Connect, manager, workers, master; return the master's failure, if it failed."""
+    def _phases(self, *, detach: bool) -> dict[str, str] | None:
+        """Connect, manager, workers, master; the master's failure, if it failed (None: left detached)."""
         spec = self.spec
         log.info("run %s: %s on %d workers x %d processes", self.run_id, self.bench.name, spec.k, spec.nprocs)
         # Every handshake at once, up front: the phases below then only run commands.
@@ -244,14 +275,40 @@ class Run:
         workers = self.start_workers()
         self.timings["workers_ready_s"] = time.monotonic() - self._t0
         log.info("%d worker processes ready on %d hosts (%.2fs)", len(workers), spec.k, self.timings["workers_ready_s"])
-        master_start = time.monotonic()
-        self.timings["master_started_s"] = master_start - self._t0
-        master = self.run_master()
+        self.timings["master_started_s"] = time.monotonic() - self._t0
+        self.start_master()
+        self._save_state(follow=not detach)
+        return None if detach else self._master_outcome(lines="+1")
+
+    def _resume(self) -> dict[str, str]:
+        """The phases left to an attach (the state is written once the master started): follow it to its end."""
+        self._save_state(follow=True)  # this session follows the run now
+        return self._master_outcome(lines=str(ATTACH_CONTEXT_LINES))
+
+    def _master_outcome(self, *, lines: str) -> dict[str, str]:
+        """Follow the started master to its end; its failure, if it failed."""
+        master = next(p for p in self.procs if p.role == "master")
+        master_start = self._t0 + self.timings["master_started_s"]
+        # At least a second: a master that ended while nobody followed it is read, not timed out.
+        remaining = max(self.spec.master_timeout - (time.monotonic() - master_start), 1.0)
+        self.follow_master(master, timeout=remaining, lines=lines)
         self.timings["master_s"] = time.monotonic() - master_start
         if master.exit == 0:
             return {}
-        return {spec.master.host: "master ended without an exit code (killed?)" if master.exit is None
+        return {self.spec.master.host: "master ended without an exit code (killed?)" if master.exit is None
                 else f"master exited with {master.exit}"}
+
+    def _save_state(self, *, follow: bool) -> None:
+        """Record the run in its folder on the master, so that exp.attach can finish it from anywhere."""
+        spec = self.spec
+        state = RunState(benchmark=self.bench.name, run_id=self.run_id, k=spec.k, p=spec.nprocs, args=list(spec.args),
+                         manager=spec.manager, keep=spec.keep, timeout=spec.timeout, resources=spec.resources,
+                         lock=not spec.concurrent, config=spec.config_name,
+                         hosts=RunHosts(master=spec.master.host, workers=[w.host for w in spec.workers]),
+                         started=self.started, t0=time.time() - (time.monotonic() - self._t0),
+                         timings=dict(self.timings), git=self.git, procs=[replace(p) for p in self.procs],
+                         prepared=dict(self.prepared))
+        save(self.cxn[spec.master.host], state=state, follow=follow)
 
     def _conclude(self, status: str, error: str | None, failures: dict[str, str], *, completed: bool) -> RunRecord:
         """Kill, collect the logs, judge the processes that outlived the master, write run.json."""
@@ -291,6 +348,7 @@ class Run:
                          f"\n) > {rdir}/{FINAL_STATE}.tmp && mv {rdir}/{FINAL_STATE}.tmp {rdir}/{FINAL_STATE}; }}")
         if not self.spec.keep:
             steps += [kill_script(self.bench, self.run_id), release_script(self.run_id)]
+        steps.append(conclude_script(self.bench.name, self.run_id))
         fetched, _ = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
                                   before="\n".join(steps))
         what = "log download" if self.spec.keep else "kill and log download"

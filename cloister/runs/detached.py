@@ -1,0 +1,206 @@
+"""A run that outlives its ``inv``: its state on the master, finding it again, and the runs in flight.
+
+Once its master has started, a run writes ``state.json`` into its folder on the master (``RunState``:
+what exp.attach needs to finish it as exp.run would have) and ``follower``, the PID of the SSH session
+following it. The run's conclusion removes ``state.json``, so the runs in flight are exactly the run
+folders on the master that hold one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass
+
+from fabric import Connection
+
+from .. import hosts
+from ..errors import ExperimentError
+from ..experiments import Registry
+from ..layout import RUNS_DIR, run_dir
+from ..servers import ClusterInfo
+from ..settings import Settings
+from .record import GitState, Proc, RunHosts, validate_run_id
+from .spec import RunSpec
+
+STATE_FILE = "state.json"
+FOLLOWER_FILE = "follower"  # the PID of the SSH session following the master (sshd's process)
+SAVE_TIMEOUT = 30.0  # seconds to write the state on the master
+_STATE_MARK = "\x1eSTATE "  # precedes each state in _states_script's output: no JSON line starts with it
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunState:
+    """What a run in flight is, as its master's run folder records it."""
+
+    benchmark: str
+    run_id: str
+    k: int
+    p: int
+    args: list[str]
+    manager: bool
+    keep: bool
+    timeout: float | None
+    resources: float | None
+    lock: bool  # the run holds the cluster's run lock (not --concurrent)
+    config: str
+    hosts: RunHosts
+    started: str
+    t0: float  # the run's start, epoch seconds: the phase timings are offsets from it
+    timings: dict[str, float]
+    git: GitState
+    procs: list[Proc]
+    prepared: dict[str, list[dict[str, str]]]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        """Raises ValueError for anything but a complete state."""
+        try:
+            data = json.loads(text)
+            return cls(**{**data, "hosts": RunHosts(**data["hosts"]), "git": GitState(**data["git"]),
+                          "procs": [Proc(**p) for p in data["procs"]]})
+        except (TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"not a run state ({err})") from None
+
+
+def save(cxn: Connection, *, state: RunState, follow: bool) -> None:
+    """Write ``state`` into the run's folder on the master ``cxn``, and as the run's follower this connection's
+    session (``follow``) or none. The state goes on stdin, not in the command: a run of many processes has a
+    state larger than a command line may be."""
+    rdir = run_dir(state.benchmark, state.run_id)
+    follower = '"$PPID"' if follow else "-"
+    # Detached, no follower: an exp.attach right after exp.run --detach must not wait for its session to end.
+    script = (f"cat > {rdir}/{STATE_FILE}.tmp && mv -f {rdir}/{STATE_FILE}.tmp {rdir}/{STATE_FILE} && "
+              f"echo {follower} > {rdir}/{FOLLOWER_FILE}")
+    try:
+        cxn.open()
+        # Paramiko's channel itself: invoke's stdin thread may write to a channel the command has closed.
+        channel = cxn.client.get_transport().open_session(timeout=cxn.connect_timeout)
+        try:
+            channel.settimeout(SAVE_TIMEOUT)
+            channel.exec_command(script)
+            channel.sendall(state.to_json().encode() + b"\n")
+            channel.shutdown_write()
+            err = channel.makefile_stderr("rb").read().decode(errors="replace").strip().splitlines()
+            code = channel.recv_exit_status()
+        finally:
+            channel.close()
+    except Exception as exc:  # noqa: BLE001 - a lost session or a timeout: one line, as every host error
+        err, code = [hosts.describe_error(exc)], -1
+    if code != 0:
+        raise ExperimentError(f"[{cxn.host}] could not record the run's state: " + (err[-1] if err else f"exit {code}"),
+                              benchmark=state.benchmark, run_id=state.run_id)
+
+
+def conclude_script(benchmark: str, run_id: str) -> str:
+    """The run is no longer in flight (safe on hosts without its folder)."""
+    return f"rm -f {run_dir(benchmark, run_id)}/{STATE_FILE}"
+
+
+def _states_script(run_id: str | None) -> str:
+    """Print every run in flight on this master (or only ``run_id``): a marker line with whether its
+    follower's session lives and the last line of its master's log, then its state."""
+    pattern = f'"$HOME"/{RUNS_DIR}/*/{shlex.quote(run_id) if run_id else "*"}/{STATE_FILE}'
+    last = "tail -n 1 \"$d\"/master_\"$(basename \"$d\")\".log 2>/dev/null | tr -d '\\r\\036'"
+    return "\n".join([
+        f"for s in {pattern}; do [ -f \"$s\" ] || continue; d=$(dirname \"$s\")",
+        f'  f=$(cat "$d"/{FOLLOWER_FILE} 2>/dev/null); live=0',
+        # The follower's session is sshd's process (sshd-session on newer OpenSSH), as in the run lock.
+        '  case "$(tr "\\0" " " < /proc/"${f:-x}"/cmdline 2>/dev/null)" in sshd*) live=1;; esac',
+        f'  printf "{_STATE_MARK.replace(chr(0x1e), chr(92) + "036")}%s %s\\n" "$live" "$({last})"; cat "$s"',
+        "done; true",
+    ])
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A run in flight as its master tells: its state, whether a session follows it, its master's last line."""
+
+    state: RunState
+    followed: bool
+    last_line: str
+
+
+def in_flight(cxn: Connection, *, run_id: str | None = None) -> list[InFlight]:
+    """The runs in flight on the cluster whose master is ``cxn`` (or only ``run_id``), oldest first."""
+    out = cxn.run(_states_script(run_id), warn=False, hide=True, timeout=30).stdout
+    found = []
+    for chunk in out.split(_STATE_MARK)[1:]:
+        head, _, body = chunk.partition("\n")
+        live, _, last = head.partition(" ")
+        try:
+            found.append(InFlight(RunState.from_json(body.strip()), live == "1", last.strip()))
+        except ValueError:
+            continue  # a state being replaced right now, or not one of ours: not a run to act on
+    return sorted(found, key=lambda f: f.state.run_id)
+
+
+def pick(cxn: Connection, *, run_id: str | None, takeover: bool) -> RunState:
+    """The run ``run_id`` in flight (default: the latest); with ``takeover``, one no session follows."""
+    runs = in_flight(cxn, run_id=validate_run_id(run_id) if run_id else None)
+    if not runs:
+        raise ExperimentError(f"no run {run_id} in flight on the cluster (see inv exp.ps)" if run_id else
+                              "no run in flight on the cluster (see inv exp.list for past runs)")
+    run = runs[-1]
+    if takeover and run.followed:
+        raise ExperimentError(f"run {run.state.run_id} of {run.state.benchmark} is followed by a live session "
+                              "(its exp.run or an exp.attach): attach once that has ended", run_id=run.state.run_id)
+    return run.state
+
+
+def spec_of(state: RunState, *, info: ClusterInfo, registry: Registry, settings: Settings) -> RunSpec:
+    """The RunSpec ``state`` was started with, on this machine's config and servers/."""
+    spec = RunSpec(info=info, bench=registry.get(state.benchmark), k=state.k, nprocs=state.p, run_id=state.run_id,
+                   settings=settings, args=list(state.args), timeout=state.timeout, manager=state.manager,
+                   keep=state.keep, concurrent=not state.lock, config_name=state.config, resources=state.resources)
+    here = RunHosts(master=spec.master.host, workers=[w.host for w in spec.workers])
+    if here != state.hosts:
+        raise ExperimentError(f"run {state.run_id} ran on {state.hosts.master} + {', '.join(state.hosts.workers)}, "
+                              f"but servers/ here names {here.master} + {', '.join(here.workers)}",
+                              run_id=state.run_id)
+    return spec
+
+
+def _alive_script(run_ids: list[str]) -> str:
+    """``RUN ROLE 1|0`` for every recorded process of these runs on a host (1: its group is alive)."""
+    words = " ".join(shlex.quote(r) for r in run_ids)
+    return (f'for r in {words}; do for f in "$HOME"/{RUNS_DIR}/*/"$r"/pids; do [ -f "$f" ] || continue; '
+            'while read -r p role i o; do a=0; kill -0 -- -"$p" 2>/dev/null && a=1; echo "$r $role $a"; '
+            'done < "$f"; done; done; true')
+
+
+RoleCounts = dict[str, dict[str, list[int]]]  # run id -> role -> [alive, dead]
+
+
+def role_counts(grp: hosts.CappedGroup, *, run_ids: list[str]) -> tuple[RoleCounts, dict[str, str]]:
+    """Per run, per role, [alive, dead] over the hosts of ``grp`` (the sampler left out); per-host errors."""
+    result = hosts.call(grp, lambda c: c.run(_alive_script(run_ids), warn=False, hide=True, timeout=30))
+    counts: RoleCounts = {r: {} for r in run_ids}
+    for value in result.values():
+        if isinstance(value, BaseException):
+            continue
+        for line in value.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] in counts and parts[1] != "sampler":
+                counts[parts[0]].setdefault(parts[1], [0, 0])[0 if parts[2] == "1" else 1] += 1
+    return counts, hosts.failures(result)
+
+
+PS_COLUMNS = ("benchmark", "run id", "k x p", "started", "alive/all per role", "followed", "master's last line")
+
+
+def ps(grp: hosts.CappedGroup, *, master: str) -> tuple[list[list[str]], dict[str, str]]:
+    """exp.ps: a row per run in flight on the cluster of ``grp`` (``PS_COLUMNS``), as its hosts tell; per-host
+    errors of the hosts that could not say what runs."""
+    runs = in_flight(next(cxn for cxn in grp if cxn.host == master))
+    if not runs:
+        return [], {}
+    counts, errors = role_counts(grp, run_ids=[r.state.run_id for r in runs])
+    rows = [[r.state.benchmark, r.state.run_id, f"{r.state.k} x {r.state.p}", r.state.started[:19],
+             " ".join(f"{role} {a}/{a + d}" for role, (a, d) in sorted(counts[r.state.run_id].items())),
+             "yes" if r.followed else "no", r.last_line] for r in runs]
+    return rows, errors
