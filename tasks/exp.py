@@ -371,10 +371,13 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         print(f"retrying {dropped} failed combination(s)")
     all_combos = sweeplib.combos(ks=ks, ps=ps, grid=grid, repeat=repeat)
 
+    # One connection per host for the whole sweep: each run reuses them instead of opening its own.
+    pool = ctx.every_host()
+
     def run_one(combo, run_id):
         spec = runlib.RunSpec(info=ctx.info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args),
                               run_id=run_id, settings=ctx.conf, timeout=timeout, config_name=ctx.cfg.source)
-        return runlib.Run(spec).execute()
+        return runlib.Run(spec, connections={c.host: c for c in pool}).execute()
 
     def cleanup_interrupted(run_id):
         with closing(ctx.every_host()) as grp:
@@ -384,9 +387,10 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         rows = clusterlib.status(ctx.cfg, settings=ctx.conf)
         return budget.would_cross(ctx.cfg, rows, seconds=seconds)
 
-    rows = _sweep_with_progress(sweep_name, state=state, all_combos=all_combos, run_one=run_one,
-                                cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
-                                refuse=refuse if ctx.cfg.budget else None)
+    with closing(pool):
+        rows = _sweep_with_progress(sweep_name, state=state, all_combos=all_combos, run_one=run_one,
+                                    cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
+                                    refuse=refuse if ctx.cfg.budget else None)
     image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else ""))

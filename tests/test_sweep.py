@@ -15,6 +15,7 @@ from cloister import sweep as sweeplib
 from cloister.errors import ExperimentError
 from cloister.runs import GitState, RunHosts, RunRecord
 
+from cloister.providers.local.machines import LocalCluster
 from conftest import INV, REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -107,11 +108,22 @@ def _sweep_args(name: str) -> list[str]:
     return ["exp.sweep", "--benchmark", "dsum", "-k", "1,2", "-p", "1,2", "--repeat", "2", "--name", name]
 
 
+def _accepted(local_cluster) -> dict[str, int]:
+    """SSH connections each host's sshd has accepted so far (sshd -e logs one line for each)."""
+    machines = LocalCluster(state_root=local_cluster.settings.state_dir, cluster=local_cluster.cfg.cluster_name)
+    return {n.name: (machines.host_dir(n.name) / "sshd.log").read_text().count("Accepted publickey")
+            for n in local_cluster.info.cluster_nodes}
+
+
 def test_sweep_2x2x2_writes_csv_and_plot(local_cluster, tmp_path):
     env = {**local_cluster.env(), "INVOKE_CLOISTER_RUNS_DIR": str(tmp_path)}
+    before = _accepted(local_cluster)
     proc = subprocess.run([INV, *_sweep_args("grid")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Eight runs over one connection per host (a run that reconnects would show as more).
+    opened = {name: count - before[name] for name, count in _accepted(local_cluster).items()}
+    assert opened[local_cluster.info.master.name] == 1, opened
     rows = _rows(tmp_path / "sweeps" / "grid" / "results.csv")
     assert len(rows) == 8
     assert {(r["k"], r["p"], r["repeat"]) for r in rows} == {(k, p, r) for k in "12" for p in "12" for r in "12"}

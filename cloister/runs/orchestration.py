@@ -55,7 +55,10 @@ def _no_interrupts() -> Iterator[None]:
 class Run:
     """One experiment run over one open connection per host; ``out`` receives the master's output."""
 
-    def __init__(self, spec: RunSpec, *, out: TextIO | None = None):
+    def __init__(self, spec: RunSpec, *, out: TextIO | None = None,
+                 connections: dict[str, Connection] | None = None):
+        """``connections`` (host -> an open Connection, owned by the caller) are used instead of new ones,
+        so a sweep pays for SSH set-up once, not once per run."""
         self.spec = spec
         self.bench = spec.bench
         self.run_id = spec.run_id
@@ -63,8 +66,11 @@ class Run:
         self.out = out
         self.procs: list[Proc] = []
         self.nodes = [spec.master, *spec.workers]
-        self.group = hosts.group(spec.info, self.nodes, concurrency=spec.settings.concurrency,
-                                 connect_timeout=spec.settings.connect_timeout)
+        self._owns = connections is None
+        self.group = (hosts.group(spec.info, self.nodes, concurrency=spec.settings.concurrency,
+                                  connect_timeout=spec.settings.connect_timeout) if connections is None
+                      else hosts.CappedGroup.of([connections[n.host] for n in self.nodes],
+                                                concurrency=spec.settings.concurrency))
         self.cxn = {c.host: c for c in self.group}
         self.timings: dict[str, float] = {}
         self.prepared: dict[str, list[dict[str, str]]] = {}  # host -> its preparation report
@@ -73,6 +79,10 @@ class Run:
         self.git = GitState.of(Path.cwd())
         self.started = now()
         self._t0 = time.monotonic()
+
+    def _close(self) -> None:
+        if self._owns:
+            self.group.close()
 
     # -- building ----------------------------------------------------------
     def _group(self, host_names: Iterable[str]) -> hosts.CappedGroup:
@@ -243,7 +253,7 @@ class Run:
                 failures.update(err.failures)
         finally:
             if detached:
-                self.group.close()
+                self._close()
             else:
                 with _no_interrupts():
                     record = self._conclude(status, error, failures, completed=completed)
@@ -255,7 +265,7 @@ class Run:
         try:
             acquire(master, benchmark=self.bench.name, run_id=self.run_id)
         except Exception as exc:
-            self.group.close()
+            self._close()
             if isinstance(exc, CloisterError):
                 raise
             raise ExperimentError(f"[{master.host}] {hosts.describe_error(exc)}", benchmark=self.bench.name,
@@ -326,7 +336,7 @@ class Run:
         record = self.record(status, error, failures)
         record = replace(record, resources=collect_resources(self.local_dir, record=record))
         record.write(self.local_dir)
-        self.group.close()
+        self._close()
         return record
 
     def _lost_sessions(self, failures: dict[str, str]) -> set[str]:
@@ -398,7 +408,7 @@ class Run:
             raise
         finally:
             self.download()
-            self.group.close()
+            self._close()
             self._record_by_hand()
 
     def _record_by_hand(self) -> None:
