@@ -48,12 +48,11 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
     count = cfg.nworkers if nworkers is None else nworkers
     prov = provider(cfg, settings=settings)
     launched = prov.launch(nworkers=count, confirm=confirm, progress=progress)
-    info = _recorded(cfg, settings, launched.info)
+    info = launched.info
+    # From here on a Ctrl-C or an error must end what this call created, whatever it interrupts.
     try:
-        previous = read_servers(settings.servers_dir).cluster_name
-    except CloisterError:
-        previous = None
-    try:
+        info = _recorded(cfg, settings, launched.info)
+        previous = _recorded_name(settings)
         write_servers(settings.servers_dir, info)
         if wait:
             _wait_and_copy(prov, info)
@@ -68,6 +67,14 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
         raise
     return LaunchResult(info=info, created=launched.created,
                         replaced=previous if previous not in (None, info.cluster_name) else None)
+
+
+def _recorded_name(settings: Settings) -> str | None:
+    """The cluster servers/ describes now, if any."""
+    try:
+        return read_servers(settings.servers_dir).cluster_name
+    except CloisterError:
+        return None
 
 
 def _recorded(cfg: ClusterConfig, settings: Settings, info: ClusterInfo) -> ClusterInfo:
