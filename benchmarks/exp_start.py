@@ -89,6 +89,21 @@ def one_run(k: int, p: int, env: dict[str, str], lc: LocalCluster, names: list[s
             "max_conn": max(opened.values()), "sum_conn": sum(opened.values())}
 
 
+def sweep_runs(k: int, p: int, count: int, env: dict[str, str], lc: LocalCluster, names: list[str]) -> dict:
+    """`inv exp.sweep` of ``count`` runs of k x p (one process, connections reused across its runs)."""
+    before = accepted(lc, names)
+    start = time.perf_counter()
+    proc = subprocess.run([INV, "exp.sweep", "--benchmark", "dsum", "-k", str(k), "-p", str(p), "--repeat",
+                           str(count), "--name", f"bench-{os.getpid()}-{time.time_ns()}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"exp.sweep -k {k} -p {p} exited {proc.returncode}: {' | '.join(tail)}")
+    opened = {name: n - before[name] for name, n in accepted(lc, names).items()}
+    return {"wall": wall, "per_run": wall / count, "max_conn": max(opened.values())}
+
+
 def bare_start(n: int) -> float:
     """Seconds until n dsum workers started directly here (no SSH, no cloister) all accept connections:
     the benchmark's own start-up cost on this machine, which readiness cannot beat."""
@@ -126,7 +141,8 @@ def bare_start(n: int) -> float:
             proc.wait(timeout=10)
 
 
-def measure(shapes: list[tuple[int, int]], workers: int, repeat: int) -> dict[tuple[int, int], dict[str, float]]:
+def measure(shapes: list[tuple[int, int]], workers: int, repeat: int,
+            sweep: int) -> tuple[dict[tuple[int, int], dict[str, float]], dict[str, float] | None]:
     root = Path(tempfile.mkdtemp(prefix="cloister-exp-start-"))
     config = root / "exp-start.json"
     config.write_text(json.dumps({"cluster_name": f"expstart-{os.getpid()}", "provider": "local",
@@ -158,7 +174,8 @@ def measure(shapes: list[tuple[int, int]], workers: int, repeat: int) -> dict[tu
             results[(k, p)] = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
             results[(k, p)]["max_conn"] = max(s["max_conn"] for s in samples)
             results[(k, p)]["bare"] = statistics.median(bare_start(k * p) for _ in range(repeat))
-        return results
+        swept = sweep_runs(*shapes[0], sweep, env, lc, names) if sweep else None
+        return results, swept
     finally:
         lib.destroy(cfg, settings=settings)
         shutil.rmtree(root, ignore_errors=True)
@@ -196,6 +213,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x2,4x4,8x8", help="comma-separated KxP shapes")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per shape (median reported)")
     parser.add_argument("--workers", type=int, default=8, help="worker hosts in the local cluster")
+    parser.add_argument("--sweep", type=int, default=8,
+                        help="runs of the first shape in one `inv exp.sweep` (0: no sweep row)")
     args = parser.parse_args()
     try:
         shapes = [tuple(int(x) for x in part.lower().split("x")) for part in args.shapes.split(",")]
@@ -206,10 +225,16 @@ def main() -> None:
         sys.exit("exp_start: every K must be <= --workers and --repeat >= 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("exp_start: terminated"))
     try:
-        results = measure(shapes, args.workers, args.repeat)
+        results, swept = measure(shapes, args.workers, args.repeat, args.sweep)
     except (CloisterError, RuntimeError, subprocess.TimeoutExpired, KeyboardInterrupt) as err:
         sys.exit(f"exp_start: {err or 'interrupted'}")
     print(table(results, args.repeat))
+    if swept:
+        (k, p), single = shapes[0], results[shapes[0]]
+        print(f"\nsweep: {args.sweep} runs of {k}x{p} in one `inv exp.sweep`: {swept['wall']:.2f} s, "
+              f"{swept['per_run']:.2f} s a run (vs {single['wall']:.2f} s for one `inv exp.run`, "
+              f"{swept['per_run'] / single['wall']:.2f}x); SSH connections per host for the whole sweep: "
+              f"{swept['max_conn']} (vs {single['max_conn']:.0f} per run)")
 
 
 if __name__ == "__main__":

@@ -329,14 +329,17 @@ def _panel_lines(series: dict[str, list[Row]], metric: str) -> dict[tuple[str, s
 
 def plot(path: Path, *, series: dict[str, list[Row]], phases: list[tuple[str, float]], title: str) -> Path:
     """One panel per metric, one colour per host, the run's phases as vertical lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API without pyplot, and a fixed layout instead of tight_layout: every run draws this,
+    # so its cost is part of every exp.run.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     colours = {host: f"C{i % 10}" for i, host in enumerate(series)}
-    fig, axes = plt.subplots(5, 2, figsize=(12, 13), sharex=True)
+    fig = Figure(figsize=(12, 13))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(5, 2, sharex=True)
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.94, bottom=0.05, hspace=0.35, wspace=0.15)
     for ax, (metric, label, divisor) in zip(axes.flat, PANELS):
         top = 0.0
         for (host, _), (times, values) in _panel_lines(series, metric).items():
@@ -361,10 +364,8 @@ def plot(path: Path, *, series: dict[str, list[Row]], phases: list[tuple[str, fl
     for ax in (axes[-1][0], axes[-2][1]):
         ax.set_xlabel("seconds since the run started")
     fig.suptitle(title)
-    fig.tight_layout()
     image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=90)
-    plt.close(fig)
+    fig.savefig(image, format="png", dpi=72)
     return atomic_write(path, image.getvalue())
 
 
