@@ -69,6 +69,18 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
                         replaced=previous if previous not in (None, info.cluster_name) else None)
 
 
+def launched_under_another_name(cfg: ClusterConfig, *, settings: Settings) -> str | None:
+    """The cluster servers/ records if this very config file launched it under another --name."""
+    try:
+        info = read_servers(settings.servers_dir)
+    except CloisterError:
+        return None
+    same_file = info.extra.get("config") == str(Path(cfg.source).resolve())
+    # An edited provider or region in that file makes it another cluster.
+    same_place = (info.provider, info.region) == (cfg.provider, cfg.region)
+    return info.cluster_name if same_file and info.extra.get("named_by_flag") and same_place else None
+
+
 def _recorded_name(settings: Settings) -> str | None:
     """The cluster servers/ describes now, if any."""
     try:

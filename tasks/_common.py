@@ -13,6 +13,7 @@ from invoke import Exit
 from invoke import task as invoke_task
 
 from cloister.settings import Settings
+from cloister import cluster as clusterlib
 from cloister import providers
 from cloister.config import ClusterConfig, load_config
 from cloister.errors import CloisterError
@@ -116,26 +117,11 @@ def load(c, config: str | None, **overrides: Any) -> ClusterConfig:
     cfg = load_config(path, defaults=dict(c.cloister), overrides=overrides, providers=providers.names())
     for notice in cfg.notices:
         print(f"note: {notice}", file=sys.stderr)
-    launched = _named_by_flag(c, cfg)
+    launched = clusterlib.launched_under_another_name(cfg, settings=settings(c))
     if launched and overrides.get("cluster_name") is None:
         print(f"note: using cluster '{launched}', launched from {cfg.source} with --name", file=sys.stderr)
         cfg = cfg.replace(cluster_name=launched)
     return cfg
-
-
-def _named_by_flag(c, cfg: ClusterConfig) -> str | None:
-    """The cluster in servers/ if it was launched from this very config file under another --name."""
-    from cloister.errors import ServersError
-    from cloister.servers import read_servers
-
-    try:
-        info = read_servers(settings(c).servers_dir)
-    except ServersError:
-        return None
-    same_file = info.extra.get("config") == str(Path(cfg.source).resolve())
-    if same_file and info.extra.get("named_by_flag") and info.provider == cfg.provider:
-        return info.cluster_name
-    return None
 
 
 def install_error_hook() -> None:

@@ -7,6 +7,7 @@ Retries are botocore's adaptive mode.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 from ...config import ClusterConfig
@@ -117,9 +118,15 @@ def error_code(exc: Exception) -> str | None:
 
 def caller_identity(cfg: ClusterConfig) -> str:
     """The ARN of whoever the credentials belong to (STS answers this for any credentials)."""
+    with aws_errors(cfg):
+        return _caller(cfg.region)
+
+
+# One task asks for the owner several times (find, tag, tear down); the answer cannot change meanwhile.
+@functools.lru_cache(maxsize=8)
+def _caller(region: str | None) -> str:
     import boto3
     from botocore.config import Config
 
-    with aws_errors(cfg):
-        sts = boto3.client("sts", region_name=cfg.region, config=Config(retries=RETRIES))
-        return sts.get_caller_identity()["Arn"]
+    sts = boto3.client("sts", region_name=region, config=Config(retries=RETRIES))
+    return sts.get_caller_identity()["Arn"]
