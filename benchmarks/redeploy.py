@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cloister import cluster as lib  # noqa: E402
-from cloister import deploy, hosts, layout, transfer  # noqa: E402
+from cloister import deploy, layout  # noqa: E402
+from cloister.transport import hosts, transfer  # noqa: E402
 from cloister.settings import Settings  # noqa: E402
 from cloister.config import load_config  # noqa: E402
 from cloister.providers.local.machines import LocalCluster  # noqa: E402

@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import access, hosts, keys, layout, providers, remote
+from . import access, keys, layout, providers
+from .transport import hosts, remote
 from .config import TTL_RE, ClusterConfig, parse_ttl
 from .errors import CloisterError, HostsFailed
 from .providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
-from .remote import Captured
+from .transport.remote import Captured
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
 from .settings import Settings
 

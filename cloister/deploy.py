@@ -30,13 +30,14 @@ import paramiko
 from fabric import Connection
 from invoke.runners import Result
 
-from . import access, broadcast, hosts, transfer
+from . import access
+from .transport import broadcast, hosts, transfer
 from .errors import CloisterError
 from .layout import KEY as REMOTE_KEY
 from .layout import NODE_STATE, SSH_KNOWN_HOSTS
 from .servers import ClusterInfo, Node
 from .settings import Settings
-from .transfer import OnResult, Transfer
+from .transport.transfer import OnResult, Transfer
 
 # Anchored at the home directory (rsync runs with --relative there): cloister's own files per node.
 KEEP_ON_NODES = tuple(f"/{path}" for path in NODE_STATE)

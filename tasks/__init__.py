@@ -3,7 +3,7 @@
 from invoke import Collection
 
 from cloister.config import DEFAULTS
-from cloister.hosts import raise_nofile_limit
+from cloister.transport.hosts import raise_nofile_limit
 from cloister.settings import defaults
 
 from . import ami, cluster, exp

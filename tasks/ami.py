@@ -8,7 +8,7 @@ import sys
 from invoke import Collection, Exit
 
 from cloister import cluster as lib
-from cloister import hosts as hostlib
+from cloister.transport import hosts as hostlib
 from cloister import images
 
 from ._common import load, settings, task

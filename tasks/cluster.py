@@ -10,12 +10,13 @@ import time
 from invoke import Collection, Exit
 
 from cloister import cluster as lib
-from cloister import hosts as hostlib
-from cloister import budget, deploy, layout, putget
+from cloister.transport import hosts as hostlib
+from cloister import budget, deploy, layout
+from cloister.transport import putget
 from cloister.config import label_overrides
 from cloister.errors import CloisterError, HostsFailed
 from cloister.runs import lock as runlock
-from cloister.transfer import Transfer, failures
+from cloister.transport.transfer import Transfer, failures
 
 from ._common import load, number, settings, task
 from ._output import confirm, files, progress_bar, records, size, warning

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from invoke import Collection, Exit
 
 from cloister import cluster as clusterlib
-from cloister import hosts as hostlib
+from cloister.transport import hosts as hostlib
 from cloister import budget, layout
 from cloister import runs as runlib
 from cloister import sweep as sweeplib

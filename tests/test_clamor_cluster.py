@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cloister import cluster as lib
-from cloister import hosts
+from cloister.transport import hosts
 from cloister import runs as runlib
 from cloister.experiments import load_registry
 from conftest import INV, REPO

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister import hosts
+from cloister.transport import hosts
 from cloister.providers.local.machines import LocalCluster
 from conftest import INV, REPO, ClusterEnv
 

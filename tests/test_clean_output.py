@@ -11,7 +11,7 @@ import re
 import threading
 from pathlib import Path
 
-from cloister import hosts, remote
+from cloister.transport import hosts, remote
 from conftest import no_traceback
 
 RULE = "-" * 15

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cloister import hosts
+from cloister.transport import hosts
 from cloister.providers.local.machines import LocalCluster
 from cloister.servers import TEXT_FILES
 from conftest import no_traceback, one_line_error, run_inv

@@ -22,7 +22,8 @@ import yaml
 
 import moto_server as ms  # before anything imports moto
 from cloister import cluster as lib
-from cloister import budget, hosts, images
+from cloister import budget, images
+from cloister.transport import hosts
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
 from cloister.providers.ec2 import Ec2Images

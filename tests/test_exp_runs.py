@@ -25,7 +25,7 @@ import yaml
 
 import cloister
 from cloister import cluster as lib
-from cloister import hosts
+from cloister.transport import hosts
 from cloister import runs as runlib
 from cloister.experiments import load_registry
 from cloister.providers.local.machines import LocalCluster

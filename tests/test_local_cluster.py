@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloister import cluster as lib
-from cloister import hosts
+from cloister.transport import hosts
 from cloister.errors import ProviderError
 from cloister.providers.local.machines import LocalCluster
 from conftest import INV, REPO

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from cloister import broadcast, deploy, transfer
+from cloister.transport import broadcast, transfer
+from cloister import deploy
 from cloister.layout import NODE_STATE
 from cloister.providers.local.machines import LocalCluster
 from cloister.servers import Node

@@ -11,7 +11,7 @@ import pytest
 
 from cloister import servers
 from cloister.errors import CloisterError, ServersError
-from cloister.hosts import select_nodes
+from cloister.transport.hosts import select_nodes
 from cloister.servers import TEXT_FILES, ClusterInfo, Node, read_servers, write_servers
 from conftest import one_line_error as one_line
 from conftest import run_inv

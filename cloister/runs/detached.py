@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from fabric import Connection
 
-from .. import hosts
+from ..transport import hosts
 from ..errors import ExperimentError
 from ..experiments import Registry
 from ..layout import RUNS_DIR, run_dir

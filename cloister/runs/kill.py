@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import hosts, remote
+from ..transport import hosts, remote
 from ..experiments import Benchmark
 from .detached import conclude_script
 from .lock import release_script

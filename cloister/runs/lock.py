@@ -14,7 +14,7 @@ import shlex
 
 from fabric import Connection
 
-from .. import hosts
+from ..transport import hosts
 from ..errors import ExperimentError
 from ..servers import ClusterInfo
 from ..layout import RUNS_DIR

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from fabric import Connection
 
-from .. import hosts, remote
+from ..transport import hosts, remote
 from ..errors import CloisterError
 from ..layout import RUNS_DIR, run_dir
 from .record import RECORD_FILE, RunRecord

@@ -16,7 +16,8 @@ from typing import TextIO
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 
-from .. import __version__, hosts, remote
+from .. import __version__
+from ..transport import hosts, remote
 from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
 from ..layout import run_dir
 from ..servers import Node

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
-from .. import hosts
+from ..transport import hosts
 from ..errors import ExperimentError, HostsFailed
 from ..experiments import Benchmark
 from ..poll import Backoff

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ... import access, hosts, layout
+from ... import access, layout
+from ...transport import hosts
 from . import prices
 from ...errors import HostsFailed, ProviderError
 from ...config import ClusterConfig

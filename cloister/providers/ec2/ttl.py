@@ -13,7 +13,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from ... import hosts
+from ...transport import hosts
 from ...errors import HostsFailed
 from ...poll import Backoff
 from ...servers import ClusterInfo, Node

@@ -16,8 +16,8 @@ from fabric import Connection
 from invoke.runners import Result
 
 from . import hosts, transfer
-from .errors import CloisterError
-from .servers import ClusterInfo, Node
+from ..errors import CloisterError
+from ..servers import ClusterInfo, Node
 from .transfer import OnResult, Transfer
 
 

@@ -26,11 +26,11 @@ from fabric.exceptions import GroupException
 from fabric.group import GroupResult, ThreadingGroup
 from invoke.exceptions import CommandTimedOut, ThreadException, UnexpectedExit
 
-from .errors import CloisterError, HostsFailed
-from .poll import Backoff
+from ..errors import CloisterError, HostsFailed
+from ..poll import Backoff
 from .remote import Stopped
-from .servers import ClusterInfo, Node
-from .settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
+from ..servers import ClusterInfo, Node
+from ..settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
 
 # How often a wait for SSH asks the provider whether silent nodes' boots have failed.
 BOOT_LOOK_EVERY = 10.0

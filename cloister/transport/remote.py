@@ -24,8 +24,8 @@ from fabric import Connection
 from invoke.exceptions import CommandTimedOut
 from invoke.runners import Result
 
-from .errors import CloisterError
-from .poll import retry
+from ..errors import CloisterError
+from ..poll import retry
 
 T = TypeVar("T")
 
