@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cloister import cluster as lib  # noqa: E402
+from cloister.cluster import lifecycle as lib  # noqa: E402
 from cloister.settings import Settings  # noqa: E402
 from cloister.config import load_config  # noqa: E402
 from cloister.errors import CloisterError  # noqa: E402

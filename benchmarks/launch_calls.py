@@ -50,7 +50,7 @@ def old_requests(workers: int, polls: int) -> int:
 
 def lifecycle(server: ms.MotoEc2, workdir: Path, workers: int) -> dict[str, tuple[int, float]]:
     """(requests, seconds) for launch, status and destroy of one 1+workers cluster."""
-    from cloister import cluster as lib
+    from cloister.cluster import lifecycle as lib
     from cloister.settings import Settings
     from cloister.config import load_config
 

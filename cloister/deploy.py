@@ -30,12 +30,12 @@ import paramiko
 from fabric import Connection
 from invoke.runners import Result
 
-from . import access
+from .cluster import access
 from .transport import broadcast, hosts, transfer
 from .errors import CloisterError
 from .layout import KEY as REMOTE_KEY
 from .layout import NODE_STATE, SSH_KNOWN_HOSTS
-from .servers import ClusterInfo, Node
+from .cluster.servers import ClusterInfo, Node
 from .settings import Settings
 from .transport.transfer import OnResult, Transfer
 

@@ -13,7 +13,7 @@ from invoke import Exit
 from invoke import task as invoke_task
 
 from cloister.settings import Settings
-from cloister import cluster as clusterlib
+from cloister.cluster import lifecycle as clusterlib
 from cloister import providers
 from cloister.config import ClusterConfig, load_config
 from cloister.errors import CloisterError

@@ -7,9 +7,9 @@ import sys
 
 from invoke import Collection, Exit
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts as hostlib
-from cloister import images
+from cloister.cluster import images
 
 from ._common import load, settings, task
 from ._output import confirm, note, progress_bar, warning

@@ -9,9 +9,10 @@ import time
 
 from invoke import Collection, Exit
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts as hostlib
-from cloister import budget, deploy, layout
+from cloister.cluster import budget
+from cloister import deploy, layout
 from cloister.transport import putget
 from cloister.config import label_overrides
 from cloister.errors import CloisterError, HostsFailed

@@ -13,16 +13,17 @@ from typing import NamedTuple
 
 from invoke import Collection, Exit
 
-from cloister import cluster as clusterlib
+from cloister.cluster import lifecycle as clusterlib
 from cloister.transport import hosts as hostlib
-from cloister import budget, layout
+from cloister.cluster import budget
+from cloister import layout
 from cloister import runs as runlib
 from cloister import sweep as sweeplib
 from cloister.runs import detached, present
 from cloister.config import ClusterConfig
 from cloister.errors import HostsFailed
 from cloister.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
-from cloister.servers import ClusterInfo
+from cloister.cluster.servers import ClusterInfo
 from cloister.settings import Settings
 
 from ._common import load, number, settings, task

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.settings import Settings
 from cloister.config import ClusterConfig, load_config
-from cloister.servers import ClusterInfo
+from cloister.cluster.servers import ClusterInfo
 
 REPO = Path(__file__).resolve().parent.parent
 INV = str(Path(sys.executable).parent / "inv")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cloister import cluster as lib
-from cloister import images
+from cloister.cluster import lifecycle as lib
+from cloister.cluster import images
 from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import ProviderError

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts
 from cloister import runs as runlib
 from cloister.experiments import load_registry

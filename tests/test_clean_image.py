@@ -7,7 +7,8 @@ import os
 import stat
 from pathlib import Path
 
-from cloister import images, layout
+from cloister.cluster import images
+from cloister import layout
 from cloister.providers.local.images import dev_home
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloister.servers import write_servers
+from cloister.cluster.servers import write_servers
 from conftest import one_line_error, run_inv
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.settings import Settings
 from cloister.config import load_config
-from cloister.servers import ClusterInfo, Node, write_servers
+from cloister.cluster.servers import ClusterInfo, Node, write_servers
 from conftest import REPO, run_inv
 
 

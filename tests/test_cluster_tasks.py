@@ -11,7 +11,7 @@ import pytest
 
 from cloister.transport import hosts
 from cloister.providers.local.machines import LocalCluster
-from cloister.servers import TEXT_FILES
+from cloister.cluster.servers import TEXT_FILES
 from conftest import no_traceback, one_line_error, run_inv
 
 RULE = "-" * 15

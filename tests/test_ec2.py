@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 import moto_server as ms  # before anything imports moto
-from cloister import cluster as lib
-from cloister import budget, images
+from cloister.cluster import lifecycle as lib
+from cloister.cluster import budget, images
 from cloister.transport import hosts
 from cloister.providers.ec2 import aws as ec2_aws
 from cloister.providers.ec2 import launch as ec2_launch
@@ -33,7 +33,7 @@ from cloister.providers.ec2 import ttl as ec2_ttl
 from cloister.settings import Settings
 from cloister.config import load_config
 from cloister.errors import AwsError, CloisterError, ExperimentError, HostsFailed, ProviderError
-from cloister.servers import read_servers
+from cloister.cluster.servers import read_servers
 
 from conftest import REPO, run_inv
 

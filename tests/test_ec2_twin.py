@@ -40,7 +40,7 @@ from conftest import INV, REPO, no_traceback
 from twin import Twin
 
 from cloister.providers.ec2 import prices
-from cloister.servers import ClusterInfo
+from cloister.cluster.servers import ClusterInfo
 
 BOOT_TIMEOUT = 90.0  # generous: 2 shared cores, several machines booting at once; a boot alone is ~3 s
 KEY_NAME = "twin-e2e"

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import cloister
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts
 from cloister import runs as runlib
 from cloister.experiments import load_registry

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts
 from cloister.errors import ProviderError
 from cloister.providers.local.machines import LocalCluster

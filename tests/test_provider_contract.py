@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister import providers
 from cloister.config import PROVIDERS, load_config
 from cloister.errors import ConfigError, ProviderError
 from cloister.providers.base import ClusterRow, Launched, NodeStatus, Provider
-from cloister.servers import ClusterInfo, Node, read_servers
+from cloister.cluster.servers import ClusterInfo, Node, read_servers
 from cloister.settings import Settings
 
 from conftest import REPO

@@ -24,7 +24,7 @@ from cloister.transport import broadcast, transfer
 from cloister import deploy
 from cloister.layout import NODE_STATE
 from cloister.providers.local.machines import LocalCluster
-from cloister.servers import Node
+from cloister.cluster.servers import Node
 
 from conftest import INV, REPO, ClusterEnv, make_cluster, run_inv
 
@@ -128,7 +128,7 @@ def rd(tmp_path_factory) -> ClusterEnv:
         write_tree(dev / "weld", seed=1)
         yield env
     finally:
-        from cloister import cluster as lib
+        from cloister.cluster import lifecycle as lib
 
         lib.destroy(env.cfg, settings=env.settings)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister import cluster as lib
+from cloister.cluster import lifecycle as lib
 from cloister import sweep as sweeplib
 from cloister.errors import ConfigError
 from cloister.experiments import load_registry

@@ -17,7 +17,7 @@ from cloister.errors import ExperimentError
 from cloister.experiments import load_registry
 from cloister.runs import GitState, Proc, RunHosts, RunRecord, RunSpec, local_runs, manager_here, parse_probe
 from cloister.runs.scripts import LOG_MARKER, parse_pids, probe_script
-from cloister.servers import ClusterInfo, Node
+from cloister.cluster.servers import ClusterInfo, Node
 from cloister.settings import Settings
 from conftest import REPO
 

@@ -160,7 +160,7 @@ def test_every_task_at_128_workers(big):
 
     from cloister.settings import Settings
     from cloister.config import load_config
-    from cloister.servers import read_servers
+    from cloister.cluster.servers import read_servers
     from conftest import ClusterEnv
 
     cfg = load_config(env["INVOKE_CLOISTER_CONFIG"])

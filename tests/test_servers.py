@@ -1,4 +1,4 @@
-"""cloister.servers (SPEC section 6): the servers/ folder, its atomic writes and its errors."""
+"""cloister.cluster.servers: the servers/ folder, its atomic writes and its errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cloister import servers
+from cloister.cluster import servers
 from cloister.errors import CloisterError, ServersError
 from cloister.transport.hosts import select_nodes
-from cloister.servers import TEXT_FILES, ClusterInfo, Node, read_servers, write_servers
+from cloister.cluster.servers import TEXT_FILES, ClusterInfo, Node, read_servers, write_servers
 from conftest import one_line_error as one_line
 from conftest import run_inv
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cloister.servers import read_servers
+from cloister.cluster.servers import read_servers
 from conftest import run_inv
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from ..config import ClusterConfig
 from ..errors import HostsFailed, ProviderError
-from ..servers import ClusterInfo, Node
+from ..cluster.servers import ClusterInfo, Node
 from ..settings import Settings
 
 # (text, done, total): one call per poll, for a progress bar.
@@ -109,7 +109,7 @@ def no_images_error(cfg: ClusterConfig, *, where: str) -> ProviderError:
 
 
 class ImageStore(ABC):
-    """A provider's images, named ``{prefix}-{yyyymmdd-hhmm}`` (see ``cloister.images``)."""
+    """A provider's images, named ``{prefix}-{yyyymmdd-hhmm}`` (see ``cloister.cluster.images``)."""
 
     where: str = ""  # for messages: "owned by you in us-west-2", "under .cloister/images"
     reboots: bool = False  # the dev instance restarts while it is imaged, unless asked not to

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..transport import hosts
-from .. import keys
-from ..servers import ClusterInfo, Node
+from ..cluster import keys
+from ..cluster.servers import ClusterInfo, Node
 from ..errors import ProviderError
 from .base import ClusterRow, Confirm, ImageStore, Launched, NodeStatus, Progress, Provider
 

@@ -19,7 +19,7 @@ from ..transport import hosts
 from ..errors import ExperimentError
 from ..experiments import Registry
 from ..layout import RUNS_DIR, run_dir
-from ..servers import ClusterInfo
+from ..cluster.servers import ClusterInfo
 from ..settings import Settings
 from .record import GitState, Proc, RunHosts, validate_run_id
 from .spec import RunSpec

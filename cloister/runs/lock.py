@@ -16,7 +16,7 @@ from fabric import Connection
 
 from ..transport import hosts
 from ..errors import ExperimentError
-from ..servers import ClusterInfo
+from ..cluster.servers import ClusterInfo
 from ..layout import RUNS_DIR
 
 LOCK_FILE = f"{RUNS_DIR}/run.lock"

@@ -20,7 +20,7 @@ from .. import __version__
 from ..transport import hosts, remote
 from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
 from ..layout import run_dir
-from ..servers import Node
+from ..cluster.servers import Node
 from .detached import RunState, conclude_script, save
 from .kill import kill_run
 from .lock import acquire, release_script

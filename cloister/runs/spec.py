@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ExperimentError
 from ..experiments import Benchmark, RunShape, render
-from ..servers import ClusterInfo, Node
+from ..cluster.servers import ClusterInfo, Node
 from ..settings import Settings
 from .logs import local_run_dir
 from .prepare import SHARED_KERNEL, NodeFacts, this_boot_id

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from ..servers import Node
+from ..cluster.servers import Node
 from .transfer import OnResult, Transfer
 
 TREE_SEEDS = 2

@@ -29,7 +29,7 @@ from invoke.exceptions import CommandTimedOut, ThreadException, UnexpectedExit
 from ..errors import CloisterError, HostsFailed
 from ..poll import Backoff
 from .remote import Stopped
-from ..servers import ClusterInfo, Node
+from ..cluster.servers import ClusterInfo, Node
 from ..settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
 
 # How often a wait for SSH asks the provider whether silent nodes' boots have failed.

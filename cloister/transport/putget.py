@@ -17,7 +17,7 @@ from invoke.runners import Result
 
 from . import hosts, transfer
 from ..errors import CloisterError
-from ..servers import ClusterInfo, Node
+from ..cluster.servers import ClusterInfo, Node
 from .transfer import OnResult, Transfer
 
 

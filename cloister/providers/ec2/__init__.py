@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ... import access, layout
+from ...cluster import access
+from ... import layout
 from ...transport import hosts
 from . import prices
 from ...errors import HostsFailed, ProviderError
 from ...config import ClusterConfig
-from ...servers import ClusterInfo, Node
+from ...cluster.servers import ClusterInfo, Node
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
 from . import console, images, launch, lifecycle, network, plan, ttl

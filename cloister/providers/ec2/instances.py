@@ -12,7 +12,7 @@ from typing import Any
 from ...config import ClusterConfig
 from ...errors import ProviderError
 from ...poll import Backoff
-from ...servers import ClusterInfo, Node
+from ...cluster.servers import ClusterInfo, Node
 from ...settings import Settings
 from ..base import Progress
 from .aws import caller_identity

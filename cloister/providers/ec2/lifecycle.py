@@ -9,7 +9,7 @@ from typing import Any
 from . import prices
 from ...config import ClusterConfig
 from ...errors import ProviderError
-from ...servers import ClusterInfo
+from ...cluster.servers import ClusterInfo
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ...transport import hosts
 from ...errors import HostsFailed
 from ...poll import Backoff
-from ...servers import ClusterInfo, Node
+from ...cluster.servers import ClusterInfo, Node
 from ...settings import Settings
 
 # cloud-init's final stage can take a while after sshd answers (packages, the user's own runcmd).

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from ...errors import ProviderError
-from ...servers import ClusterInfo
+from ...cluster.servers import ClusterInfo
 from ..base import ClusterRow, Confirm, ImageStore, Launched, NodeStatus, Progress, Provider, no_images_error, pattern
 from .images import LocalImages
 from .machines import STATE_FILE, LocalCluster

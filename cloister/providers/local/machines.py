@@ -23,7 +23,7 @@ from pathlib import Path
 from ...errors import ProviderError
 from ...files import atomic_write
 from ...poll import Backoff
-from ...servers import ClusterInfo, Node
+from ...cluster.servers import ClusterInfo, Node
 from ..base import NodeStatus
 from .procs import alive, children, cmdline, pids, reap
 from .subnets import HOSTS_PER_SUBNET, claim_subnets, release_subnets

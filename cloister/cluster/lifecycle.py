@@ -15,14 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import access, keys, layout, providers
-from .transport import hosts, remote
-from .config import TTL_RE, ClusterConfig, parse_ttl
-from .errors import CloisterError, HostsFailed
-from .providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
-from .transport.remote import Captured
+from . import access, keys
+from .. import layout, providers
+from ..transport import hosts, remote
+from ..config import TTL_RE, ClusterConfig, parse_ttl
+from ..errors import CloisterError, HostsFailed
+from ..providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
+from ..transport.remote import Captured
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
-from .settings import Settings
+from ..settings import Settings
 
 TIMEOUT_EXIT = 124  # what coreutils timeout exits with when it had to stop the command
 REMOTE_TIMEOUT_GRACE = 5.0

@@ -11,7 +11,7 @@ import os
 import shlex
 from pathlib import Path
 
-from . import layout
+from .. import layout
 from .servers import ClusterInfo
 
 INCLUDE_BEGIN = "# >>> cloister: the cluster's hosts (written by copy-dns) >>>"

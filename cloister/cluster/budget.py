@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import ClusterConfig
-from .providers.base import NodeStatus
+from ..config import ClusterConfig
+from ..providers.base import NodeStatus
 
 WARN_AT = 0.8
 

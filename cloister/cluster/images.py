@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from . import providers
-from .config import ClusterConfig
-from .errors import ProviderError
-from .providers.base import TIMESTAMP, Image, ImageStore, Progress, matches, no_images_error, pattern, prefix
-from .settings import Settings
+from .. import providers
+from ..config import ClusterConfig
+from ..errors import ProviderError
+from ..providers.base import TIMESTAMP, Image, ImageStore, Progress, matches, no_images_error, pattern, prefix
+from ..settings import Settings
 
 __all__ = ["Image", "create", "delete", "latest", "list_images", "matches", "new_name", "pattern", "prunable"]
 

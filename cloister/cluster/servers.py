@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ServersError
-from .files import atomic_write
+from ..errors import ServersError
+from ..files import atomic_write
 
 ROLES = ("master", "worker", "dev")
 TEXT_FILES = ("manager.txt", "master.txt", "servers.txt", "servers_private.txt", "servers_public.txt",

@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .files import atomic_write
+from ..files import atomic_write
 from .servers import ClusterInfo
 
 KEY_FILE = "id_ed25519"
