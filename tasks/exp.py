@@ -18,11 +18,11 @@ from cloister.transport import hosts as hostlib
 from cloister.cluster import budget
 from cloister import layout
 from cloister import runs as runlib
-from cloister import sweep as sweeplib
+from cloister.runs import sweep as sweeplib
 from cloister.runs import detached, present
 from cloister.config import ClusterConfig
 from cloister.errors import HostsFailed
-from cloister.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
+from cloister.runs.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
 from cloister.cluster.servers import ClusterInfo
 from cloister.settings import Settings
 

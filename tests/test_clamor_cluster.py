@@ -18,7 +18,7 @@ import yaml
 from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts
 from cloister import runs as runlib
-from cloister.experiments import load_registry
+from cloister.runs.experiments import load_registry
 from conftest import INV, REPO
 
 ARGV = "argv"  # the benchmark declared as `argv: {}`: Clamor's defaults, nothing else

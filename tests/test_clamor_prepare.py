@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister.experiments import RunShape, load_registry, render
+from cloister.runs.experiments import RunShape, load_registry, render
 from cloister.runs import Proc, start_script
 from cloister.runs.prepare import NodeFacts, parse_report, this_boot_id
 from conftest import REPO

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister.experiments import load_registry
+from cloister.runs.experiments import load_registry
 from cloister.providers.local.machines import LocalCluster
 from cloister.providers.local.procs import children, cmdline
 from cloister.runs import lock as runlock

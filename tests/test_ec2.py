@@ -1025,7 +1025,7 @@ def test_swap_for_the_master_is_a_volume_that_ends_with_it(aws, make_cfg, settin
 
 
 def test_a_sweep_stops_before_a_run_that_would_cross_the_budget(aws, make_cfg, settings, tmp_path):
-    from cloister import sweep as sweeplib
+    from cloister.runs import sweep as sweeplib
 
     cfg = make_cfg(nworkers=1, budget=0.01)
     lib.launch(cfg, settings=settings, wait=False)

@@ -27,7 +27,7 @@ import cloister
 from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts
 from cloister import runs as runlib
-from cloister.experiments import load_registry
+from cloister.runs.experiments import load_registry
 from cloister.providers.local.machines import LocalCluster
 from conftest import INV, REPO, no_traceback, one_line_error
 

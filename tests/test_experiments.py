@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cloister.errors import ConfigError, ExperimentError
-from cloister.experiments import RunShape, load_registry, parse_args, remote_dir, render, validate_name
+from cloister.runs.experiments import RunShape, load_registry, parse_args, remote_dir, render, validate_name
 from cloister.runs import Proc, log_name, start_script
 from cloister.runs.prepare import NodeFacts
 from conftest import REPO

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from cloister.cluster import lifecycle as lib
-from cloister import sweep as sweeplib
+from cloister.runs import sweep as sweeplib
 from cloister.errors import ConfigError
-from cloister.experiments import load_registry
+from cloister.runs.experiments import load_registry
 from cloister.runs import GitState, RunHosts, RunRecord
 from cloister.runs import resources as res
 from conftest import INV, REPO, no_traceback, one_line_error

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cloister.errors import ExperimentError
-from cloister.experiments import load_registry
+from cloister.runs.experiments import load_registry
 from cloister.runs import GitState, Proc, RunHosts, RunRecord, RunSpec, local_runs, manager_here, parse_probe
 from cloister.runs.scripts import LOG_MARKER, parse_pids, probe_script
 from cloister.cluster.servers import ClusterInfo, Node

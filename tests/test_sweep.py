@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cloister import sweep as sweeplib
+from cloister.runs import sweep as sweeplib
 from cloister.errors import ExperimentError
 from cloister.runs import GitState, RunHosts, RunRecord
 

@@ -19,6 +19,9 @@ run is ``{runs_dir}/{benchmark}/{run_id}/`` with one folder per host and
 - ``present``: exp.show and exp.compare;
 - ``kill``: ending a run's or a benchmark's processes outside a ``Run``;
 - ``detached``: a run's state on the master (``state.json``), for exp.attach and exp.ps.
+- ``experiments``: experiments.yaml (benchmarks, their commands, ports, readiness);
+- ``preparation``: the ``prepare`` block (how each process is prepared);
+- ``sweep``: many runs over a grid, resumable, ``results.csv``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from fabric import Connection
 
 from ..transport import hosts
 from ..errors import ExperimentError
-from ..experiments import Registry
+from .experiments import Registry
 from ..layout import RUNS_DIR, run_dir
 from ..cluster.servers import ClusterInfo
 from ..settings import Settings

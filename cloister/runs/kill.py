@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..transport import hosts, remote
-from ..experiments import Benchmark
+from .experiments import Benchmark
 from .detached import conclude_script
 from .lock import release_script
 from .scripts import kill_script, killall_script, parse_killed

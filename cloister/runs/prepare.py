@@ -12,8 +12,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..experiments import Benchmark, remote_dir
-from ..preparation import Preparation
+from .experiments import Benchmark, remote_dir
+from .preparation import Preparation
 
 REPORT_TAG = "prep"
 STATUSES = ("done", "skipped", "failed")

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from ..transport import hosts
 from ..errors import ExperimentError, HostsFailed
-from ..experiments import Benchmark
+from .experiments import Benchmark
 from ..poll import Backoff
 from .record import Proc
 from .scripts import Probe, log_name, parse_probe, probe_script

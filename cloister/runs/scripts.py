@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..experiments import Benchmark, remote_dir
+from .experiments import Benchmark, remote_dir
 from ..layout import RUNS_DIR, run_dir
 from .prepare import NodeFacts, directory_lines, node_lines, process_lines
 from .record import Proc

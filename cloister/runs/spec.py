@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import ExperimentError
-from ..experiments import Benchmark, RunShape, render
+from .experiments import Benchmark, RunShape, render
 from ..cluster.servers import ClusterInfo, Node
 from ..settings import Settings
 from .logs import local_run_dir

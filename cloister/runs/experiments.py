@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError, ExperimentError
+from ..errors import ConfigError, ExperimentError
 from .preparation import Fail, Preparation, parse_preparation
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")

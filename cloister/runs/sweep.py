@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ExperimentError
-from .files import atomic_write
-from .runs import RunRecord, new_run_id
-from .runs.resources import SWEEP_FIELDS, sweep_columns
+from ..errors import ExperimentError
+from ..files import atomic_write
+from .record import RunRecord, new_run_id
+from .resources import SWEEP_FIELDS, sweep_columns
 
 # The resource columns summarise each run's hosts (cloister.runs.resources.sweep_columns).
 FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric", *SWEEP_FIELDS)

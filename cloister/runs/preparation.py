@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PREPARE_KEYS = ("disable_aslr", "stack_limit", "local_vars", "public_hostname", "sysctl")
 PUBLIC_HOSTNAME_SOURCES = ("recorded", "imds")
