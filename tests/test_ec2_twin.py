@@ -547,7 +547,10 @@ def test_mpirun_from_the_master_with_the_hostfile_copy_dns_placed(cluster, twin)
                        "--mca oob_tcp_if_include lo --map-by node -n 2 hostname")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     no_traceback(proc)
-    assert sorted(master_output(proc, info)) == sorted(twin.machine(w.id).hostname for w in info.workers), proc.stdout
+    # mpirun's own launcher warns when a child it forks has exec'ed before setpgid (a harmless race under
+    # load: "[host:pid] plm:rsh: Warning: setpgid(...) failed"); only the ranks' output is under test.
+    ranks = [line for line in master_output(proc, info) if not re.match(r"\[\S+:\d+\] plm:", line)]
+    assert sorted(ranks) == sorted(twin.machine(w.id).hostname for w in info.workers), proc.stdout
 
 
 def test_redeploy_pushes_the_dev_instances_code_to_every_node(cluster, dev):
