@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from .errors import ConfigError
+from .netspec import NetworkSpec, parse_network
 
 # The built-in providers; the registry (cloister.providers) may know more.
 PROVIDERS = ("ec2", "local", "static")
@@ -104,6 +105,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "availability_zone": (_opt_str, "an availability zone such as 'us-west-2a'"),
     "hosts": (lambda v: v is None or (isinstance(v, list) and len(v) >= 1 and all(_str(h) for h in v)),
               "a list of host names, the master first"),
+    "network": (lambda v: v is None or isinstance(v, dict),
+                'local hosts\' network, a mapping such as {"rate": "1gbit", "latency": "2ms", "loss": "0%"}'),
 }
 
 
@@ -158,6 +161,7 @@ class ClusterConfig:
     subnet_id: str | None = None
     availability_zone: str | None = None
     hosts: list[str] | None = None
+    network: dict[str, Any] | None = None
     notices: tuple[str, ...] = ()
     legacy: dict[str, Any] = field(default_factory=dict)
     from_flags: tuple[str, ...] = ()
@@ -169,6 +173,10 @@ class ClusterConfig:
     @property
     def master_type(self) -> str:
         return self.master_instance_type or self.instance_type
+
+    @property
+    def network_spec(self) -> NetworkSpec:
+        return parse_network(self.network, file=self.source)
 
     def replace(self, **changes: Any) -> "ClusterConfig":
         return dataclasses.replace(self, **changes)
@@ -302,6 +310,11 @@ def _check(merged: Mapping[str, Any], *, file: str, sources: Mapping[str, str], 
         if not check(value):
             raise ConfigError(file=_where(file, sources, key), key=key, expected=f"expected {expected}, got {json.dumps(value)}")
     provider = merged["provider"]
+    if merged["network"] is not None:
+        parse_network(merged["network"], file=_where(file, sources, "network"))
+        if provider != "local":
+            raise ConfigError(file=_where(file, sources, "network"), key="network",
+                              expected=f"hosts' networks are made and shaped by the local provider only, not {provider}")
     if provider == "static" and not merged["hosts"]:
         raise ConfigError(file=file, key="hosts", expected="missing; the static provider needs a list of hosts")
     if provider == "ec2":

@@ -61,13 +61,13 @@ def run_inv(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def make_cluster(root: Path, name: str, *, nworkers: int = 4, dev: bool = True) -> ClusterEnv:
-    """Launch a local cluster under ``root`` (state, servers/ and config all inside it)."""
+def make_cluster(root: Path, name: str, *, nworkers: int = 4, dev: bool = True, **keys) -> ClusterEnv:
+    """Launch a local cluster under ``root`` (state, servers/ and config all inside it); ``keys``: more config."""
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / f"{name}.json"
     config_path.write_text(json.dumps({
         "cluster_name": name, "provider": "local", "nworkers": nworkers, "user": "ubuntu",
-        "image": str(REPO / "examples" / "image"), "dev_host": dev, "ttl": 0,
+        "image": str(REPO / "examples" / "image"), "dev_host": dev, "ttl": 0, **keys,
     }))
     cfg = load_config(config_path)
     settings = Settings(servers_dir=str(root / "servers"), state_dir=str(root / "state"),
@@ -95,8 +95,8 @@ def own_cluster(tmp_path):
     """A factory for clusters a test may break; each is destroyed at the end of the test."""
     made: list[ClusterEnv] = []
 
-    def factory(name: str, *, nworkers: int = 2, dev: bool = False) -> ClusterEnv:
-        env = make_cluster(tmp_path / name, f"{name}-{os.getpid() % 100000}", nworkers=nworkers, dev=dev)
+    def factory(name: str, *, nworkers: int = 2, dev: bool = False, **keys) -> ClusterEnv:
+        env = make_cluster(tmp_path / name, f"{name}-{os.getpid() % 100000}", nworkers=nworkers, dev=dev, **keys)
         made.append(env)
         return env
 

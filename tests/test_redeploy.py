@@ -7,6 +7,7 @@ of every entry, symlink targets.
 
 from __future__ import annotations
 
+import re
 import hashlib
 import json
 import os
@@ -357,7 +358,8 @@ def test_a_dead_node_is_named_and_the_others_complete(own_cluster):
         no_traceback(proc)
         err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning: skipped weld/")]
         assert err[-1] == "redeploy: 1/6 hosts failed", proc.stderr
-        assert err[0] == f"[{victim.host}] ssh failed: ssh: connect to host {victim.host} port 22: Connection refused"
+        assert re.fullmatch(rf"\[{re.escape(victim.host)}\] ssh failed: ssh: connect to host {re.escape(victim.host)} "
+                            r"port 22: (Connection timed out|No route to host)", err[0]), err
         assert len(err) == 2, proc.stderr
         assert set(node_lines(proc, env)) == {n.host for n in others}
         assert "to 5/6 nodes" in proc.stdout
@@ -386,7 +388,8 @@ def test_a_dead_node_is_named_and_the_others_complete(own_cluster):
     assert lc.kill_host(env.info.dev.name)
     proc = env.inv("cluster.redeploy")
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"[{env.info.dev.host}] dev instance unreachable: connection refused (is sshd running?)"
+    assert re.fullmatch(rf"\[{re.escape(env.info.dev.host)}\] dev instance unreachable: "
+                        r"(connection timed out|No route to host)", proc.stderr.strip()), proc.stderr
 
 
 # -- pure logic: the broadcast tree's schedule ------------------------------------------

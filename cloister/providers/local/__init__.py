@@ -1,7 +1,8 @@
 """The local provider: a cluster of real sshd "hosts" on this machine, each in its own namespaces.
 
-``machines`` starts and ends the hosts, ``subnets`` hands out their loopback addresses, ``procs``
-reads /proc, ``images`` keeps directory images for ``ami.*``.
+``machines`` starts and ends the hosts (``hostfiles``: what each host runs), ``subnets`` hands out their
+addresses, ``links`` makes their bridge, links and shaping, ``procs`` reads /proc, ``images`` keeps
+directory images for ``ami.*``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class LocalProvider(Provider):
 
     @property
     def machines(self) -> LocalCluster:
-        return LocalCluster(state_root=self.settings.state_dir, cluster=self.cfg.cluster_name, user=self.cfg.user)
+        return LocalCluster(state_root=self.settings.state_dir, cluster=self.cfg.cluster_name, user=self.cfg.user,
+                            spec=self.cfg.network_spec)
 
     def launch(self, *, nworkers: int, confirm: Confirm | None = None,
                progress: Progress | None = None) -> Launched:

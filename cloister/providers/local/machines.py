@@ -1,13 +1,15 @@
-"""The local provider: N real sshd "hosts" on this machine (SPEC section 5).
+"""The local provider: N real sshd "hosts" on this machine.
 
-Host i is an OpenSSH sshd bound to its own loopback address, running as PID 1
-of its own PID/mount/UTS namespaces with its own hostname, /etc/ssh, /etc/hosts,
-home and /tmp. Killing that PID 1 ends every process of the host. An "image"
-is a directory copied into each new host's home.
+Host i is an OpenSSH sshd running as PID 1 of its own PID/mount/UTS/network namespaces with its own
+hostname, /etc/ssh, /etc/hosts, home, /tmp, ``lo`` and ``eth0`` (an address of 198.18.0.0/15 on the
+cluster's bridge; or, in loopback mode, with no network namespace, on its own loopback address).
+Killing that PID 1 ends every process of the host, and its network. An "image" is a directory copied
+into each new host's home.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -25,58 +27,14 @@ from ...files import atomic_write
 from ...poll import Backoff
 from ...cluster.servers import ClusterInfo, Node
 from ..base import NodeStatus
+from ...netspec import NetworkSpec
+from . import links
+from .hostfiles import SSH_CONFIG, init_script, sshd_config
 from .procs import alive, children, cmdline, pids, reap
-from .subnets import HOSTS_PER_SUBNET, claim_subnets, release_subnets
+from .subnets import HOSTS_PER_SUBNET, Block, claim_block, release_claims
 
 SSHD = "/usr/sbin/sshd"
 STATE_FILE = "cluster-state.json"
-
-SSHD_CONFIG = """\
-# Written by cloister's local provider.
-ListenAddress {address}:22
-HostKey /etc/ssh/ssh_host_ed25519_key
-PidFile /run/sshd.pid
-AuthorizedKeysFile .ssh/authorized_keys
-AllowUsers {user}
-PermitRootLogin no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-PrintMotd no
-X11Forwarding no
-AllowAgentForwarding yes
-# Fan-out opens many connections to one host at once (field notes, SPEC 9).
-MaxStartups 200:30:400
-MaxSessions 200
-Subsystem sftp internal-sftp
-"""
-
-SSH_CONFIG = """\
-# Client defaults for ssh between the hosts of this local cluster.
-Host *
-    GlobalKnownHostsFile /etc/ssh/ssh_known_hosts
-    StrictHostKeyChecking yes
-"""
-
-INIT_SCRIPT = """\
-#!/bin/sh
-# Runs as PID 1 of a new PID/mount/UTS namespace; becomes sshd.
-set -e
-H={hostdir}
-hostname {hostname}
-mount --bind "$H/etc_ssh" /etc/ssh
-mount --bind "$H/etc_hosts" /etc/hosts
-mount --bind "$H/etc_hostname" /etc/hostname
-mount --bind "$H/home" {home}
-mount -t tmpfs -o mode=755 tmpfs /run
-mkdir -m755 /run/sshd
-install -m664 -g utmp /dev/null /run/utmp
-mount -t tmpfs tmpfs /dev/shm
-# /tmp last: the host directories may themselves live under /tmp.
-mount --bind "$H/tmp" /tmp
-exec {sshd} -D -e -f /etc/ssh/sshd_config
-"""
-
 
 @dataclass(frozen=True)
 class LocalHost:
@@ -99,7 +57,7 @@ def _keypair() -> tuple[bytes, str]:
     return private, public
 
 
-def check_requirements() -> None:
+def check_requirements(spec: NetworkSpec) -> None:
     """Raise ProviderError unless this machine can run local hosts."""
     if os.geteuid() != 0:
         raise ProviderError("the local provider needs root (namespaces, port 22 on loopback); run as root",
@@ -107,9 +65,9 @@ def check_requirements() -> None:
     if not Path(SSHD).exists():
         raise ProviderError(f"{SSHD} not found: install openssh-server (apt-get install openssh-server rsync)",
                             provider="local")
-    for tool in ("unshare", "setsid", "rsync"):
+    for tool in ("unshare", "setsid", "rsync") + (("ip", "tc") if spec.mode == "netns" else ()):
         if shutil.which(tool) is None:
-            raise ProviderError(f"'{tool}' not found: install util-linux and rsync", provider="local")
+            raise ProviderError(f"'{tool}' not found: install util-linux, rsync and iproute2", provider="local")
 
 
 def ensure_user(user: str) -> pwd.struct_passwd:
@@ -128,24 +86,26 @@ def ensure_user(user: str) -> pwd.struct_passwd:
     return entry
 
 
-def _plan(cluster: str, nworkers: int, dev: bool, subnets: list[int]) -> list[LocalHost]:
+def _plan(cluster: str, nworkers: int, dev: bool, block: Block) -> list[LocalHost]:
     names = [(f"{cluster}-master", "master")]
     names += [(f"{cluster}-worker-{i}", "worker") for i in range(1, nworkers + 1)]
     if dev:
         names.append((f"{cluster}-dev", "dev"))
     hosts = []
     for index, (name, role) in enumerate(names):
-        subnet = subnets[index // HOSTS_PER_SUBNET]
-        hosts.append(LocalHost(name=name, role=role, address=f"127.0.{subnet}.{index % HOSTS_PER_SUBNET + 1}"))
+        prefix = block.prefix(index // HOSTS_PER_SUBNET)
+        hosts.append(LocalHost(name=name, role=role, address=f"{prefix}.{index % HOSTS_PER_SUBNET + 1}"))
     return hosts
 
 
 class LocalCluster:
     """One local cluster's state under ``{state_root}/local/{cluster}/``."""
 
-    def __init__(self, *, state_root: str | os.PathLike, cluster: str, user: str = "ubuntu"):
+    def __init__(self, *, state_root: str | os.PathLike, cluster: str, user: str = "ubuntu",
+                 spec: NetworkSpec = NetworkSpec()):
         self.cluster = cluster
         self.user = user
+        self.spec = spec
         self.dir = state_dir(state_root, cluster)
         self.key = self.dir / "id_ed25519"
         self.known_hosts = self.dir / "known_hosts"
@@ -203,7 +163,7 @@ class LocalCluster:
     # -- launch ------------------------------------------------------------
     def launch(self, *, nworkers: int, dev: bool, image: str | None, timeout: float = 30.0) -> ClusterInfo:
         """Start the cluster, or return the running one unchanged (idempotent)."""
-        check_requirements()
+        check_requirements(self.spec)
         state = self._state()
         if state is not None:
             workers = sum(1 for h in state["hosts"] if h["role"] == "worker")
@@ -221,11 +181,14 @@ class LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         count = 1 + nworkers + (1 if dev else 0)
-        subnets = claim_subnets(-(-count // HOSTS_PER_SUBNET), self.dir)
-        hosts = _plan(self.cluster, nworkers, dev, subnets)
+        block = claim_block(self.spec.mode, count, self.dir)
+        hosts = _plan(self.cluster, nworkers, dev, block)
         try:
-            self._prepare(hosts, entry, image)
-            self._start(hosts)
+            self._prepare(hosts, entry, image, block)
+            if block.mode == "netns":
+                links.create_bridge(block.bridge, address=block.gateway, prefixlen=block.network.prefixlen)
+                links.check_netem(block.bridge, self.spec)
+            self._start(hosts, block)
             self._wait_listening(hosts, timeout)
             for host in hosts:
                 self._record_init_pid(host)
@@ -234,7 +197,7 @@ class LocalCluster:
             raise
         return self.info()
 
-    def _prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None) -> None:
+    def _prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None, block: Block) -> None:
         private, public = _keypair()
         atomic_write(self.key, private, mode=0o600)
         atomic_write(self.key.with_suffix(".pub"), public + "\n")
@@ -249,7 +212,7 @@ class LocalCluster:
             hdir = self.host_dir(host.name)
             etc = hdir / "etc_ssh"
             etc.mkdir(parents=True, exist_ok=True)
-            atomic_write(etc / "sshd_config", SSHD_CONFIG.format(address=host.address, user=entry.pw_name))
+            atomic_write(etc / "sshd_config", sshd_config(address=host.address, user=entry.pw_name, spec=self.spec))
             atomic_write(etc / "ssh_config", SSH_CONFIG)
             atomic_write(etc / "ssh_host_ed25519_key", host_private, mode=0o600)
             atomic_write(etc / "ssh_host_ed25519_key.pub", host_public + "\n")
@@ -270,25 +233,65 @@ class LocalCluster:
             tmp = hdir / "tmp"
             tmp.mkdir(exist_ok=True)
             os.chmod(tmp, 0o1777)
-            atomic_write(hdir / "init.sh", INIT_SCRIPT.format(hostdir=hdir, hostname=host.name, home=entry.pw_dir,
-                                                        sshd=SSHD), mode=0o755)
+            atomic_write(hdir / "init.sh", init_script(hostdir=str(hdir), hostname=host.name, home=entry.pw_dir,
+                                                       sshd=SSHD, address=host.address,
+                                                       prefixlen=block.network.prefixlen, spec=self.spec), mode=0o755)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(prepare, zip(hosts, host_keys)))
         state = {"cluster": self.cluster, "user": entry.pw_name, "launched": time.time(),
-                 "subnets": sorted({int(h.address.split(".")[2]) for h in hosts}),
+                 "block": block.to_json(), "bridge": block.bridge if block.mode == "netns" else None,
                  "hosts": [{"name": h.name, "role": h.role, "address": h.address} for h in hosts]}
         atomic_write(self.dir / STATE_FILE, json.dumps(state, indent=2))
 
-    def _start(self, hosts: list[LocalHost]) -> None:
-        for host in hosts:
-            hdir = self.host_dir(host.name)
-            with open(hdir / "sshd.log", "ab") as log:
-                proc = subprocess.Popen(
-                    ["unshare", "--pid", "--fork", "--kill-child=SIGTERM", "--mount", "--uts", "--mount-proc",
-                     "--propagation", "private", "/bin/sh", str(hdir / "init.sh")],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
-            atomic_write(hdir / "unshare.pid", str(proc.pid))
+    def _start(self, hosts: list[LocalHost], block: Block) -> None:
+        netns = block.mode == "netns"
+        waiting: dict[str, tuple[int, int]] = {}  # host -> (unshare's pid, the pipe its PID 1 waits on)
+        try:
+            for host in hosts:
+                hdir = self.host_dir(host.name)
+                read_end, write_end = os.pipe() if netns else (subprocess.DEVNULL, -1)
+                try:
+                    with open(hdir / "sshd.log", "ab") as log:
+                        proc = subprocess.Popen(
+                            ["unshare", "--pid", "--fork", "--kill-child=SIGTERM", "--mount", "--uts", "--mount-proc",
+                             *(["--net"] if netns else []), "--propagation", "private", "/bin/sh",
+                             str(hdir / "init.sh")],
+                            stdin=read_end, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+                finally:
+                    if netns:
+                        os.close(read_end)
+                if netns:
+                    waiting[host.name] = (proc.pid, write_end)
+                atomic_write(hdir / "unshare.pid", str(proc.pid))
+            if netns:
+                self._link(hosts, block, {name: pid for name, (pid, _) in waiting.items()})
+                for _, write_end in waiting.values():
+                    os.write(write_end, b"go\n")
+        finally:
+            for _, write_end in waiting.values():
+                os.close(write_end)
+
+    def _link(self, hosts: list[LocalHost], block: Block, unshares: dict[str, int]) -> None:
+        """Once each unshare is in its new network namespace, give it its veth (named by host index)."""
+        own = os.readlink("/proc/self/ns/net")
+        backoff = Backoff(10.0, initial=0.001, maximum=0.05)
+        pending = set(unshares)
+        while pending:
+            for name in list(pending):
+                pid = unshares[name]
+                if not alive(pid):
+                    reap(pid)
+                    raise ProviderError(f"[{name}] could not start its namespaces: {self.log_tail(name)}",
+                                        provider="local", cluster=self.cluster)
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/ns/net") != own:
+                        pending.discard(name)
+            if pending and not backoff.wait():
+                raise ProviderError(f"{len(pending)} local host(s) got no network namespace in 10s",
+                                    provider="local", cluster=self.cluster)
+        veths = [(f"clv{block.first}-{index}", unshares[host.name]) for index, host in enumerate(hosts)]
+        links.attach(veths, bridge=block.bridge, spec=self.spec)
 
     def _wait_listening(self, hosts: list[LocalHost], timeout: float) -> None:
         pending = {h.name: h for h in hosts}
@@ -376,8 +379,12 @@ class LocalCluster:
             if argv.startswith("unshare ") and hosts_dir in argv:
                 hdir = argv.split(hosts_dir, 1)[1].split("/", 1)[0]
                 self._end_namespace(pid, hosts_dir + hdir)
-        subnets = state.get("subnets", []) if state else []
+        bridge = state.get("bridge") if state else None
+        if bridge:
+            links.remove_bridge(bridge)
+        # Claims name the bridges of a launch interrupted before its state was written.
+        for leftover in release_claims(self.dir):
+            links.remove_bridge(leftover)
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-        release_subnets(subnets, self.dir)
         return running
