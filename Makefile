@@ -7,9 +7,10 @@ PYTHON ?= python3
 system-deps:
 	@scripts/system-deps.sh
 
-# The tests also boot EC2 twin instances (systemd, cloud-init) and run OpenMPI across local hosts.
+# The tests also boot EC2 twin instances (systemd, cloud-init) and run OpenMPI across local hosts (mpicc builds
+# a ring that talks over the hosts' own links).
 test-deps:
-	@scripts/system-deps.sh openmpi-bin
+	@scripts/system-deps.sh openmpi-bin libopenmpi-dev
 	@scripts/twin-deps.sh
 
 $(VENV)/.installed: pyproject.toml

@@ -8,7 +8,8 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v ps >/dev/null 2>&1 || need+=(procps)
-command -v ss >/dev/null 2>&1 || need+=(iproute2)
+# ip and tc: each local host's own network (bridge, veth, shaping).
+for tool in ss ip tc; do command -v $tool >/dev/null 2>&1 || { need+=(iproute2); break; }; done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -182,3 +182,22 @@ def test_loopback_mode_still_runs_hosts_on_loopback(own_cluster):
     assert all(node.host.startswith("127.0.") for node in env.info.nodes)
     assert state(env)["bridge"] is None
     assert sh(env.info, env.info.workers[0], "hostname").stdout.strip() == env.info.workers[0].name
+
+
+def test_no_network_namespaces_is_one_line_naming_the_fallback(tmp_path):
+    """Where the kernel or a container refuses bridges (here: an `ip` that says so), the launch fails in
+    one line that names the setting to fall back on, and leaves nothing behind."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ip").write_text("#!/bin/sh\ncase \"$*\" in *route*) echo '[]'; exit 0;; esac\n"
+                             "cat > /dev/null; echo 'RTNETLINK answers: Operation not permitted' >&2; exit 2\n")
+    (fake / "ip").chmod(0o755)
+    config = tmp_path / "nonet.json"
+    config.write_text(json.dumps({"cluster_name": "nanonet", "provider": "local", "nworkers": 1, "dev_host": False,
+                                  "image": str(REPO / "examples" / "image"), "ttl": 0}))
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "INVOKE_CLOISTER_STATE_DIR": str(tmp_path / "state"),
+           "INVOKE_CLOISTER_SERVERS_DIR": str(tmp_path / "servers")}
+    line = one_line_error(run_inv("cluster.launch", "--config", str(config), env=env))
+    assert "Operation not permitted" in line and '"mode": "loopback"' in line
+    assert not (tmp_path / "state" / "local" / "nanonet").exists()
+    assert claims_of((tmp_path / "state" / "local" / "nanonet").resolve()) == []

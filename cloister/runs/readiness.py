@@ -2,8 +2,8 @@
 
 A process is ready when a socket that one of its own processes holds (its process group's socket
 inodes, matched against the host's listening sockets) listens on its port, or when its log shows the
-benchmark's ready line. On local hosts, which share one network, a port held by another host's
-process must not count. A process that ends before it is ready fails the run at once, named with the
+benchmark's ready line. Where hosts share one network (local hosts in loopback mode), a port held by
+another host's process must not count. A process that ends before it is ready fails the run at once, named with the
 last lines of its log.
 """
 

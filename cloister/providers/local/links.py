@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ...errors import ProviderError
 from ...netspec import NetworkSpec
+from ...poll import Backoff
 
 HOST_IF = "eth0"
 FALLBACK = 'set "network": {"mode": "loopback"} in the config to run hosts on this machine\'s loopback instead'
@@ -62,11 +63,23 @@ def create_bridge(name: str, *, address: str, prefixlen: int) -> None:
 
 
 def remove_bridge(name: str) -> bool:
-    """Remove a bridge cloister made (its veths are gone with their hosts); True if there was one."""
-    if not (exists(name) and Path("/sys/class/net", name, "bridge").is_dir()):
-        return False
-    _run(["ip", "link", "del", name], what=f"removing bridge {name}")
-    return True
+    """Remove a cluster's bridge and whatever root ends of its veths are left (a host's netns is
+    freed asynchronously after its last process, and its veth with it); wait until they are gone, so
+    the next cluster on these addresses can take their names. True if anything was there."""
+    def veths() -> list[str]:
+        return [p.name for p in Path("/sys/class/net").glob(f"clv{name[len('clb-'):]}-*")]
+
+    found = veths()
+    if exists(name) and Path("/sys/class/net", name, "bridge").is_dir():
+        found.append(name)
+    for link in found:
+        subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=60)  # gone meanwhile: fine
+    backoff = Backoff(10.0, initial=0.005, maximum=0.1)
+    while veths() or exists(name):
+        if not backoff.wait():
+            raise ProviderError(f"links of {name} still present after 10s: {', '.join(veths()[:4]) or name}",
+                                provider="local")
+    return bool(found)
 
 
 def check_netem(bridge: str, spec: NetworkSpec) -> None:

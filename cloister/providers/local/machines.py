@@ -186,6 +186,7 @@ class LocalCluster:
         try:
             self._prepare(hosts, entry, image, block)
             if block.mode == "netns":
+                links.remove_bridge(block.bridge)  # a leftover of an earlier holder of these addresses
                 links.create_bridge(block.bridge, address=block.gateway, prefixlen=block.network.prefixlen)
                 links.check_netem(block.bridge, self.spec)
             self._start(hosts, block)
@@ -282,8 +283,8 @@ class LocalCluster:
                 pid = unshares[name]
                 if not alive(pid):
                     reap(pid)
-                    raise ProviderError(f"[{name}] could not start its namespaces: {self.log_tail(name)}",
-                                        provider="local", cluster=self.cluster)
+                    raise ProviderError(f"[{name}] could not start its namespaces: {self.log_tail(name)}; "
+                                        f"{links.FALLBACK}", provider="local", cluster=self.cluster)
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{pid}/ns/net") != own:
                         pending.discard(name)
