@@ -19,6 +19,7 @@ from cloister.cluster import lifecycle as lib
 from cloister.transport import hosts
 from cloister.errors import ProviderError
 from cloister.providers.local.machines import LocalCluster
+from cloister.providers.local.subnets import CLAIMS_DIR
 from conftest import INV, REPO
 
 
@@ -211,5 +212,8 @@ def test_an_interrupted_launch_leaves_nothing_running(tmp_path, when):
     assert "Traceback" not in out + err
     assert err.strip().splitlines()[-1].startswith("interrupted: launch of 'intr' stopped")
     assert _processes_mentioning(str(hosts_dir)) == []
+    # Nor any address claim (and so no bridge) of the cluster.
+    claims = [c for c in CLAIMS_DIR.iterdir() if not c.name.startswith(".")]
+    assert [c.name for c in claims if c.read_text().strip() == str((state / "local" / "intr").resolve())] == []
     assert not (state / "local" / "intr").exists()
     assert not (tmp_path / "srv" / "cluster.json").exists()

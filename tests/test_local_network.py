@@ -15,7 +15,8 @@ from cloister.config import load_config
 from cloister.errors import ConfigError, ProviderError
 from cloister.providers.local import links
 from cloister.providers.local.machines import LocalCluster
-from cloister.providers.local.subnets import CLAIMS_DIR
+from cloister.netspec import NetworkSpec, parse_network
+from cloister.providers.local.subnets import CLAIMS_DIR, Block
 from cloister.transport import hosts
 from conftest import REPO, one_line_error, run_inv
 from netprobe import round_trip, throughput
@@ -130,6 +131,9 @@ def test_latency_is_applied_or_refused_naming_netem(tmp_path, own_cluster):
 
 @pytest.mark.parametrize("network, key, says", [
     ({"rate": "fast"}, "network.rate", "'1gbit'"),
+    ({"rate": "1gbit; reboot"}, "network.rate", "'1gbit'"),
+    ({"rate": "1bit"}, "network.rate", "at least 8kbit"),
+    ({"latency": "2ms $(reboot)"}, "network.latency", "'2ms'"),
     ({"rate": "1gbit", "latency": 2}, "network.latency", "'2ms'"),
     ({"loss": "2"}, "network.loss", "'0.5%'"),
     ({"lossy": "1%"}, "network.lossy", "unknown key"),
@@ -201,3 +205,25 @@ def test_no_network_namespaces_is_one_line_naming_the_fallback(tmp_path):
     assert "Operation not permitted" in line and '"mode": "loopback"' in line
     assert not (tmp_path / "state" / "local" / "nanonet").exists()
     assert claims_of((tmp_path / "state" / "local" / "nanonet").resolve()) == []
+
+
+def test_a_large_cluster_is_one_aligned_network():
+    block = Block("netns", 2, 2)
+    assert str(block.network) == "198.18.2.0/23" and block.prefix(1) == "198.18.3"
+    assert block.gateway == "198.18.3.254" and block.bridge == "clb-2"
+    assert Block("netns", 256, 1).prefix(0) == "198.19.0" and Block("netns", 511, 1).gateway == "198.19.255.254"
+    assert Block("loopback", 5, 2).prefix(1) == "127.0.6"
+
+
+def test_shaping_commands_split_latency_and_loss_between_the_two_ends():
+    spec = parse_network({"rate": "1gbit", "latency": "2ms", "loss": "1%"}, file="x.json")
+    assert (spec.rate_bit, spec.latency_us, spec.loss_pct) == (10**9, 2000, 1.0)
+    root, child = links.qdisc_commands("clv0-1", spec)
+    assert root.startswith("qdisc add dev clv0-1 root handle 1: netem limit 100000 delay 1000us loss 0.5012")
+    assert child.startswith("qdisc add dev clv0-1 parent 1:1 handle 10: tbf rate 1000000000bit burst 500000 ")
+    # Each end loses p with (1 - p)^2 = 0.99: both together lose the configured 1 %.
+    each = float(root.split("loss ")[1].rstrip("%")) / 100
+    assert abs((1 - each) ** 2 - 0.99) < 1e-6
+    assert links.qdisc_commands("eth0", NetworkSpec()) == []
+    assert links.qdisc_commands("eth0", parse_network({"rate": "10mbps"}, file="x")) == \
+        ["qdisc add dev eth0 root handle 1: tbf rate 80000000bit burst 40000 latency 50ms"]

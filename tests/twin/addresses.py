@@ -1,7 +1,7 @@
 """The twin's loopback address pool: 127.0.S.h with S in 200-249, one /24 claimed at a time.
 
-cloister's local provider claims 127.0.S.0/24 blocks from S=1 upwards through files in its claims
-directory; the twin takes claims there too (same files, same lock), so neither hands out an address
+cloister's local provider in loopback mode claims 127.0.S.0/24 blocks from S=1 upwards through files
+in its claims directory; the twin takes claims there too (same files, same lock), so neither hands out an address
 the other uses. Addresses are never reused within a twin, as a terminated instance's known host key
 would otherwise clash with its successor's.
 """

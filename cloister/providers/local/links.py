@@ -60,6 +60,8 @@ def create_bridge(name: str, *, address: str, prefixlen: int) -> None:
                    f"address add {address}/{prefixlen} dev {name}\nlink set dev {name} up\n")
     except ProviderError as err:
         raise ProviderError(f"{err}; {FALLBACK}", provider="local") from None
+    # Nothing that arrives from the hosts is forwarded, whatever this machine forwards elsewhere.
+    Path(f"/proc/sys/net/ipv4/conf/{name}/forwarding").write_text("0\n")
 
 
 def remove_bridge(name: str) -> bool:
