@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from .links import host_script
 from ...netspec import NetworkSpec
 
@@ -64,7 +66,8 @@ def init_script(*, hostdir: str, hostname: str, home: str, sshd: str, address: s
                 spec: NetworkSpec) -> str:
     network = "" if spec.mode == "loopback" else \
         NETWORK_WAIT + host_script(address=address, prefixlen=prefixlen, spec=spec)
-    return INIT_SCRIPT.format(hostdir=hostdir, hostname=hostname, home=home, sshd=sshd, network=network)
+    return INIT_SCRIPT.format(hostdir=shlex.quote(hostdir), hostname=shlex.quote(hostname), home=shlex.quote(home),
+                              sshd=shlex.quote(sshd), network=network)
 
 
 def sshd_config(*, address: str, user: str, spec: NetworkSpec) -> str:

@@ -259,6 +259,10 @@ class LocalCluster:
                              *(["--net"] if netns else []), "--propagation", "private", "/bin/sh",
                              str(hdir / "init.sh")],
                             stdin=read_end, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+                except BaseException:
+                    if netns:
+                        os.close(write_end)
+                    raise
                 finally:
                     if netns:
                         os.close(read_end)
@@ -268,7 +272,9 @@ class LocalCluster:
             if netns:
                 self._link(hosts, block, {name: pid for name, (pid, _) in waiting.items()})
                 for _, write_end in waiting.values():
-                    os.write(write_end, b"go\n")
+                    # A host that has already ended is named with its log by the wait that follows.
+                    with contextlib.suppress(BrokenPipeError):
+                        os.write(write_end, b"go\n")
         finally:
             for _, write_end in waiting.values():
                 os.close(write_end)
