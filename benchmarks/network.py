@@ -5,7 +5,8 @@ For each setting a local cluster (a master and two workers) is launched in a tem
 directory and measured between its two workers, on the hosts themselves over SSH (tests/netprobe.py):
 
 - round trip: median of --count one-byte TCP round trips on one connection (TCP_NODELAY);
-- throughput: one TCP stream for --seconds, counted by the receiver from its first byte.
+- throughput: one TCP stream for --seconds, counted by the receiver from its first byte;
+each taken --repeat times, the median shown.
 
 Settings: each host in its own network namespace on the cluster's bridge, unshaped and shaped to
 each --rates; a latency setting when the kernel has netem (otherwise shown as refused); and the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +35,7 @@ from cloister.settings import Settings  # noqa: E402
 from netprobe import round_trip, throughput  # noqa: E402
 
 
-def measure(root: Path, name: str, network: dict, *, count: int, seconds: float) -> tuple[str, str]:
+def measure(root: Path, name: str, network: dict, *, count: int, seconds: float, repeat: int) -> tuple[str, str]:
     config = root / f"{name}.json"
     config.write_text(json.dumps({"cluster_name": name, "provider": "local", "nworkers": 2, "dev_host": False,
                                   "image": str(REPO / "examples" / "image"), "ttl": 0, "network": network}))
@@ -43,11 +45,11 @@ def measure(root: Path, name: str, network: dict, *, count: int, seconds: float)
     try:
         info = lib.launch(cfg, settings=settings).info
         one, two = info.workers
-        rtt = round_trip(info, one, two, count=count)
-        rate = throughput(info, one, two, seconds=seconds)
+        rtt = statistics.median(round_trip(info, one, two, count=count) for _ in range(repeat))
+        rate = statistics.median(throughput(info, one, two, seconds=seconds) for _ in range(repeat))
         return f"{rtt * 1e6:.0f} us", f"{rate / 1e9:.2f} Gbit/s" if rate >= 1e9 else f"{rate / 1e6:.0f} Mbit/s"
     except CloisterError as err:
-        return "refused", str(err)[:70]
+        return "refused", str(err).split(" (")[0]
     finally:
         lib.destroy(cfg, settings=settings)
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--latency", default="1ms", help="a one-way latency to measure where netem exists")
     parser.add_argument("--count", type=int, default=500, help="round trips to take the median of")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of each throughput stream")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per setting; the median is shown")
     args = parser.parse_args()
     settings = [("netns, unshaped", {}),
                 *((f"netns, rate {rate}", {"rate": rate}) for rate in args.rates.split(",") if rate),
@@ -67,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cloister-netbench-") as tmp:
         for index, (label, network) in enumerate(settings):
             rows.append((label, *measure(Path(tmp), f"nabench{index}", network, count=args.count,
-                                         seconds=args.seconds)))
+                                         seconds=args.seconds, repeat=args.repeat)))
             print(f"{rows[-1][0]:<28} {rows[-1][1]:>10}  {rows[-1][2]}", file=sys.stderr)
     width = max(len(r[0]) for r in rows)
     print(f"{'setting':<{width}}  {'round trip':>10}  throughput (1 TCP stream)")
