@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import shlex
+import socket
 import subprocess
 import threading
 import uuid
@@ -145,7 +146,7 @@ exec python3 - "$@" <<'PY'
 import socket, sys, time
 host, port, first = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")[0]
 if host != first:
-    # Only once the first host's worker holds 0.0.0.0:port: the hosts share one network.
+    # Only once the first host's worker holds 0.0.0.0:port (which, on one shared network, is this port too).
     while True:
         try:
             socket.create_connection((first, port), timeout=1).close()
@@ -165,22 +166,47 @@ PY
 """
 
 
-def test_a_port_held_by_another_hosts_worker_is_not_ready(exp):
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["netns", "loopback"])
+def test_a_port_held_by_another_hosts_worker_is_not_ready(exp, own_cluster, tmp_path, mode):
+    """Two workers bind 0.0.0.0 on the same port. Each local host a network host: both hold it, each is
+    ready by its own socket. In loopback mode (one shared network) the second cannot bind, and the
+    first's socket must not make it look ready."""
+    port = 50000
+    if mode == "loopback":
+        (tmp_path / "loopexp").mkdir()
+        exp = Exp(own_cluster("loopx", nworkers=2, network={"mode": "loopback"}), tmp_path / "loopexp")
+        port = free_port()  # this machine's one network: any other program's 50000 would be in the way
     exp.remote(f"mkdir -p ~/anyaddr && printf %s {shlex.quote(ANY_ADDRESS_WORKER)} > ~/anyaddr/w.sh "
                "&& chmod +x ~/anyaddr/w.sh")
     add_benchmarks(exp, anyaddr={"dir": "~/anyaddr", "binary": "./w.sh", "commands": {
-        "worker": "{binary} {host} {port} {worker_hosts}", "master": "echo the master ran"}})
+        "worker": "{binary} {host} {port} {worker_hosts}", "master": "echo the master ran"},
+        "ports": {"manager": port - 2, "master": port - 1, "worker_base": port}})
     first, second = exp.info.workers[:2]
     try:
         proc = exp.inv("exp.run", "--benchmark", "anyaddr", "-k", "2", "-p", "1", "--no-manager")
-        assert proc.returncode == 1, proc.stdout + proc.stderr
         no_traceback(proc)
-        assert "the master ran" not in proc.stdout
-        assert (f"[{second.host}] worker1 exited at start-up with exit 1: "
-                f"bind 0.0.0.0:50000 on {second.host}: Address already in use") in proc.stderr.splitlines()
-        assert f"[{first.host}]" not in proc.stderr
-        record = exp.record("anyaddr")
-        assert {r["host"]: r["status"] for r in record["roles"]} == {first.host: "killed", second.host: "exited early"}
+        if mode == "netns":
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert "the master ran" in proc.stdout and "already in use" not in proc.stdout + proc.stderr
+            run_id, run_dir = exp.only_run("anyaddr")
+            for index, node in enumerate((first, second)):
+                log = (run_dir / node.host / f"worker{index}_{run_id}.log").read_text()
+                assert "listening on 0.0.0.0:50000" in log, log
+        else:
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            assert "the master ran" not in proc.stdout
+            assert (f"[{second.host}] worker1 exited at start-up with exit 1: "
+                    f"bind 0.0.0.0:{port} on {second.host}: Address already in use") in proc.stderr.splitlines()
+            assert f"[{first.host}]" not in proc.stderr
+            record = exp.record("anyaddr")
+            assert {r["host"]: r["status"] for r in record["roles"]} == \
+                {first.host: "killed", second.host: "exited early"}
         assert exp.leftovers("[w].sh|[p]ython3 -") == {}
     finally:
         exp.remote("rm -rf ~/anyaddr")

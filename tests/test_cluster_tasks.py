@@ -316,7 +316,9 @@ def test_mpirun_from_the_master_runs_across_the_workers(local_cluster):
     # Each host is a network host of its own: no interface flags, as on a real cluster.
     run = sh(info, info.master, "mpirun --hostfile ~/cloister/servers/mpi_hosts.txt -n %d hostname" % len(info.workers))
     assert run.exited == 0, run.stderr
-    assert sorted(run.stdout.split()) == sorted(w.name for w in info.workers)
+    # mpirun's launcher may warn of a harmless setpgid race under load ("[host:pid] plm:rsh: Warning: ...").
+    ranks = [line for line in run.stdout.splitlines() if not re.match(r"\[\S+:\d+\] plm:", line)]
+    assert sorted(ranks) == sorted(w.name for w in info.workers)
     if not shutil.which("mpicc"):
         return
     # Messages between ranks go over the TCP BTL, which must pick each host's eth0 (and never lo).
