@@ -80,3 +80,12 @@ class AwsError(CloisterError):
         self.region = region
         self.cluster = cluster
         super().__init__(message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised again once the clean-up it set off has finished; ``outcome`` says what that clean-up
+    did, as a person should hear it ("ended the 5 hosts it had started")."""
+
+    def __init__(self, outcome: str):
+        self.outcome = outcome
+        super().__init__(outcome)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,18 @@ def task(*args: Any, **kwargs: Any):
             except CloisterError as err:
                 raise Exit(str(err), code=1)
             except KeyboardInterrupt:
-                raise Exit(f"interrupted: {body.__name__.strip('_').replace('_', '-')} stopped (Ctrl-C)",
-                           code=INTERRUPTED)
+                raise interrupted(f"interrupted: {body.__name__.strip('_').replace('_', '-')} stopped (Ctrl-C)")
 
         return invoke_task(*args, **kwargs)(wrapper)
 
     return decorate
+
+
+def interrupted(message: str) -> Exit:
+    """The Exit (130) of a task stopped by Ctrl-C. The task is over and its clean-up done: from here on
+    Ctrl-C is ignored, so that one more press cannot turn the last line into a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return Exit(message, code=INTERRUPTED)
 
 
 def number(flag: str, value: str | None, kind: type = int, *, positive: bool = False) -> int | float | None:

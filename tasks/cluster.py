@@ -15,11 +15,11 @@ from cloister.cluster import budget
 from cloister import deploy, layout
 from cloister.transport import putget
 from cloister.config import label_overrides
-from cloister.errors import CloisterError, HostsFailed
+from cloister.errors import CloisterError, HostsFailed, Interrupted
 from cloister.runs import lock as runlock
 from cloister.transport.transfer import Transfer, failures
 
-from ._common import load, number, settings, task
+from ._common import interrupted, load, number, settings, task
 from ._output import confirm, files, progress_bar, records, size, warning
 
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
@@ -51,9 +51,11 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
         with progress_bar() as bar:
             result = lib.launch(cfg, settings=conf, wait=wait, confirm=None if yes else bar.confirm,
                                 progress=bar.update)
-    except KeyboardInterrupt:
-        raise Exit(f"interrupted: launch of '{cfg.cluster_name}' stopped"
-                   + lib.provider(cfg, settings=conf).interrupted_note(), code=130)
+    except KeyboardInterrupt as stopped:
+        # What the clean-up really did when there was one, else what the provider can say.
+        note = f"; {stopped.outcome}" if isinstance(stopped, Interrupted) else \
+            lib.provider(cfg, settings=conf).interrupted_note()
+        raise interrupted(f"interrupted: launch of '{cfg.cluster_name}' stopped{note}")
     info = result.info
     if result.replaced:
         print(f"note: {conf.servers_dir}/ described cluster '{result.replaced}', which this launch does not "

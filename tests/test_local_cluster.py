@@ -217,3 +217,34 @@ def test_an_interrupted_launch_leaves_nothing_running(tmp_path, when):
     assert [c.name for c in claims if c.read_text().strip() == str((state / "local" / "intr").resolve())] == []
     assert not (state / "local" / "intr").exists()
     assert not (tmp_path / "srv" / "cluster.json").exists()
+
+
+def test_more_ctrl_c_cannot_cut_the_launch_clean_up_short(tmp_path):
+    """Ctrl-C once the hosts are up, then again and again while the clean-up ends them (a terminal sends
+    SIGINT to the whole process group): every host is ended, the clean-up says once that it is cleaning
+    up, and the last line counts what was really ended."""
+    config = tmp_path / "rbtwice.json"
+    config.write_text(json.dumps({"cluster_name": "rbtwice", "provider": "local", "nworkers": 12, "dev_host": False,
+                                  "image": str(REPO / "examples" / "image"), "ttl": 0}))
+    state = tmp_path / "state"
+    env = {**os.environ, "INVOKE_CLOISTER_STATE_DIR": str(state), "INVOKE_CLOISTER_SERVERS_DIR": str(tmp_path / "srv")}
+    proc = subprocess.Popen([INV, "cluster.launch", "--config", str(config)], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hosts_dir = state / "local" / "rbtwice" / "hosts"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(hosts_dir.glob("*/init.pid"))) < 13:
+        time.sleep(0.01)
+    presses = 0
+    while proc.poll() is None and presses < 40:
+        os.killpg(proc.pid, signal.SIGINT)
+        presses += 1
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    assert presses > 1, "the launch ended before a second Ctrl-C"
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err and "Socket exception" not in out + err
+    lines = err.strip().splitlines()
+    assert lines.count("cleaning up, please wait") <= 1, err
+    assert lines[-1] == "interrupted: launch of 'rbtwice' stopped; ended the 13 hosts it had started", err
+    assert _processes_mentioning(str(hosts_dir)) == []
+    assert not (state / "local" / "rbtwice").exists()

@@ -19,7 +19,8 @@ from . import access, keys
 from .. import layout, providers
 from ..transport import hosts, remote
 from ..config import TTL_RE, ClusterConfig, parse_ttl
-from ..errors import CloisterError, HostsFailed
+from ..errors import CloisterError, HostsFailed, Interrupted
+from ..interrupts import shielded
 from ..providers.base import ClusterRow, Confirm, NodeStatus, Plan, Progress, Provider
 from ..transport.remote import Captured
 from .servers import ClusterInfo, Node, clear_servers, read_servers, text_files, write_servers
@@ -62,10 +63,13 @@ def launch(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = Non
         # A cluster this call created and could not finish (an error, Ctrl-C) must not be left behind.
         if launched.created:
             try:
-                prov.rollback(exc, info=info, confirm=confirm, progress=progress)
+                outcome = prov.rollback(exc, info=info, confirm=confirm, progress=progress)
             finally:
-                clear_own_servers(cfg, settings)
-                keys.forget(settings.state_dir, info)
+                with shielded():
+                    clear_own_servers(cfg, settings)
+                    keys.forget(settings.state_dir, info)
+            if isinstance(exc, KeyboardInterrupt) and outcome:
+                raise Interrupted(outcome) from None
         raise
     return LaunchResult(info=info, created=launched.created,
                         replaced=previous if previous not in (None, info.cluster_name) else None)

@@ -155,11 +155,12 @@ class Provider(ABC):
 
     @abstractmethod
     def rollback(self, cause: BaseException, *, info: ClusterInfo, confirm: Confirm | None = None,
-                 progress: Progress | None = None) -> None:
-        """A launch that created ``info`` failed later (``cause``): end what it created.
+                 progress: Progress | None = None) -> str | None:
+        """A launch that created ``info`` failed later (``cause``): end what it created, and say what
+        became of it in one line (what was really ended, what was not), or None when nothing was made.
 
         May raise an error that tells what became of the machines instead of returning; the caller
-        re-raises ``cause`` when it returns.
+        re-raises ``cause`` when it returns. Runs shielded from further Ctrl-C.
         """
 
     @abstractmethod

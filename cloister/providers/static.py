@@ -38,8 +38,9 @@ class StaticProvider(Provider):
         return Launched(info=self.info(), created=False)
 
     def rollback(self, cause: BaseException, *, info: ClusterInfo, confirm: Confirm | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None) -> str | None:
         """Nothing was created, so nothing is ended."""
+        return None
 
     def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
         """The machines stay; the cluster key that copy-dns authorized on them goes."""

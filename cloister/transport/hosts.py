@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import logging
 import os
 import queue
 import resource
@@ -31,6 +32,11 @@ from ..poll import Backoff
 from .remote import Stopped
 from ..cluster.servers import ClusterInfo, Node
 from ..settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
+
+# paramiko logs a connection reset by a host going away ("Socket exception: ...") from its transport
+# thread; with no handler of its own that would reach the terminal through logging's last resort.
+# Every such failure reaches cloister as an exception, which names its host.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # How often a wait for SSH asks the provider whether silent nodes' boots have failed.
 BOOT_LOOK_EVERY = 10.0

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 from ...config import ClusterConfig
 from ...errors import AwsError, CloisterError, ProviderError
+from ...interrupts import shielded
 from ...settings import Settings
 from ..base import Confirm, Launched, Progress
 from . import swap, ttl
@@ -201,7 +202,8 @@ def abandon(cfg: ClusterConfig, cause: BaseException, *, settings: Settings, ids
                 outcome = "no instances were created" + _drop_group(client, lock)
             elif confirmed(confirm, f"launch of ec2 cluster '{name}' failed ({one_line(error, 120)}); "
                                      f"terminate the {len(known)} instances it created?"):
-                teardown(client, cfg, known, settings=settings, progress=progress)
+                with shielded():  # asked first; once the answer is yes, a second Ctrl-C must not cut it short
+                    teardown(client, cfg, known, settings=settings, progress=progress)
                 outcome = f"terminated the {len(known)} instances it created"
             else:
                 outcome = (f"left {len(known)} instances running (they terminate at their TTL); "

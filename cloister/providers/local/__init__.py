@@ -43,8 +43,8 @@ class LocalProvider(Provider):
         return found[0].id
 
     def rollback(self, cause: BaseException, *, info: ClusterInfo, confirm: Confirm | None = None,
-                 progress: Progress | None = None) -> None:
-        self.machines.destroy()
+                 progress: Progress | None = None) -> str | None:
+        return self.machines.end_launch()
 
     def destroy(self, *, confirm: Confirm | None = None, progress: Progress | None = None) -> list[str]:
         machines = self.machines
@@ -52,6 +52,11 @@ class LocalProvider(Provider):
         if not machines.exists():
             return [f"no local cluster '{name}' is running; nothing to destroy"]
         running = machines.destroy()
+        left = machines.running_hosts()
+        if left:
+            raise ProviderError(f"local cluster '{name}': {len(left)} hosts still running after the destroy: "
+                                f"{', '.join(left[:8])}; run inv cluster.destroy --yes again",
+                                provider=self.name, cluster=name)
         return [f"destroyed local cluster '{name}' ({running} hosts were running)"]
 
     def status(self) -> list[NodeStatus]:
@@ -91,7 +96,7 @@ class LocalProvider(Provider):
         return []
 
     def interrupted_note(self) -> str:
-        return " and the hosts it had started were ended"
+        return "; inv cluster.status shows what is left"
 
     def images(self) -> ImageStore:
         return LocalImages(self.cfg, state_dir=self.settings.state_dir)

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import ProviderError
+from ...errors import Interrupted, ProviderError
+from ...interrupts import shielded
 from ...files import atomic_write
 from ...poll import Backoff
 from ...cluster.servers import ClusterInfo, Node
@@ -193,10 +194,12 @@ class LocalCluster:
             self._wait_listening(hosts, timeout)
             for host in hosts:
                 self._record_init_pid(host)
-        except BaseException:
-            self.destroy()
+            return self.info()
+        except BaseException as exc:
+            outcome = self.end_launch()
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(outcome) from None
             raise
-        return self.info()
 
     def _prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None, block: Block) -> None:
         private, public = _keypair()
@@ -342,6 +345,31 @@ class LocalCluster:
         return " | ".join(text[-lines:]) or "(empty log)"
 
     # -- destroy -----------------------------------------------------------
+    def running_hosts(self) -> list[str]:
+        """The hosts of this cluster whose namespace still runs, recorded or not (found by their unshare)."""
+        hosts_dir = f"{self.dir}/hosts/"
+        found = set()
+        for pid in pids():
+            argv = cmdline(pid)
+            if argv.startswith("unshare ") and hosts_dir in argv:
+                found.add(argv.split(hosts_dir, 1)[1].split("/", 1)[0])
+        return sorted(found)
+
+    def end_launch(self) -> str:
+        """End what an unfinished launch started, a second Ctrl-C notwithstanding; say in one line what
+        was really ended and name what was not."""
+        with shielded():
+            started = self.running_hosts()
+            self.destroy()
+            left = self.running_hosts()
+        if not started:
+            return "no host had started"
+        if not left:
+            return f"ended the {len(started)} hosts it had started"
+        more = f" and {len(left) - 8} more" if len(left) > 8 else ""
+        return (f"ended {len(set(started) - set(left))} of the {len(started)} hosts it had started; still running: "
+                f"{', '.join(left[:8])}{more} (inv cluster.destroy --yes ends them)")
+
     def kill_host(self, name: str) -> bool:
         """End one host: SIGKILL its namespace's PID 1, which takes every process of the host with it."""
         hdir = str(self.host_dir(name))
@@ -386,6 +414,8 @@ class LocalCluster:
             if argv.startswith("unshare ") and hosts_dir in argv:
                 hdir = argv.split(hosts_dir, 1)[1].split("/", 1)[0]
                 self._end_namespace(pid, hosts_dir + hdir)
+        if self.running_hosts():  # keep what a later destroy needs to find them: state, bridge, claims
+            return running
         bridge = state.get("bridge") if state else None
         if bridge:
             links.remove_bridge(bridge)
