@@ -32,7 +32,7 @@ def exp(local_cluster, tmp_path):
     try:
         yield e
     finally:
-        e.killall(*(name for name in ("dsum", "slow", "other", "gate", "beside", "anyaddr", "hostile")
+        e.killall(*(name for name in ("dsum", "slow", "other", "gate", "beside", "anyaddr", "hostile", "stuck")
                     if name in e.registry.benchmarks))
 
 
@@ -210,6 +210,49 @@ def test_a_port_held_by_another_hosts_worker_is_not_ready(exp, own_cluster, tmp_
         assert exp.leftovers("[w].sh|[p]ython3 -") == {}
     finally:
         exp.remote("rm -rf ~/anyaddr")
+
+
+STUCK_WORKER = """#!/bin/sh
+# Says why it cannot serve, in a chained traceback, and stays alive without listening.
+echo "worker $1 starting"
+cat <<'TB'
+Traceback (most recent call last):
+  File "w.py", line 5, in main
+    s.bind(('0.0.0.0', 50000))
+OSError: [Errno 98] Address already in use
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "w.py", line 9, in <module>
+    main()
+  File "w.py", line 7, in main
+    raise RuntimeError('cannot serve')
+RuntimeError: cannot serve
+TB
+echo "retrying in a while"
+exec sleep 60
+"""
+
+
+def test_a_worker_alive_but_not_listening_is_named_with_its_error(exp):
+    exp.remote(f"mkdir -p ~/stuck && printf %s {shlex.quote(STUCK_WORKER)} > ~/stuck/w.sh && chmod +x ~/stuck/w.sh")
+    add_benchmarks(exp, stuck={"dir": "~/stuck", "binary": "./w.sh", "ready_timeout": 2, "commands": {
+        "worker": "{binary} {index}", "master": "echo the master ran"}})
+    try:
+        proc = exp.inv("exp.run", "--benchmark", "stuck", "-k", "2", "-p", "1", "--no-manager")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        no_traceback(proc)
+        assert "the master ran" not in proc.stdout
+        lines = proc.stderr.splitlines()
+        for index, node in enumerate(exp.info.workers[:2]):
+            assert (f"[{node.host}] worker{index} running but not ready after 2s (waiting for port 50000 to listen): "
+                    f"OSError: [Errno 98] Address already in use | ... | raise RuntimeError('cannot serve') | "
+                    f"RuntimeError: cannot serve | retrying in a while") in lines, proc.stderr
+        assert lines[-1].endswith("failed: 2/3 hosts failed"), proc.stderr
+        assert exp.leftovers("[w].sh|[s]leep 60") == {}
+    finally:
+        exp.remote("rm -rf ~/stuck")
 
 
 # ---------------------------------------------------------------- hostile values in experiments.yaml

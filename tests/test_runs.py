@@ -16,7 +16,8 @@ import yaml
 from cloister.errors import ExperimentError
 from cloister.runs.experiments import load_registry
 from cloister.runs import GitState, Proc, RunHosts, RunRecord, RunSpec, local_runs, manager_here, parse_probe
-from cloister.runs.scripts import LOG_MARKER, parse_pids, probe_script
+from cloister.runs.readiness import excerpt
+from cloister.runs.scripts import TAIL_BYTES, LOG_MARKER, parse_pids, probe_script
 from cloister.cluster.servers import ClusterInfo, Node
 from cloister.settings import Settings
 from conftest import REPO
@@ -99,8 +100,9 @@ def test_probe_script_through_bash(tmp_path):
         assert probe.exits == {"worker1": 7}
         assert probe.listens(leader.pid) == {("127.0.0.1", port)}
         assert stranger.getsockname() in probe.listening.values()
-        # Only the process that ended: its last lines.
-        assert probe.logs == {f"worker1_{RUN_ID}.log": "".join(f"line {i}\n" for i in range(4, 9)) + "\n"}
+        # The end of every recorded process's log, running or not.
+        assert probe.logs == {f"worker0_{RUN_ID}.log": "starting\nready\n\n",
+                              f"worker1_{RUN_ID}.log": "".join(f"line {i}\n" for i in range(9)) + "\n"}
 
         result = subprocess.run(["bash", "-c", probe_script(bench, RUN_ID, with_logs=True)], capture_output=True,
                                 text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
@@ -232,3 +234,36 @@ def test_run_spec_shape_and_the_local_manager_command(tmp_path):
     # The master's address recorded in servers/ is its public one; ASLR is off for the manager started here.
     assert out.stdout.split() == ["10.0.0.1", "10.0.0.2:50000,10.0.0.2:50001,127.0.0.3:50000,127.0.0.3:50001",
                                   "2", RUN_ID, "it's", "127.0.0.1", "00040000"]
+
+
+CHAINED = """starting worker 3
+Traceback (most recent call last):
+  File "w.py", line 5, in main
+    s.bind(('0.0.0.0', 50000))
+OSError: [Errno 98] Address already in use
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "w.py", line 9, in <module>
+    main()
+  File "w.py", line 7, in main
+    raise RuntimeError('worker could not start')
+RuntimeError: worker could not start
+"""
+
+
+def test_a_log_excerpt_holds_the_error_and_the_last_lines():
+    assert excerpt("boom\n\n") == "boom"
+    assert excerpt("") == excerpt("\n \n") == "(empty log)"
+    assert excerpt("".join(f"line {i}\n" for i in range(20))) == "line 17 | line 18 | line 19"
+    # A chained traceback's cause sits above its last lines.
+    assert excerpt(CHAINED) == ("OSError: [Errno 98] Address already in use | ... | File \"w.py\", line 7, in main | "
+                                "raise RuntimeError('worker could not start') | RuntimeError: worker could not start")
+    # An exception line that names no error word is still found as the traceback's last line.
+    odd = "Traceback (most recent call last):\n  File \"x\", line 1\nStopIteration\n" + "".join(f"n{i}\n" for i in range(5))
+    assert excerpt(odd) == "StopIteration | ... | n2 | n3 | n4"
+    # A tail that starts mid-line loses that line; long lines are cut.
+    long = "x" * (TAIL_BYTES - 10) + "\nbind: Address already in use\n" + "y" * 300 + "\n"
+    shown = excerpt(long)
+    assert not shown.startswith("x") and "Address already in use" in shown and shown.endswith("y" * 240 + "...")

@@ -18,7 +18,7 @@ from .record import Proc
 
 LOG_MARKER = "\x1eLOG "  # an ASCII record separator, then the log's name: no log line starts with it
 READY_TAIL_BYTES = 65536
-TAIL_LINES = 5  # lines of a log shown when its process ended at start-up
+TAIL_BYTES = 8192  # of a log, read when its process failed to start: the excerpt shown is picked from it
 
 
 def log_name(role: str, index: int | None, run_id: str) -> str:
@@ -107,8 +107,8 @@ def parse_pids(text: str) -> dict[str, int]:
 def probe_script(bench: Benchmark, run_id: str, *, with_logs: bool, tails: bool = False) -> str:
     """What one host's part of a run is doing: every process of the run's process groups, the sockets
     they hold, the exit codes written so far and every listening TCP socket; with ``with_logs`` (and a
-    ready log pattern) the tail of every worker log; with ``tails`` the last lines of the log of every
-    recorded process that is no longer running."""
+    ready log pattern) the tail of every worker log; with ``tails`` the end of the log of every recorded
+    process (one that ended, one that runs but is not ready)."""
     lines = [
         f"R={run_dir(bench.name, run_id)}", 'cd "$R" 2>/dev/null || exit 0',
         "P=\" $(awk '{print $1}' pids 2>/dev/null | tr '\\n' ' ')\"",
@@ -134,8 +134,8 @@ def probe_script(bench: Benchmark, run_id: str, *, with_logs: bool, tails: bool 
                      f'&& tail -c {READY_TAIL_BYTES} "$f" && echo; done')
     if tails:
         log = '"$r$i"' + shlex.quote(f"_{run_id}.log")
-        lines.append('while read -r p r i o; do printf "%s\\n" "$M" | grep -q "^$p [^Z] $p\\$" && continue; '
-                     f'[ "$i" = - ] && i=; printf "{marker}%s\\n" {log}; tail -n {TAIL_LINES} {log} 2>/dev/null; '
+        lines.append('while read -r p r i o; do [ "$r" = sampler ] && continue; '
+                     f'[ "$i" = - ] && i=; printf "{marker}%s\\n" {log}; tail -c {TAIL_BYTES} {log} 2>/dev/null; '
                      'echo; done < pids')
     # No worker log on this host is not an error of the probe.
     lines.append("true")
