@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from .errors import ConfigError
+from .files import NotASmallFile, read_small
 from .netspec import NetworkSpec, parse_network
 
 # The built-in providers; the registry (cloister.providers) may know more.
@@ -194,7 +195,9 @@ DEFAULTS: dict[str, Any] = {"cluster_name": None, **{f.name: _field_default(f) f
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = read_small(path)
+    except NotASmallFile as err:
+        raise ConfigError(file=str(path), expected=f"{err}; expected a JSON config file")
     except FileNotFoundError:
         raise ConfigError(file=str(path), expected="no such config file (give --config or set cloister.config)")
     except IsADirectoryError:
@@ -317,6 +320,11 @@ def _check(merged: Mapping[str, Any], *, file: str, sources: Mapping[str, str], 
                               expected=f"hosts' networks are made and shaped by the local provider only, not {provider}")
     if provider == "static" and not merged["hosts"]:
         raise ConfigError(file=file, key="hosts", expected="missing; the static provider needs a list of hosts")
+    if provider == "local" and merged["user"] == "root":
+        # Its hosts' sshd refuses root (PermitRootLogin no): the launch would wait for SSH until it gave up.
+        raise ConfigError(file=_where(file, sources, "user"), key="user",
+                          expected="root cannot log in to local hosts; use an ordinary user such as ubuntu "
+                                   "(created if missing)")
     if provider == "ec2":
         for key in ("region", "ami", "key_name", "ssh_key"):
             if not merged[key]:

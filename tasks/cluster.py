@@ -147,8 +147,8 @@ def copy_dns(c, config=None):
 def run(c, config=None, role="all", hosts=None, stream=False, timeout=None, command=None):
     """Run a shell command on every host in parallel and fold identical outputs.
 
-    A host's output beyond 1 MiB is saved to {state_dir}/output/{time}/{host}.out (.err), named in the
-    output instead of printed. Ctrl-C stops the command on every host and prints what came so far.
+    A host's output beyond 1 MiB, or binary (control characters other than colours, not UTF-8), is
+    saved to {state_dir}/output/{time}/{host}.out (.err), named in the output instead of printed. Ctrl-C stops the command on every host and prints what came so far.
     """
     # `command` comes last so that -c means --config here as in every other task.
     if not command:
@@ -184,7 +184,8 @@ def _print_folded(outputs: list[lib.HostOutput]) -> None:
             if captured.path:
                 where = captured.path if len(names) == 1 else os.path.join(
                     os.path.dirname(captured.path), "{host}" + os.path.splitext(captured.path)[1])
-                print(f"[{what}: {size(captured.size)}, too large to print; saved to {where}"
+                why = "binary, not printed" if captured.binary else "too large to print"
+                print(f"[{what}: {size(captured.size)}, {why}; saved to {where}"
                       + (f" for each of these {len(names)} hosts (identical)]" if len(names) > 1 else "]"))
             elif captured.text:
                 print(captured.text, end="" if captured.text.endswith("\n") else "\n")

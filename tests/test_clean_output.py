@@ -124,3 +124,32 @@ def test_the_command_reaches_the_host_exactly_as_typed(local_cluster):
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split(RULE + "\n")[-1] == expected, proc.stdout
     assert local_cluster.inv("cluster.run", "--role", "master", "test ! -e /tmp/pwn").returncode == 0
+
+
+def test_binary_output_goes_to_a_file_and_never_reaches_the_terminal(local_cluster):
+    """A small binary output (escape sequences, NUL, bytes that are not UTF-8) is saved like a large one;
+    colour is text; in --stream every control character but colour's is shown escaped."""
+    master = local_cluster.info.master
+    payload = "printf 'A\\033]0;owned\\007\\000\\377B'"
+    proc = local_cluster.inv("cluster.run", "--role", "master", payload)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x00" not in proc.stdout and "\x07" not in proc.stdout
+    saved = re.search(r"^\[stdout: 14 B, binary, not printed; saved to (\S+)\]$", proc.stdout, re.M)
+    assert saved, proc.stdout
+    assert Path(saved.group(1)).read_bytes() == b"A\x1b]0;owned\x07\x00\xffB"
+    assert saved.group(1).endswith(f"/{master.host}.out")
+
+    colour = local_cluster.inv("cluster.run", "--role", "master", "printf '\\033[31mred\\033[0m\\n'")
+    assert colour.returncode == 0 and "\x1b[31mred\x1b[0m\n" in colour.stdout, colour.stdout
+
+    streamed = local_cluster.inv("cluster.run", "--role", "master", "--stream", payload)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == f"[{master.host}] A\\x1b]0;owned\\x07\\x00\ufffdB\n", repr(streamed.stdout)
+
+
+def test_a_small_binary_output_is_saved_whole(tmp_path):
+    sink = remote.Capture(tmp_path / "h.out")
+    sink.write(b"\x00\x01binary")
+    captured = sink.result()
+    assert (captured.binary, captured.text, captured.path, captured.size) == (True, "", str(tmp_path / "h.out"), 8)
+    assert (tmp_path / "h.out").read_bytes() == b"\x00\x01binary"

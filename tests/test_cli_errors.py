@@ -72,6 +72,8 @@ BAD_CONFIGS = {
     "dev_host as string": ({**LOCAL, "dev_host": "yes"}, "key 'dev_host': expected true or false"),
     "redeploy_paths as string": ({**LOCAL, "redeploy_paths": "src/"}, "key 'redeploy_paths': expected a list"),
     "bad user": ({**LOCAL, "user": "Root User"}, "key 'user': expected a login user name"),
+    "local as root": ({**LOCAL, "user": "root"}, "key 'user': root cannot log in to local hosts"),
+    "too large": ('{"cluster_name": "bad"' + " " * (1 << 20) + "}", "larger than 1 MiB; expected a JSON config file"),
     "missing image": ({**LOCAL, "image": "no/such/image"}, "key 'image': directory no/such/image does not exist"),
     "ec2 without region": ({k: v for k, v in EC2.items() if k != "region"}, "key 'region': missing"),
     "ec2 bad ami": ({**EC2, "ami": "ubuntu-22.04"}, "key 'ami': expected an AMI id"),
@@ -245,3 +247,26 @@ def test_badly_typed_flag_is_one_line(tmp_path, args, line):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [line]
+
+
+@pytest.mark.parametrize("setting", ["INVOKE_CLOISTER_CONFIG", "INVOKE_CLOISTER_EXPERIMENTS"])
+def test_a_device_given_as_a_config_file_is_refused_unread(tmp_path, setting):
+    """/dev/zero never ends and a FIFO never answers: both are refused before they are read."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    config = write_bad(tmp_path, LOCAL)
+    for path in ("/dev/zero", str(fifo)):
+        env = inv_env(tmp_path, **{"INVOKE_CLOISTER_CONFIG": str(config), setting: path})
+        line = one_line_error(run_inv("exp.list" if "EXPERIMENTS" in setting else "cluster.status", env=env,
+                                      timeout=30))
+        assert line.startswith(f"{path}: not a regular file (a device, pipe or socket); expected"), line
+
+
+def test_a_yaml_alias_bomb_in_experiments_yaml_is_refused_at_once(tmp_path):
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "experiments.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    env = inv_env(tmp_path, INVOKE_CLOISTER_CONFIG=str(write_bad(tmp_path, LOCAL)), INVOKE_CLOISTER_EXPERIMENTS=str(bomb))
+    line = one_line_error(run_inv("exp.list", env=env, timeout=30))
+    assert line.startswith(f"{bomb}: YAML aliases expand it to more than 10000 values"), line

@@ -421,3 +421,14 @@ def test_a_directory_that_starts_with_a_dash_is_not_an_option(tmp_path):
     result = subprocess.run(["bash", "-c", f"cd {remote_dir('-P')} && pwd"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=30)
     assert result.stdout.strip() == str(tmp_path / "-P")
+
+
+def test_aliases_within_bounds_load_and_a_self_reference_is_refused(tmp_path):
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(yaml.safe_dump({"defaults": DEFAULTS}) + "benchmarks:\n  a: &a {timeout: 5}\n  b: *a\n")
+    assert sorted(load_registry(shared).benchmarks) == ["a", "b"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("defaults: {}\nbenchmarks:\n  a: &a {env: {X: [*a]}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_registry(loop)
+    assert str(info.value) == f"{loop}: YAML aliases: an alias refers to a node that contains it"

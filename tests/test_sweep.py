@@ -84,7 +84,7 @@ def test_a_larger_repeat_adds_runs_to_the_same_sweep(tmp_path):
     state = sweeplib.SweepState(tmp_path / "s", spec)
     once = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=1)
     for combo in once:
-        state.finish(combo, record(f"r{combo.p}", "ok"))
+        state.finish(combo, record(f"20260101-000000-000{combo.p}", "ok"))
     twice = sweeplib.combos(ks=[1], ps=[1, 2], grid={}, repeat=2)
     todo = list(sweeplib.pending(sweeplib.SweepState(tmp_path / "s", spec), twice))
     assert [(c.p, c.repeat) for c in todo] == [(1, 2), (2, 2)]
@@ -97,6 +97,38 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path):
         sweeplib.run_sweep(state=state, all_combos=combos, fail_fast=True, cleanup_interrupted=lambda r: None,
                            run_one=lambda combo, run_id: record(run_id, "failed"))
     assert len(state.rows) == 1
+
+
+def test_files_of_a_sweep_that_are_not_what_it_wrote_are_named(tmp_path):
+    """state.json with wrong types, a line of garbage or a row cut short in results.csv: one line naming
+    the file and the key or line, never a traceback and never a row counted as a run."""
+    spec = {"benchmark": "b", "k": [1, 2], "p": [1], "grid": {}}
+    combos = sweeplib.combos(ks=[1, 2], ps=[1], grid={}, repeat=1)
+    state = sweeplib.SweepState(tmp_path / "s", spec)
+    state.finish(combos[0], record("20260101-000000-aaaa", "ok", total_s=1.5))
+    good_state, good_csv = state.state_path.read_text(), state.csv_path.read_text()
+
+    def refused(text: str, *, where: Path, match: str) -> None:
+        where.write_text(text)
+        with pytest.raises(ExperimentError) as err:
+            sweeplib.SweepState(tmp_path / "s", spec)
+        message = str(err.value)
+        assert message.startswith(f"{where}: ") and "\n" not in message and match in message, message
+        state.state_path.write_text(good_state)
+        state.csv_path.write_text(good_csv)
+
+    for text, key in (("[]", "spec"), ('{"spec": "b"}', "spec"), (json.dumps({"spec": spec, "current": 5}), "current"),
+                      (json.dumps({"spec": spec, "current": {"key": "k=1", "run_id": "; rm -rf ~"}}), "current"),
+                      ("{", "unreadable")):
+        refused(text, where=state.state_path, match=key)
+    refused(good_csv + "garbage\n", where=state.csv_path, match="line 3: 1 fields where the header has")
+    cut = good_csv + good_csv.splitlines()[1].replace("aaaa", "bbbb").rsplit(",", 5)[0] + "\n"
+    refused(cut, where=state.csv_path, match="line 3:")
+    refused(good_csv.replace("20260101-000000-aaaa", "not-a-run"), where=state.csv_path, match="line 2: column run_id")
+    refused(good_csv.replace(",ok,", ",$(x),"), where=state.csv_path, match="line 2: column status")
+    refused("a,b\n", where=state.csv_path, match="line 1: expected the header")
+    # The state as written reads back.
+    assert len(sweeplib.SweepState(tmp_path / "s", spec).rows) == 1
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ConfigError, ExperimentError
+from ..files import NotASmallFile
 from .preparation import Fail, Preparation, parse_preparation
+from .yamlfile import read_yaml
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ROLES = ("manager", "worker", "master")
@@ -275,51 +277,23 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
         resources=_resources(raw, fail))
 
 
-def _duplicate_key(node: Any, path: tuple[str, ...] = ()) -> tuple[str, int] | None:
-    """The first key that a YAML mapping repeats (YAML itself would keep the last one silently)."""
-    import yaml
-
-    if isinstance(node, yaml.SequenceNode):
-        return next((d for i, item in enumerate(node.value) if (d := _duplicate_key(item, (*path, str(i))))), None)
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    seen: set[str] = set()
-    for key_node, value_node in node.value:
-        key = str(key_node.value)
-        if key in seen:
-            return ".".join((*path, key)), key_node.start_mark.line + 1
-        seen.add(key)
-        if found := _duplicate_key(value_node, (*path, key)):
-            return found
-    return None
-
-
-def _read_yaml(file: str) -> Any:
-    """The document in ``file``; a key given twice in one mapping is a one-line error."""
-    import yaml
-
-    loader = yaml.SafeLoader(Path(file).read_text())
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if duplicate := _duplicate_key(node):
-            key, line = duplicate
-            raise ConfigError(file=file, key=key, expected=f"given twice (again at line {line}); keep one")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
 def load_registry(path: str | Path) -> Registry:
     """Read and validate experiments.yaml; any problem is a one-line ConfigError."""
     import yaml
 
     file = str(path)
     try:
-        data = _read_yaml(file)
+        data = read_yaml(file)
     except FileNotFoundError:
         raise ConfigError(file=file, expected="no such file (the benchmark registry)")
+    except IsADirectoryError:
+        raise ConfigError(file=file, expected="is a directory, expected the benchmark registry (YAML)")
+    except NotASmallFile as err:
+        raise ConfigError(file=file, expected=f"{err}; expected the benchmark registry (YAML)")
+    except UnicodeDecodeError:
+        raise ConfigError(file=file, expected="not UTF-8 text; expected the benchmark registry (YAML)")
+    except OSError as err:
+        raise ConfigError(file=file, expected=f"cannot read: {err.strerror}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExperimentError
-from ..files import atomic_write
-from .record import RunRecord, new_run_id
+from ..files import NotASmallFile, atomic_write, read_small
+from .record import RUN_ID_RE, RunRecord, new_run_id
 from .resources import SWEEP_FIELDS, sweep_columns
 
 # The resource columns summarise each run's hosts (cloister.runs.resources.sweep_columns).
@@ -96,18 +96,47 @@ class SweepState:
 
     def _read_state(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.state_path.read_text())
+            state = json.loads(read_small(self.state_path))
         except FileNotFoundError:
             return None
+        except (OSError, NotASmallFile, UnicodeDecodeError) as err:
+            raise self._bad(self.state_path, f"unreadable ({getattr(err, 'strerror', None) or err})")
         except json.JSONDecodeError as err:
-            raise ExperimentError(f"{self.state_path}: unreadable ({err.msg}); remove it to start over")
+            raise self._bad(self.state_path, f"unreadable ({err.msg} at line {err.lineno})")
+        if not isinstance(state, dict) or not isinstance(state.get("spec"), dict):
+            raise self._bad(self.state_path, "key 'spec': expected the sweep's grid (an object)")
+        current = state.get("current")
+        if current is not None and not (isinstance(current, dict) and isinstance(current.get("key"), str)
+                                        and isinstance(current.get("run_id"), str)
+                                        and RUN_ID_RE.fullmatch(current["run_id"])):
+            raise self._bad(self.state_path, 'key \'current\': expected null or {"key": "k=... p=...", '
+                                             '"run_id": "YYYYMMDD-HHMMSS-xxxx"}')
+        return state
 
     def _read_rows(self) -> list[dict[str, str]]:
         try:
-            with open(self.csv_path, newline="") as src:
-                return list(csv.DictReader(src))
+            text = read_small(self.csv_path, limit=RESULTS_LIMIT)
         except FileNotFoundError:
             return []
+        except (OSError, NotASmallFile, UnicodeDecodeError) as err:
+            raise self._bad(self.csv_path, f"unreadable ({getattr(err, 'strerror', None) or err})")
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            return []
+        # Older sweeps wrote fewer columns (no resources): any header that names the columns read here.
+        if len(set(header)) != len(header) or not set(FIELDS[:8]) <= set(header) <= set(FIELDS):
+            raise self._bad(self.csv_path, f"line 1: expected the header {','.join(FIELDS)}")
+        rows = []
+        for values in reader:
+            row = dict(zip(header, values))
+            if problem := _row_problem(values, header=header, row=row):
+                raise self._bad(self.csv_path, f"line {reader.line_num}: {problem}")
+            rows.append({name: row.get(name, "") for name in FIELDS})
+        return rows
+
+    def _bad(self, path: Path, what: str) -> ExperimentError:
+        return ExperimentError(f"{path}: {what}; fix it, or remove {self.dir} to start the sweep over")
 
     def drop_failed(self) -> int:
         """Forget the combinations that did not succeed, so that they run again; return how many."""
@@ -145,6 +174,28 @@ class SweepState:
 
     def _save(self) -> None:
         atomic_write(self.state_path, json.dumps({"spec": self.spec, "current": self.current}, indent=2) + "\n")
+
+
+RESULTS_LIMIT = 64 << 20  # bytes of results.csv: some hundred thousand runs
+STATUS_RE = re.compile(r"[a-z][a-z -]*")  # ok, failed, timeout, interrupted, ...
+NUMBER_FIELDS = ("duration_s", *SWEEP_FIELDS)
+
+
+def _row_problem(values: list[str], *, header: list[str], row: dict[str, str]) -> str | None:
+    """What is wrong with one results.csv row (a line of garbage, a row cut mid-write), or None."""
+    if len(values) != len(header):
+        return f"{len(values)} fields where the header has {len(header)} (a row cut short, or not a row)"
+    for name in ("k", "p", "repeat"):
+        if not (row[name].isdigit() and int(row[name]) > 0):
+            return f"column {name}: expected a positive integer, got {row[name]!r}"
+    if not RUN_ID_RE.fullmatch(row["run_id"]):
+        return f"column run_id: expected YYYYMMDD-HHMMSS-xxxx, got {row['run_id']!r}"
+    if not STATUS_RE.fullmatch(row["status"]):
+        return f"column status: expected a run's status such as ok or failed, got {row['status']!r}"
+    for name in NUMBER_FIELDS:
+        if row.get(name) and not _is_number(row[name]):
+            return f"column {name}: expected a number, got {row[name]!r}"
+    return None
 
 
 def pending(state: SweepState, all_combos: list[Combo]) -> Iterator[Combo]:

@@ -10,6 +10,7 @@ with the channel: sshd does not signal a command whose session closed without a 
 from __future__ import annotations
 
 import hashlib
+import re
 import select
 import shlex
 import threading
@@ -150,12 +151,35 @@ def run_result(cxn: Connection, command: str, *, timeout: float | None = None,
 
 @dataclass(frozen=True)
 class Captured:
-    """One output stream of one host: its text when small, else the file that holds it."""
+    """One output stream of one host: its text when small and printable, else the file that holds it."""
 
     size: int
     digest: str              # sha256 of the bytes: equal outputs fold without comparing files
     text: str = ""           # all of it; when it is in ``path``, its last lines (for error messages)
     path: str | None = None
+    binary: bool = False     # not text a terminal can show as it is: saved to ``path``, ``text`` empty
+
+
+# Colour (SGR) sequences are text; any other control character (the rest of the escape sequences a
+# terminal obeys, NUL, backspace) or bytes that are not UTF-8 make an output binary.
+_COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# In streamed lines: every control character but a colour sequence's ESC, shown as \xNN instead of obeyed.
+_UNPRINTABLE = re.compile(r"\x1b(?!\[[0-9;]*m)|[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+def is_binary(data: bytes) -> bool:
+    """Whether ``data`` would do anything but show as text on a terminal."""
+    plain = _COLOUR.sub(b"", bytes(data))
+    if _CONTROL.search(plain):
+        return True
+    try:
+        plain.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 class Capture:
@@ -188,8 +212,13 @@ class Capture:
                 self.buffer += data
 
     def result(self) -> Captured:
-        """What was captured so far; closes the file, so call it once, after the last write."""
+        """What was captured so far; closes the file, so call it once, after the last write. A small
+        output that is not printable text goes to the file too."""
         with self.lock:
+            if self.file is None and is_binary(self.buffer):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_bytes(self.buffer)
+                return Captured(size=self.size, digest=self.hash.hexdigest(), path=str(self.path), binary=True)
             text = self.buffer.decode(errors="replace")
             if self.file is None:
                 return Captured(size=self.size, digest=self.hash.hexdigest(), text=text)
@@ -200,7 +229,8 @@ class Capture:
 
 
 class LineWriter:
-    """A sink that writes whole lines of one host's output as ``[label] line`` to a text stream.
+    """A sink that writes whole lines of one host's output as ``[label] line`` to a text stream, control
+    characters (but colours) escaped so that no output can drive the terminal.
 
     Lines are cut from each chunk as it comes (no re-scan of what came before), so a long output
     streams at the rate it arrives; a line still open at the end is written by ``flush``.
@@ -230,6 +260,7 @@ class LineWriter:
             self._emit(rest)
 
     def _emit(self, block: str) -> None:
+        block = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", block)
         with self.lock:
             self.sink.write(self.prefix + block.replace("\n", "\n" + self.prefix) + "\n")
             self.sink.flush()
