@@ -9,6 +9,8 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from cloister.runs import sweep as sweeplib
 from cloister.errors import ConfigError
 from cloister.runs.experiments import load_registry
 from cloister.runs import GitState, RunHosts, RunRecord
+from cloister.runs import draw
 from cloister.runs import resources as res
 from conftest import INV, REPO, no_traceback, one_line_error
 
@@ -217,16 +220,75 @@ def test_a_cpu_burning_worker_shows_on_its_host_only(bench):
     metrics = {r["metric"] for r in rows}
     assert {"cpu_pct", "cpu0_pct", "run_cpu_pct", "mem_used_bytes", "run_rss_bytes", "net_rx_bytes_s",
             "net_tx_bytes_s", "disk_read_bytes_s", "disk_write_bytes_s"} <= metrics
-    image = (run_dir / res.PNG_FILE).read_bytes()
+    # Drawn by a detached process after inv has returned: it comes, without inv.
+    image = wait_for_file(run_dir / res.PNG_FILE)
     assert image.startswith(PNG_SIGNATURE) and len(image) > 20_000
     width, height = int.from_bytes(image[16:20], "big"), int.from_bytes(image[20:24], "big")
-    assert 800 <= width <= 2000 and 800 <= height <= 2000, (width, height)
+    assert 800 <= width <= 2000 and 400 <= height <= 2000, (width, height)
 
     # Nothing of the run, the sampler included, outlives it on any host.
     run_id = run_dir.name
     pattern = shlex.quote(f"[{run_id[0]}]{run_id[1:]}")
     assert not any(bench.remote(f"pgrep -af {pattern} || true").values())
     assert not any(bench.remote("pgrep -af '[b]urn.sh' || true").values())
+
+
+def wait_for_file(path: Path, *, timeout: float = 60) -> bytes:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+    return path.read_bytes()
+
+
+def short_run(folder: Path, *, samples: int) -> RunRecord:
+    """A run folder as a 1.2 s run leaves it: ``samples`` samples of two hosts, run.json, resources.csv."""
+    record = RunRecord(benchmark="dsum", run_id="20260101-000000-abcd", status="ok", error=None, k=1, p=2, args=[],
+                       manager=True, keep=False, timeout_s=60.0, hosts=RunHosts(master="m", workers=["w"]),
+                       cluster="c", provider="local", config="", git=GitState(commit=None, dirty=None),
+                       cloister_version="0", started="2026-01-01T00:00:00+00:00", ended="", exit_codes={}, roles=[],
+                       failures={}, metric=None,
+                       timings={"workers_started_s": 0.2, "workers_ready_s": 0.5, "master_started_s": 0.5,
+                                "master_s": 0.6, "total_s": 1.2})
+    folder.mkdir(parents=True)
+    record.write(folder)
+    rows = {host: [(round(0.1 + i * 0.5, 3), metric, value) for i in range(samples)
+                   for metric, value in (("cpu_pct", 40.0 + i), ("cpu0_pct", 30.0), ("run_cpu_pct", 12.5 * (host == "w")),
+                                         ("mem_used_bytes", 2e9), ("run_rss_bytes", 3e7), ("net_rx_bytes_s", 0.0),
+                                         ("net_tx_bytes_s", 0.0), ("disk_read_bytes_s", 0.0),
+                                         ("disk_write_bytes_s", 0.0))]
+            for host in ("m", "w")}
+    res.write_csv(folder / res.CSV_FILE, series=rows)
+    return record
+
+
+@pytest.mark.parametrize("samples", [1, 2, 40])
+def test_a_short_runs_figure_draws_what_moved_and_names_what_did_not(tmp_path, samples):
+    folder = tmp_path / "runs" / "dsum" / "20260101-000000-abcd"
+    short_run(folder, samples=samples)
+    figure = draw.ensure(folder)
+    image = figure.read_bytes()
+    assert figure == folder / res.PNG_FILE and image.startswith(PNG_SIGNATURE)
+    # Five panels that moved and the legend: three rows, not five rows of mostly empty panels.
+    drawn, flat = draw.panels(draw.read_csv(folder / res.CSV_FILE))
+    assert [metric for metric, *_ in drawn] == ["cpu_pct", "cpu*", "run_cpu_pct", "mem_used_bytes", "run_rss_bytes"]
+    assert flat == ["network in", "network out", "disk read", "disk written"]
+    height = int.from_bytes(image[20:24], "big")
+    assert height == int(72 * max(6.0, 2.6 * 3 + 1.2)), height
+    # Drawn once: a second call finds it.
+    before = figure.stat().st_mtime_ns
+    assert draw.ensure(folder) == figure and figure.stat().st_mtime_ns == before
+
+
+def test_the_background_drawer_outlives_its_parent(tmp_path):
+    """The process inv starts to draw is in a session of its own: it draws after its parent has gone."""
+    folder = tmp_path / "runs" / "dsum" / "20260101-000000-abcd"
+    short_run(folder, samples=3)
+    parent = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from cloister.runs import draw; draw.in_background(Path(sys.argv[1]))", str(folder)],
+                            cwd=tmp_path, timeout=30)
+    assert parent.returncode == 0 and not (folder / res.PNG_FILE).exists()
+    assert wait_for_file(folder / res.PNG_FILE).startswith(PNG_SIGNATURE)
 
 
 def test_sampling_switched_off_by_flag(bench):

@@ -21,6 +21,7 @@ from ..transport import hosts, remote
 from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
 from ..layout import run_dir
 from ..cluster.servers import Node
+from . import draw
 from .detached import RunState, conclude_script, save
 from .kill import kill_run
 from .lock import acquire, release_script
@@ -337,6 +338,8 @@ class Run:
         record = self.record(status, error, failures)
         record = replace(record, resources=collect_resources(self.local_dir, record=record))
         record.write(self.local_dir)
+        if record.resources:
+            draw.in_background(self.local_dir)  # resources.png: nobody waits for it
         self._close()
         return record
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from ..errors import ExperimentError
 from .record import RECORD_FILE, RUN_ID_RE, RunRecord
-from .resources import PNG_FILE, phase_times
+from . import draw
+from .resources import CSV_FILE, phase_times
 
 Section = tuple[str, tuple[str, ...], list[list[str]]]
 MISSING = "-"
@@ -115,8 +116,8 @@ def show(record: RunRecord, *, folder: Path) -> list[Section]:
         overview.append(["error", record.error])
     interval = record.resources.get("interval_s")
     overview.append(["resources", f"sampled every {interval:g}s" if interval else "not sampled"])
-    if (folder / PNG_FILE).is_file():
-        overview.append(["plot", str(folder / PNG_FILE)])
+    if interval:
+        overview.append(["plot", _figure(folder)])
     sections = [(f"{record.benchmark} run {record.run_id}: {record.status} ({folder})", ("", ""), overview),
                 ("processes", ("role", "host", "processes", "status", "exit codes"), _processes(record)),
                 ("phases", ("phase", "at", "took"), _phases(record))]
@@ -125,6 +126,15 @@ def show(record: RunRecord, *, folder: Path) -> list[Section]:
     if record.failures:
         sections.append(("failures", ("host", "failure"), [[h, e] for h, e in record.failures.items()]))
     return sections
+
+
+def _figure(folder: Path) -> str:
+    """Where the run's resources.png is, drawn now if the run's background drawer did not."""
+    try:
+        figure = draw.ensure(folder)
+    except Exception as err:  # noqa: BLE001 - the rest of the account stands without the figure
+        return f"not drawn ({type(err).__name__}: {err})"
+    return str(figure) if figure else f"not drawn (no {CSV_FILE})"
 
 
 def _processes(record: RunRecord) -> list[list[str]]:

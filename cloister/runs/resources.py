@@ -1,5 +1,5 @@
 """What each host of a run was doing: a /proc sampler started beside the run's processes, its parser,
-and the run folder's ``resources.csv``, ``resources.png`` and per-host summary.
+and the run folder's ``resources.csv`` and per-host summary (``draw`` makes ``resources.png`` of them).
 
 The sampler is POSIX sh and awk, which every node already has for the roles: no package is installed.
 Once per interval it appends one line of raw counters to ``resources.raw`` in the run's folder on the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from ..files import atomic_write
 from ..layout import run_dir
 from .record import RunRecord
 
-log = logging.getLogger("cloister.runs")
 
 RAW_FILE = "resources.raw"
 CSV_FILE = "resources.csv"
@@ -271,8 +269,9 @@ def phase_times(timings: dict[str, float]) -> list[tuple[str, float]]:
 # -- the run folder -----------------------------------------------------------------
 
 def collect(local_dir: Path, *, record: RunRecord) -> dict[str, Any]:
-    """Read every host's ``resources.raw`` under ``local_dir``, write ``resources.csv`` and
-    ``resources.png`` beside run.json, and return run.json's ``resources`` ({} when nothing was sampled)."""
+    """Read every host's ``resources.raw`` under ``local_dir``, write ``resources.csv`` beside run.json,
+    and return run.json's ``resources`` ({} when nothing was sampled). The figure is drawn later, from
+    the CSV (``cloister.runs.draw``), off the run's critical path."""
     hosts = {}
     for host in dict.fromkeys([record.hosts.master, *record.hosts.workers]):
         raw = local_dir / host / RAW_FILE
@@ -283,12 +282,6 @@ def collect(local_dir: Path, *, record: RunRecord) -> dict[str, Any]:
     start = datetime.fromisoformat(record.started).timestamp()
     series = {host: host_rows(samples, start=start) for host, samples in hosts.items()}
     write_csv(local_dir / CSV_FILE, series=series)
-    try:
-        plot(local_dir / PNG_FILE, series=series, phases=phase_times(record.timings),
-             title=f"{record.benchmark} run {record.run_id} (k={record.k}, p={record.p})")
-    # The run's record is written whatever the drawing does; the CSV holds the same data.
-    except Exception as err:  # noqa: BLE001
-        log.warning("%s not drawn: %s", PNG_FILE, err)
     interval = next((h.facts["interval"] for h in hosts.values() if "interval" in h.facts), None)
     return {"interval_s": float(interval) if interval else None,
             "hosts": {host: summarize(samples) for host, samples in hosts.items()}}
@@ -302,71 +295,6 @@ def write_csv(path: Path, *, series: dict[str, list[Row]]) -> Path:
         writer.writerows((host, f"{t:.3f}", metric, f"{value:.2f}".rstrip("0").rstrip("."))
                          for t, metric, value in rows)
     return atomic_write(path, out.getvalue())
-
-
-MIB = 1024 * 1024
-# (metric, panel title, divisor); "cpu*" is every core of every host in one panel.
-PANELS = (("cpu_pct", "CPU, whole host (%)", 1), ("cpu*", "CPU per core (%)", 1),
-          ("run_cpu_pct", "run's processes: CPU (% of one core)", 1), ("mem_used_bytes", "memory used (MiB)", MIB),
-          ("run_rss_bytes", "run's processes: RSS (MiB)", MIB), ("net_rx_bytes_s", "network in (MiB/s)", MIB),
-          ("net_tx_bytes_s", "network out (MiB/s)", MIB), ("disk_read_bytes_s", "disk read (MiB/s)", MIB),
-          ("disk_write_bytes_s", "disk written (MiB/s)", MIB))
-PHASE_STYLES = ("--", "-.", ":", "-")
-
-
-def _panel_lines(series: dict[str, list[Row]], metric: str) -> dict[tuple[str, str], tuple[list, list]]:
-    """(host, metric) -> (times, values) of the rows that belong to one panel."""
-    lines: dict[tuple[str, str], tuple[list, list]] = {}
-    for host, rows in series.items():
-        for t, name, value in rows:
-            per_core = metric == "cpu*" and name[3:-4].isdigit() and name.startswith("cpu")
-            if name == metric or per_core:
-                times, values = lines.setdefault((host, name), ([], []))
-                times.append(t)
-                values.append(value)
-    return lines
-
-
-def plot(path: Path, *, series: dict[str, list[Row]], phases: list[tuple[str, float]], title: str) -> Path:
-    """One panel per metric, one colour per host, the run's phases as vertical lines."""
-    # The object API without pyplot, and a fixed layout instead of tight_layout: every run draws this,
-    # so its cost is part of every exp.run.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    colours = {host: f"C{i % 10}" for i, host in enumerate(series)}
-    fig = Figure(figsize=(12, 13))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(5, 2, sharex=True)
-    fig.subplots_adjust(left=0.06, right=0.98, top=0.94, bottom=0.05, hspace=0.35, wspace=0.15)
-    for ax, (metric, label, divisor) in zip(axes.flat, PANELS):
-        top = 0.0
-        for (host, _), (times, values) in _panel_lines(series, metric).items():
-            scaled = [v / divisor for v in values]
-            ax.plot(times, scaled, color=colours[host], linewidth=1, alpha=0.5 if metric == "cpu*" else 0.9)
-            top = max([top, *scaled])
-        for (_, at), style in zip(phases, PHASE_STYLES):
-            ax.axvline(at, color="0.4", linestyle=style, linewidth=0.9)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlim(left=0)
-        # From zero, with room above the highest value: a flat line must not hide in the frame.
-        ax.set_ylim(0, top * 1.1 or 1)
-        ax.grid(True, alpha=0.3)
-    legend = axes.flat[-1]
-    legend.axis("off")
-    handles = [Line2D([], [], color=colours[h], label=h) for h in series]
-    handles += [Line2D([], [], color="0.4", linestyle=s, label=f"{name} ({at:.1f}s)")
-                for (name, at), s in zip(phases, PHASE_STYLES)]
-    legend.legend(handles=handles, loc="center", fontsize=8, frameon=False)
-    # The panel above the legend is the last of its column: it shows the time axis too.
-    axes[-2][1].tick_params(labelbottom=True)
-    for ax in (axes[-1][0], axes[-2][1]):
-        ax.set_xlabel("seconds since the run started")
-    fig.suptitle(title)
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=72)
-    return atomic_write(path, image.getvalue())
 
 
 # -- sweeps ---------------------------------------------------------------------------
