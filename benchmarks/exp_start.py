@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -70,10 +71,14 @@ def accepted(lc: LocalCluster, names: list[str]) -> dict[str, int]:
 
 def one_run(k: int, p: int, env: dict[str, str], lc: LocalCluster, names: list[str], runs: Path) -> dict:
     before = accepted(lc, names)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([INV, "exp.run", "--benchmark", "dsum", "-k", str(k), "-p", str(p)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - start
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The inv process's own CPU (its children that it waited for included; a detached drawer is not).
+    cpu = now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
     after = accepted(lc, names)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -83,7 +88,7 @@ def one_run(k: int, p: int, env: dict[str, str], lc: LocalCluster, names: list[s
     if record["status"] != "ok":
         raise RuntimeError(f"run {record['run_id']}: status {record['status']}")
     opened = {name: after[name] - before[name] for name in names}
-    return {"wall": wall, "master": record["timings"]["master_s"], "dsum": record["metric"],
+    return {"wall": wall, "cpu": cpu, "master": record["timings"]["master_s"], "dsum": record["metric"],
             "total": record["timings"]["total_s"], "ready": record["timings"]["workers_ready_s"],
             "manager": record["timings"]["manager_ready_s"],
             "max_conn": max(opened.values()), "sum_conn": sum(opened.values())}
@@ -168,7 +173,7 @@ def measure(shapes: list[tuple[int, int]], workers: int, repeat: int,
             for i in range(repeat):
                 samples.append(one_run(k, p, env, lc, names, runs))
                 s = samples[-1]
-                print(f"{k}x{p} run {i + 1}/{repeat}: wall {s['wall']:.2f}s master {s['master']:.2f}s "
+                print(f"{k}x{p} run {i + 1}/{repeat}: wall {s['wall']:.2f}s inv CPU {s['cpu']:.2f}s master {s['master']:.2f}s "
                       f"dsum {s['dsum']:.4f}s connections max/host {s['max_conn']} total {s['sum_conn']}",
                       file=sys.stderr)
             results[(k, p)] = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
@@ -182,7 +187,7 @@ def measure(shapes: list[tuple[int, int]], workers: int, repeat: int,
 
 
 def table(results: dict[tuple[int, int], dict[str, float]], repeat: int) -> str:
-    head = ("| k x p | wall | master | overhead = wall - master | inv start/exit | manager up | workers up "
+    head = ("| k x p | wall | master | overhead = wall - master | inv CPU | inv start/exit | manager up | workers up "
             "| kill + logs + run.json | bare start of k*p dsum workers (no SSH) | SSH conn./host (max) | total conn. "
             "| old scripts before the master (estimate) | targets met |")
     lines = [f"`inv exp.run --benchmark dsum` with DSUM_CHUNK=0, median of {repeat}", "", head,
@@ -192,12 +197,14 @@ def table(results: dict[tuple[int, int], dict[str, float]], repeat: int) -> str:
         old = k * p * OLD_SSH_S + OLD_SLEEP_S
         ok = overhead < TARGET_OVERHEAD_S and m["max_conn"] <= TARGET_CONNECTIONS
         lines.append(f"| {k}x{p} | {m['wall']:.2f} s | {m['master']:.2f} s (dsum itself {m['dsum'] * 1000:.0f} ms) "
-                     f"| {overhead:.2f} s | {m['wall'] - m['total']:.2f} s | {m['manager']:.2f} s "
+                     f"| {overhead:.2f} s | {m['cpu']:.2f} s | {m['wall'] - m['total']:.2f} s | {m['manager']:.2f} s "
                      f"| {m['ready'] - m['manager']:.2f} s | {m['total'] - m['ready'] - m['master']:.2f} s "
                      f"| {m['bare']:.2f} s | {m['max_conn']:.0f} | {m['sum_conn']:.0f} | {old:.1f} s "
                      f"| {'yes' if ok else 'no'} |")
     lines += ["",
-              "master = run.json timings.master_s (start, stream, exit); inv start/exit = wall - run.json total_s",
+              "master = run.json timings.master_s (start, stream, exit); inv CPU = user + system time of the inv",
+              "process (what it waits for included; the detached resources.png drawer is not: nobody waits for it);",
+              "inv start/exit = wall - run.json total_s",
               "(Python + Invoke start-up, config, summary); manager up / workers up = time to readiness of each phase;",
               "bare start = the same number of dsum workers started directly on this machine until all accept a",
               "connection (the benchmark's own start-up cost, a floor for 'workers up');",

@@ -212,3 +212,15 @@ def test_ctrl_c_in_exp_make_stops_the_build_everywhere(local_cluster, tmp_path):
     assert code == 130, run.stderr
     assert run.stderr.splitlines() == ["interrupted: make stopped (Ctrl-C)"]
     assert left_on_hosts(local_cluster, nodes, "sleep 7777") == {}
+
+
+def test_paramikos_socket_errors_never_reach_the_terminal():
+    """paramiko's transport thread logs a reset connection ("Socket exception: ...") on its logger; with
+    no handler of its own that would print through logging's last resort in the middle of a task."""
+    import sys
+
+    code = ("import logging, cloister.transport.hosts; "
+            "logging.getLogger('paramiko.transport').error('Socket exception: Connection reset by peer (104)'); "
+            "logging.getLogger('cloister').warning('cloister itself still speaks')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "cloister itself still speaks\n", proc.stderr
