@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import shlex
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -19,6 +17,7 @@ from invoke.exceptions import CommandTimedOut
 from .. import __version__
 from ..transport import hosts, remote
 from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
+from ..interrupts import shielded
 from ..layout import run_dir
 from ..cluster.servers import Node
 from . import draw
@@ -38,20 +37,6 @@ log = logging.getLogger("cloister.runs")
 _OUTPUT_LOCK = threading.Lock()
 FINAL_STATE = "final-state"  # the processes' states when the master had ended, before the kill
 ATTACH_CONTEXT_LINES = 10  # of the master's log shown again when attaching, before what comes next
-
-
-@contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Clean-up must finish: hold SIGINT until it has (main thread only)."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class Run:
@@ -257,7 +242,7 @@ class Run:
             if detached:
                 self._close()
             else:
-                with _no_interrupts():
+                with shielded():  # the kill and the log download must finish, Ctrl-C or not
                     record = self._conclude(status, error, failures, completed=completed)
         return None if detached else record
 
