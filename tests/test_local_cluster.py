@@ -235,16 +235,19 @@ def test_more_ctrl_c_cannot_cut_the_launch_clean_up_short(tmp_path):
     while time.monotonic() < deadline and len(list(hosts_dir.glob("*/init.pid"))) < 13:
         time.sleep(0.01)
     presses = 0
-    while proc.poll() is None and presses < 40:
-        os.killpg(proc.pid, signal.SIGINT)
-        presses += 1
-        time.sleep(0.02)
-    out, err = proc.communicate(timeout=60)
-    assert presses > 1, "the launch ended before a second Ctrl-C"
-    assert proc.returncode == 130, out + err
-    assert "Traceback" not in out + err and "Socket exception" not in out + err
-    lines = err.strip().splitlines()
-    assert lines.count("cleaning up, please wait") <= 1, err
-    assert lines[-1] == "interrupted: launch of 'rbtwice' stopped; ended the 13 hosts it had started", err
-    assert _processes_mentioning(str(hosts_dir)) == []
-    assert not (state / "local" / "rbtwice").exists()
+    try:
+        while proc.poll() is None and presses < 40:
+            os.killpg(proc.pid, signal.SIGINT)
+            presses += 1
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=60)
+        assert presses > 1, "the launch ended before a second Ctrl-C"
+        assert proc.returncode == 130, out + err
+        assert "Traceback" not in out + err and "Socket exception" not in out + err
+        lines = err.strip().splitlines()
+        assert lines.count("cleaning up, please wait") <= 1, err
+        assert lines[-1] == "interrupted: launch of 'rbtwice' stopped; ended the 13 hosts it had started", err
+        assert _processes_mentioning(str(hosts_dir)) == []
+        assert not (state / "local" / "rbtwice").exists()
+    finally:  # a failure here must not leave 13 hosts behind
+        LocalCluster(state_root=state, cluster="rbtwice").destroy()
