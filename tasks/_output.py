@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-LABELS = {"uptime_s": "uptime", "age_s": "age", "ttl_left_s": "ttl left"}
+LABELS = {"uptime_s": "uptime", "age_s": "age", "ttl_left_s": "ttl left", "why": "what became of it"}
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
@@ -61,14 +61,15 @@ def warning(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr)
 
 
-def confirm(question: str) -> bool:
-    """Ask on the terminal; no terminal means no."""
+def confirm(question: str, *, default: bool = False) -> bool:
+    """Ask on the terminal (Enter answers ``default``); no terminal means no."""
     if not sys.stdin or not sys.stdin.isatty():
         return False
     try:
-        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        answer = input(f"{question} {'[Y/n]' if default else '[y/N]'} ").strip().lower()
     except EOFError:
         return False
+    return default if not answer else answer in ("y", "yes")
 
 
 class ProgressBar:
@@ -81,11 +82,11 @@ class ProgressBar:
     def update(self, text: str, done: int, total: int) -> None:
         self.bar.update(self.task_id, description=text, completed=done, total=total, visible=True)
 
-    def confirm(self, question: str) -> bool:
+    def confirm(self, question: str, *, default: bool = False) -> bool:
         """``confirm`` with the bar paused, so the question is not drawn over."""
         self.bar.stop()
         try:
-            return confirm(question)
+            return confirm(question, default=default)
         finally:
             self.bar.start()
 

@@ -34,8 +34,11 @@ CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
                        "with EC2's DryRun, create nothing",
             "ttl": "ec2: the instances terminate themselves after this, e.g. 6h or 90m; 0 disables "
                    "(overrides the config's ttl)",
-            "yes": "ec2: if the launch fails or is interrupted, terminate what it created without asking"})
-def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False, label=None):
+            "yes": "if the launch fails or is interrupted, terminate what it created without asking",
+            "keep_on_failure": "if the launch fails, keep what it created (to look at it) instead of terminating "
+                               "it; without a terminal a failed launch terminates what it created unless this"})
+def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False, label=None,
+           keep_on_failure=False):
     """Launch the cluster (or find the running one), wait for SSH and write servers/."""
     cfg = load(c, config, nworkers=number("--nworkers", nworkers), ttl=ttl,
                **label_overrides(label=label, name=name))
@@ -46,10 +49,12 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
         return
     for text in lib.provider(cfg, settings=conf).launch_warnings():
         warning(text)
+    if yes and keep_on_failure:
+        raise Exit("--yes terminates what a failed launch created, --keep-on-failure keeps it: give one", code=1)
     start = time.monotonic()
     try:
         with progress_bar() as bar:
-            result = lib.launch(cfg, settings=conf, wait=wait, confirm=None if yes else bar.confirm,
+            result = lib.launch(cfg, settings=conf, wait=wait, confirm=_on_failure(bar, yes=yes, keep=keep_on_failure),
                                 progress=bar.update)
     except KeyboardInterrupt as stopped:
         # What the clean-up really did when there was one, else what the provider can say.
@@ -65,6 +70,17 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
     print(f"{verb} {cfg.provider} cluster '{cfg.cluster_name}': 1 master, {len(info.workers)} workers"
           + (", 1 dev host" if info.dev else "") + f" in {time.monotonic() - start:.1f}s")
     print(f"master {info.master.host if info.master else '-'}; servers/ written to {conf.servers_dir}/")
+
+
+def _on_failure(bar, *, yes: bool, keep: bool):
+    """Who decides what a failed launch leaves: nobody asks with --yes or without a terminal (cron, CI,
+    nohup), where instances nobody looks at would bill until their TTL; at a terminal the user does,
+    and Enter terminates."""
+    if keep:
+        return lambda question: False
+    if yes or not sys.stdin or not sys.stdin.isatty():
+        return None
+    return lambda question: bar.confirm(question, default=True)
 
 
 @task(help={"config": CONFIG_HELP, "yes": "do not ask for confirmation"})
@@ -90,17 +106,24 @@ def destroy(c, config=None, yes=False):
 
 @task(help={"config": CONFIG_HELP})
 def status(c, config=None):
-    """Show every node of the cluster with its role, state and uptime."""
+    """Show every node of the cluster with its role, state and uptime, and every recorded node that is gone."""
     cfg = load(c, config)
-    prov = lib.provider(cfg, settings=settings(c))
-    rows = prov.status()
-    if not rows:
-        raise Exit(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running; run inv cluster.launch", code=1)
+    conf = settings(c)
+    prov = lib.provider(cfg, settings=conf)
+    rows = lib.status(cfg, settings=conf)
+    gone = [r for r in rows if r.state == "gone"]
+    said = "; ".join(f"{r.name or r.role} ({r.id}) {r.why}" for r in gone)
+    if len(gone) == len(rows):
+        raise Exit(f"no {cfg.provider} cluster '{cfg.cluster_name}' is running; run inv cluster.launch"
+                   + (f" (servers/ records {len(gone)} nodes, gone: {said})" if gone else ""), code=1)
     records(f"{cfg.provider} cluster '{cfg.cluster_name}'", [dataclasses.asdict(r) for r in rows],
-            ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost"), caption=prov.status_caption(rows))
+            ("role", "id", "host", "type", "state", "uptime_s", "ttl_left_s", "cost", "why"),
+            caption=prov.status_caption([r for r in rows if r not in gone]))
     over = budget.warning(cfg, rows)
     if over:
         warning(over)
+    if gone:
+        raise Exit(f"{len(gone)}/{len(rows)} nodes gone: {said}", code=1)
     down = [r for r in rows if r.state not in ("running", "reachable")]
     if down:
         raise Exit(f"{len(down)}/{len(rows)} nodes not running: " + ", ".join(r.id for r in down), code=1)

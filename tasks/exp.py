@@ -80,15 +80,19 @@ def _require(benchmark):
     return benchmark
 
 
-def _spec(c, *, config, benchmark, k, p, args=None, timeout=None, manager=True, keep=False,
-          run_id=None, resources=None) -> runlib.RunSpec:
+def _spec(c, **kwargs) -> runlib.RunSpec:
+    return _spec_and_config(c, **kwargs)[0]
+
+
+def _spec_and_config(c, *, config, benchmark, k, p, args=None, timeout=None, manager=True, keep=False,
+                     run_id=None, resources=None) -> tuple[runlib.RunSpec, ClusterConfig]:
     k, timeout = number("-k", k, positive=True), number("--timeout", timeout, float, positive=True)
     interval = None if resources is None else _interval(resources)
     ctx = _context(c, config, _require(benchmark))
     return runlib.RunSpec(info=ctx.info, bench=ctx.bench, k=len(ctx.info.workers) if k is None else k, nprocs=int(p),
                           args=parse_args(args), settings=ctx.conf, timeout=timeout, manager=manager, keep=keep,
                           run_id=run_id or runlib.new_run_id(), config_name=ctx.cfg.source,
-                          resources=interval)
+                          resources=interval), ctx.cfg
 
 
 def _interval(text: str) -> float:
@@ -135,9 +139,11 @@ def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True,
         resources=None, concurrent=False, detach=False):
     """Run a benchmark end to end: workers, master, logs, clean-up, run.json."""
     _logging()
-    spec = replace(_spec(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout,
-                         manager=manager, keep=keep, resources=resources), concurrent=concurrent)
-    record = runlib.Run(spec, out=sys.stdout).execute(detach=detach)
+    spec, cfg = _spec_and_config(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout,
+                                 manager=manager, keep=keep, resources=resources)
+    spec = replace(spec, concurrent=concurrent)
+    gone = lambda: clusterlib.gone_hosts(cfg, settings=spec.settings, info=spec.info)  # noqa: E731
+    record = runlib.Run(spec, out=sys.stdout, gone=gone).execute(detach=detach)
     if record is None:
         print(f"{spec.bench.name} run {spec.run_id} in flight; follow and finish it with: "
               f"inv exp.attach --run {spec.run_id}")

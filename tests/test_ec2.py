@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -203,7 +204,7 @@ def test_launch_1_plus_8_tags_rules_ttl_and_servers(aws, make_cfg, settings, tmp
 
     # One security group: SSH from ssh_cidr only, everything between members, nothing open to the world.
     (group,) = cluster_groups(client, "t1")
-    assert group["GroupName"] == "cloister-t1"
+    assert re.fullmatch(r"cloister-t1-[0-9a-f]{8}", group["GroupName"]), group["GroupName"]  # owner hash
     assert {g["GroupId"] for i in found for g in i["SecurityGroups"]} == {group["GroupId"]}
     rules = {(p["IpProtocol"], p.get("FromPort")): p for p in group["IpPermissions"]}
     assert set(rules) == {("tcp", 22), ("-1", None)}
@@ -484,7 +485,7 @@ def test_destroy_touches_only_this_clusters_instances(aws, make_cfg, settings):
     assert asked == [f"Terminate 4 instances of ec2 cluster 't1' in {ms.REGION}: "
                      f"1 master (m5.large), 3 workers (m5.large)?"]
     assert messages[0] == "terminated 4 instances of ec2 cluster 't1': 1 master (m5.large), 3 workers (m5.large)"
-    assert messages[1].startswith("deleted security group cloister-t1 (sg-")
+    assert re.match(r"deleted security group cloister-t1-[0-9a-f]{8} \(sg-", messages[1]), messages
     assert inject.count("TerminateInstances") == 1
     assert {i["InstanceId"] for i in live(client)} == {stranger, neighbour}
     assert live(client, "t1") == [] and cluster_groups(client, "t1") == []
@@ -594,7 +595,9 @@ def test_dry_run_resolves_and_checks_but_creates_nothing(aws, make_cfg, settings
     assert "alice-clamor-20250101-0000" in text and "1 x m5.large on-demand" in text
     assert "8 x m5.large spot" in text and f"tcp 22 from {SSH_CIDR}" in text
     assert "every node terminates itself at" in text and "$0.86/hour" in text
-    assert lines[-1].startswith("  dry run    EC2 would allow every call")
+    assert lines[-2].startswith("  dry run    EC2 would allow every call")
+    # Without an instance of the cluster, EC2 answers GetConsoleOutput's check with NotFound.
+    assert lines[-1] == "  unchecked  GetConsoleOutput (EC2 needs an existing resource to answer)"
     # Every action of the policy was asked about (destroy's too), but the placement group's (none here).
     dry = {a for a, p in inject.calls if p.get("DryRun") == "true"}
     assert dry == set(ec2_permissions.EC2_ACTIONS) - {"DescribePlacementGroups", "CreatePlacementGroup",
@@ -833,17 +836,32 @@ def test_a_relaunch_replaces_the_old_ssh_source(aws, make_cfg, settings):
 
 
 def test_two_owners_of_one_name_never_touch_each_others_instances(aws, make_cfg, settings, tmp_path):
+    """Both launch 't1' in one account (group names are unique per VPC: each owner's has its own), each
+    sees and destroys only their own."""
     client, _ = aws
     alice = make_cfg(owner="alice", nworkers=1)
     lib.launch(alice, settings=settings, wait=False)
     bob = make_cfg(owner="bob", nworkers=1)
-    assert lib.status(bob, settings=settings) == []
-    assert lib.destroy(bob, settings=settings)[0].startswith("no instances tagged")
+    bobs = replace(settings, servers_dir=str(tmp_path / "bob" / "servers"), state_dir=str(tmp_path / "bob" / "state"))
+    assert lib.status(bob, settings=bobs) == []
+    assert lib.destroy(bob, settings=bobs)[0].startswith("no instances tagged")
     assert len(live(client, "t1")) == 2
-    with pytest.raises(ProviderError, match="not tagged as this cluster of bob"):
-        lib.launch(bob, settings=settings, wait=False)
+    lib.launch(bob, settings=bobs, wait=False)
+    by_owner = {o: sorted(i["InstanceId"] for i in live(client, "t1") if tags(i)["cloister:owner"] == o)
+                for o in ("alice", "bob")}
+    assert [len(ids) for ids in by_owner.values()] == [2, 2]
+    assert sorted(r.id for r in lib.status(bob, settings=bobs)) == by_owner["bob"]
+    assert [g["GroupName"] for g in cluster_groups(client, "t1")].count("cloister-t1") == 0
+    assert len(cluster_groups(client, "t1")) == 2
     assert [r.cluster for r in lib.list_clusters(alice, settings=settings)] == ["t1"]
-    assert lib.list_clusters(bob, settings=settings) == []
+    # bob given alice's servers/ (a copied folder): destroy refuses, ends nothing, keeps servers/.
+    with pytest.raises(ProviderError, match=r"servers/ records 2 running instances of ec2 cluster 't1' .* tagged "
+                                            r"cloister:owner=alice, not bob; nothing was terminated"):
+        lib.destroy(bob, settings=replace(bobs, servers_dir=settings.servers_dir))
+    assert (Path(settings.servers_dir) / "cluster.json").exists()
+    assert lib.destroy(bob, settings=bobs)[0].startswith("terminated 2 instances of ec2 cluster 't1'")
+    assert sorted(i["InstanceId"] for i in live(client, "t1")) == by_owner["alice"]
+    assert [tags(g)["cloister:owner"] for g in cluster_groups(client, "t1")] == ["alice"]
 
 
 def test_a_second_concurrent_launch_refuses_instead_of_making_a_second_master(aws, make_cfg, settings):
@@ -979,6 +997,12 @@ def test_the_readme_lists_exactly_the_policy_the_code_needs():
     text = (REPO / "README.md").read_text()
     block = text.split("The minimal IAM policy", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(block) == ec2_permissions.policy()
+    shared = text.split("An account several people share", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(shared) == ec2_permissions.shared_policy()
+    # Both allow exactly the actions the code calls.
+    wanted = {f"ec2:{a}" for a in ec2_permissions.EC2_ACTIONS} | {"iam:CreateServiceLinkedRole"}
+    assert ec2_permissions.policy_actions(ec2_permissions.policy()) == wanted
+    assert ec2_permissions.policy_actions(ec2_permissions.shared_policy()) == wanted
 
 
 def test_a_console_that_stops_moving_is_a_hanging_boot(aws):
@@ -1040,3 +1064,18 @@ def test_a_sweep_stops_before_a_run_that_would_cross_the_budget(aws, make_cfg, s
         sweeplib.run_sweep(state=state, all_combos=combos, run_one=lambda c, r: pytest.fail("must not run"),
                            cleanup_interrupted=lambda r: None, fail_fast=False,
                            refuse=lambda seconds: budget.would_cross(cfg, rows, seconds=seconds + 3600))
+
+
+@pytest.mark.parametrize("arn, owner", [
+    ("arn:aws:sts::123456789012:assumed-role/researcher/botocore-session-1796587196",
+     "arn:aws:iam::123456789012:role/researcher"),
+    ("arn:aws:sts::123456789012:assumed-role/researcher/1796587196123456789",  # aws-vault
+     "arn:aws:iam::123456789012:role/researcher"),
+    # A session that names a person stays that person's: two people sharing one role are two owners.
+    ("arn:aws:sts::123456789012:assumed-role/AWSReservedSSO_Lab_0a1b/alice@lab.example",
+     "arn:aws:sts::123456789012:assumed-role/AWSReservedSSO_Lab_0a1b/alice@lab.example"),
+    ("arn:aws:iam::123456789012:user/alice", "arn:aws:iam::123456789012:user/alice"),
+    ("arn:aws-cn:sts::123456789012:assumed-role/r/botocore-session-1", "arn:aws-cn:iam::123456789012:role/r"),
+])
+def test_an_assumed_roles_per_process_session_name_is_not_part_of_the_owner(arn, owner):
+    assert ec2_aws.stable_owner(arn) == owner

@@ -148,8 +148,29 @@ def clear_own_servers(cfg: ClusterConfig, settings: Settings) -> None:
 
 
 def status(cfg: ClusterConfig, *, settings: Settings) -> list[NodeStatus]:
-    """Every node of the cluster as its provider sees it now; empty when nothing of it exists."""
-    return provider(cfg, settings=settings).status()
+    """Every node of the cluster as its provider sees it now, and after them every node servers/ records
+    that the provider no longer runs (state "gone", ``why`` says what became of it)."""
+    prov = provider(cfg, settings=settings)
+    rows = prov.status()
+    try:
+        info = current(cfg, settings=settings)
+    except CloisterError:
+        return rows
+    shown = {r.id for r in rows}
+    if all(n.id in shown for n in info.cluster_nodes) or (info.provider, info.region) != (cfg.provider, cfg.region):
+        return rows
+    why = prov.gone(info)
+    return rows + [NodeStatus(role=n.role, id=n.id, name=n.name, host=n.host, state="gone", why=why[n.id])
+                   for n in info.cluster_nodes if n.id not in shown and n.id in why]
+
+
+def gone_hosts(cfg: ClusterConfig, *, settings: Settings, info: ClusterInfo) -> dict[str, str]:
+    """The hosts of ``info`` the provider knows to have ended: host -> why (empty if it cannot tell)."""
+    try:
+        why = provider(cfg, settings=settings).gone(info)
+    except CloisterError:
+        return {}
+    return {n.host: why[n.id] for n in info.nodes if n.id in why}
 
 
 def node_cluster_json(info: ClusterInfo) -> str:

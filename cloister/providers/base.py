@@ -41,6 +41,7 @@ class NodeStatus:
     cost: str = ""  # for people: "$0.12", "-" or "unknown"
     cost_usd: float | None = None  # so far; None: unknown
     hourly_usd: float | None = None  # now
+    why: str = ""  # a node servers/ records that the provider no longer runs: what became of it
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ class Provider(ABC):
     def ssh_hint(self, info: ClusterInfo, failed: HostsFailed) -> str:
         """What may be wrong when SSH never answered (a line for the user), or ""."""
         return ""
+
+    def gone(self, info: ClusterInfo) -> dict[str, str]:
+        """Nodes of ``info`` that the provider knows to have ended (reclaimed, terminated): node id -> why.
+        One request for the whole cluster."""
+        return {}
 
     def ensure_running(self, info: ClusterInfo) -> None:
         """Raise ProviderError when the cluster recorded in ``info`` is known to be gone."""

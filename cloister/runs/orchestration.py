@@ -43,9 +43,12 @@ class Run:
     """One experiment run over one open connection per host; ``out`` receives the master's output."""
 
     def __init__(self, spec: RunSpec, *, out: TextIO | None = None,
-                 connections: dict[str, Connection] | None = None):
+                 connections: dict[str, Connection] | None = None,
+                 gone: Callable[[], dict[str, str]] | None = None):
         """``connections`` (host -> an open Connection, owned by the caller) are used instead of new ones,
-        so a sweep pays for SSH set-up once, not once per run."""
+        so a sweep pays for SSH set-up once, not once per run. ``gone`` names the hosts the provider knows
+        to have ended (host -> why); a failed run asks it, so run.json says a node was lost and why."""
+        self._gone = gone
         self.spec = spec
         self.bench = spec.bench
         self.run_id = spec.run_id
@@ -313,6 +316,10 @@ class Run:
             log.warning("interrupted: killing the run's processes and collecting its logs")
         lost = self._lost_sessions(failures)
         probes = self._finish(failures, final_state=completed, lost=lost)
+        if failures and self._gone is not None:
+            for host, why in self._gone().items():
+                if host in self.cxn:
+                    _add(failures, host=host, text=f"node gone: {why}")
         if completed:
             for host, text in self._final_states(probes).items():
                 _add(failures, host=host, text=text)

@@ -105,6 +105,9 @@ class Ec2Provider(Provider):
     def status(self) -> list[NodeStatus]:
         return lifecycle.status(self.cfg)
 
+    def gone(self, info: ClusterInfo) -> dict[str, str]:
+        return lifecycle.gone(self.cfg, info)
+
     def list_clusters(self) -> list[ClusterRow]:
         return lifecycle.list_clusters(self.cfg)
 

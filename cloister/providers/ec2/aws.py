@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator
 
 from ...config import ClusterConfig
@@ -116,10 +117,29 @@ def error_code(exc: Exception) -> str | None:
 
 
 
+# botocore (so boto3 and the AWS CLI) names the session of a role it assumes from a profile
+# botocore-session-<epoch seconds>, aws-vault <epoch nanoseconds>: a new name for every process.
+GENERATED_SESSION = re.compile(r"botocore-session-\d+|\d{9,}")
+ASSUMED_ROLE = re.compile(r"arn:(?P<partition>[^:]+):sts::(?P<account>\d+):assumed-role/(?P<role>[^/]+)/(?P<session>.+)")
+
+
+def stable_owner(arn: str) -> str:
+    """The caller's ARN as an owner that stays put from one process to the next.
+
+    An assumed role's session name made up per process is dropped (the role's ARN remains); a session
+    name that names a person (SSO's e-mail address, a role_session_name of one's own) is kept, so
+    two people sharing a role stay two owners.
+    """
+    found = ASSUMED_ROLE.fullmatch(arn)
+    if not found or not GENERATED_SESSION.fullmatch(found["session"]):
+        return arn
+    return f"arn:{found['partition']}:iam::{found['account']}:role/{found['role']}"
+
+
 def caller_identity(cfg: ClusterConfig) -> str:
-    """The ARN of whoever the credentials belong to (STS answers this for any credentials)."""
+    """Whoever the credentials belong to, as a stable owner (STS answers this for any credentials)."""
     with aws_errors(cfg):
-        return _caller(cfg.region)
+        return stable_owner(_caller(cfg.region))
 
 
 # One task asks for the owner several times (find, tag, tear down); the answer cannot change meanwhile.

@@ -11,7 +11,7 @@ from ...errors import ProviderError
 from ...poll import Backoff, retry
 from ..base import Image, Progress, no_images_error, pattern, prefix
 from .aws import aws_errors, client_for, error_code
-from .instances import TAG_IMAGE, dev_instance
+from .instances import TAG_IMAGE, TAG_OWNER, dev_instance, scope_of
 
 IMAGE_TIMEOUT = 3600.0
 SNAPSHOT_IN_USE_TIMEOUT = 300.0
@@ -73,7 +73,8 @@ def create_image(cfg: ClusterConfig, *, name: str, progress: Progress | None = N
         dev = dev_instance(client, cfg)
         if prepare:
             prepare()
-        tags = [{"Key": TAG_IMAGE, "Value": prefix(cfg)}]
+        # The owner tag lets an account's shared policy allow ami.prune on one's own images only.
+        tags = [{"Key": TAG_IMAGE, "Value": prefix(cfg)}, {"Key": TAG_OWNER, "Value": scope_of(cfg).owner}]
         image_id = client.create_image(
             InstanceId=dev["InstanceId"], Name=name, Description=f"cloister image of {cfg.ami_instance_ip}",
             NoReboot=no_reboot,

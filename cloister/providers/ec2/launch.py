@@ -55,6 +55,9 @@ def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: s
     if cfg.placement_group:
         args["Placement"] = {"GroupName": cfg.placement_group}
     if role == "worker" and cfg.spot:
+        # A one-time spot instance can never be started again: one that powers itself off (a shutdown on
+        # the node, with ttl 0 too) must not linger stopped, billing its disk.
+        args["InstanceInitiatedShutdownBehavior"] = "terminate"
         options: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
         if not isinstance(cfg.spot, bool):
             options["MaxPrice"] = str(cfg.spot)

@@ -8,8 +8,8 @@ from typing import Any
 
 from . import prices
 from ...config import ClusterConfig
-from ...errors import ProviderError
-from ...cluster.servers import ClusterInfo
+from ...errors import CloisterError, ProviderError
+from ...cluster.servers import ClusterInfo, read_servers
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for
@@ -20,11 +20,16 @@ from .launch import confirmed, teardown
 
 def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None = None,
             progress: Progress | None = None) -> list[str]:
-    """Terminate the instances tagged with the cluster (after ``confirm``, if given) and delete its groups."""
+    """Terminate the instances tagged with the cluster (after ``confirm``, if given) and delete its groups.
+
+    Refuses, touching nothing, while an instance servers/ records for this cluster still runs but is not
+    among them: clearing servers/ and the cluster key then would leave it running unseen."""
     name = cfg.cluster_name
     with aws_errors(cfg):
         client = client_for(cfg.region)
-        found = find(client, scope_of(cfg))
+        scope = scope_of(cfg)
+        found = find(client, scope)
+        _refuse_unfound(client, cfg, settings, found, owner=scope.owner)
         what = summary(found)
         if found and confirm is not None and not confirmed(
                 confirm, f"Terminate {len(found)} instances of ec2 cluster '{name}' in {cfg.region}: {what}?"):
@@ -34,6 +39,32 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
     head = (f"terminated {len(ids)} instances of ec2 cluster '{name}': {what}" if ids
             else f"no instances tagged {TAG_CLUSTER}={name} in {cfg.region}; nothing to terminate")
     return [head, *messages]
+
+
+def _refuse_unfound(client, cfg: ClusterConfig, settings: Settings, found: list[dict[str, Any]], *,
+                    owner: str) -> None:
+    """Raise if servers/ records live instances of this cluster that this owner's tag filter did not find
+    (tagged by another identity, or not at all): they are not destroyed and nothing local is cleared."""
+    ids = sorted(set(recorded_ids(cfg, settings)) - {i["InstanceId"] for i in found})
+    alive = describe(client, {"Name": "instance-id", "Values": ids}, live_filter()) if ids else []
+    if not alive:
+        return
+    owners = sorted({tags_of(i).get(TAG_OWNER, "(none)") for i in alive})
+    listed = ", ".join(i["InstanceId"] for i in alive[:8]) + (f" and {len(alive) - 8} more" if len(alive) > 8 else "")
+    raise ProviderError(
+        f"servers/ records {len(alive)} running instances of ec2 cluster '{cfg.cluster_name}' ({listed}) tagged "
+        f"{TAG_OWNER}={', '.join(owners)}, not {owner}; nothing was terminated and servers/ and the cluster key "
+        f"are kept. If they are yours, set \"owner\": \"{owners[0]}\" in {cfg.source} and destroy again",
+        provider="ec2", cluster=cfg.cluster_name)
+
+
+def recorded_ids(cfg: ClusterConfig, settings: Settings) -> list[str]:
+    """The instance ids servers/ records for this cluster in this region (none when it records another)."""
+    try:
+        info = read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
+    except CloisterError:
+        return []
+    return [n.id for n in info.nodes] if (info.provider, info.region) == ("ec2", cfg.region) else []
 
 
 def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = None) -> list[str]:
@@ -173,3 +204,42 @@ def list_clusters(cfg: ClusterConfig) -> list[ClusterRow]:
             ttl_left_s=max(min(lefts), 0.0) if lefts else None))
     return rows
 
+
+
+# What EC2's StateReason codes mean for someone whose node vanished.
+FATES = {
+    "Server.SpotInstanceTermination": "EC2 reclaimed the spot instance (it needed the capacity back or the spot "
+                                      "price rose above the maximum)",
+    "Client.InstanceInitiatedShutdown": "it powered itself off (its TTL, or a shutdown on the node)",
+    "Client.UserInitiatedShutdown": "someone terminated it (a destroy elsewhere, the console, another tool)",
+    "Server.InternalError": "EC2 ended it after an internal error (a hardware failure)",
+    "Server.ScheduledStop": "EC2 retired it (scheduled maintenance of its host)",
+}
+# EC2 accepts at most this many values in one filter.
+FILTER_VALUES = 199
+
+
+def gone(cfg: ClusterConfig, info: ClusterInfo) -> dict[str, str]:
+    """The nodes of ``info`` that have ended, node id -> what became of each (EC2's StateReason)."""
+    ids = [n.id for n in info.nodes if n.id]
+    seen: dict[str, dict[str, Any]] = {}
+    with aws_errors(cfg):
+        client = client_for(cfg.region)
+        for start in range(0, len(ids), FILTER_VALUES):
+            chunk = ids[start:start + FILTER_VALUES]
+            seen.update((i["InstanceId"], i) for i in describe(client, {"Name": "instance-id", "Values": chunk}))
+    fates = {}
+    for instance_id in ids:
+        found = seen.get(instance_id)
+        if found is None:
+            fates[instance_id] = "EC2 no longer lists it (terminated over an hour ago)"
+        elif state_of(found) in ("shutting-down", "terminated"):
+            fates[instance_id] = fate(found)
+    return fates
+
+
+def fate(instance: dict[str, Any]) -> str:
+    reason = instance.get("StateReason") or {}
+    code = reason.get("Code", "")
+    told = FATES.get(code) or reason.get("Message") or "no reason given"
+    return f"{state_of(instance)}" + (f" ({code})" if code else "") + f": {told}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import urllib.request
@@ -92,8 +93,10 @@ def _dev_rule(client, cfg: ClusterConfig) -> dict[str, Any] | None:
             "UserIdGroupPairs": [{"GroupId": g, "Description": "SSH from the dev instance"} for g in groups]}
 
 
-def security_group_name(cluster: str) -> str:
-    return f"cloister-{cluster}"
+def security_group_name(scope: Scope) -> str:
+    """Group names are unique per VPC: a short hash of the owner lets two people of one account each
+    have a cluster of the same name (the group is found by its tags, never by this name)."""
+    return f"cloister-{scope.cluster}-{hashlib.sha256(scope.owner.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def ensure_security_group(client, cfg: ClusterConfig, scope: Scope, *, ssh_sourc
     The group is also the launch lock: it carries ``cloister:launching`` until the instances run, and a
     second launch that finds a fresh lock refuses instead of making a second master.
     """
-    name = security_group_name(cfg.cluster_name)
+    name = security_group_name(scope)
     try:
         group_id = client.create_security_group(
             GroupName=name, VpcId=vpc,
@@ -153,13 +156,13 @@ def _now() -> str:
 
 
 def _reuse_security_group(client, cfg: ClusterConfig, scope: Scope, *, ssh_source: str, vpc: str) -> str:
-    name = security_group_name(cfg.cluster_name)
+    name = security_group_name(scope)
     groups = client.describe_security_groups(Filters=[
         {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]}, *scope.filters()])
     groups = groups["SecurityGroups"]
     if not groups:
         raise ProviderError(f"a security group named {name} exists in {vpc} but is not tagged as this cluster of "
-                            f"{scope.owner}; rename the cluster, or delete that group if it is yours",
+                            f"{scope.owner}; delete that group if it is yours, or rename the cluster",
                             provider="ec2", cluster=cfg.cluster_name)
     group = groups[0]
     _check_launch_lock(cfg, group)

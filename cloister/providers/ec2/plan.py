@@ -12,7 +12,7 @@ from ...config import ClusterConfig
 from ..base import Image, Plan
 from .aws import aws_errors, client_for
 from .images import launch_image, to_image
-from .instances import find, scope_of
+from .instances import TAG_OWNER, Scope, find, scope_of
 from .launch import expiry, run_args
 from .permissions import NO_INSTANCE, allowed, lifecycle_checks
 from .network import Subnet, allowed_ssh_source, launch_subnet, security_group_name
@@ -30,7 +30,7 @@ class LaunchPlan:
     image: Image
     ssh_source: str
     subnet: Subnet
-    owner: str
+    scope: Scope
     existing: int
     ttl_expires: datetime | None
     hourly: float | None
@@ -51,8 +51,8 @@ class LaunchPlan:
             f"  root       {cfg.root_size} GiB gp3 per node" if cfg.root_size else "  root       the AMI's default",
             f"  key        {cfg.key_name}",
             f"  subnet     {self.subnet.id} in {self.subnet.zone} ({self.subnet.vpc}); every node in this zone",
-            f"  owner      {self.owner} (tagged; only this owner's instances are this cluster's)",
-            f"  group      {security_group_name(cfg.cluster_name)}: tcp 22 from {self.ssh_source}; "
+            f"  owner      {self.scope.owner} (tagged; only this owner's instances are this cluster's)",
+            f"  group      {security_group_name(self.scope)}: tcp 22 from {self.ssh_source}; "
             f"all traffic between members; nothing else",
         ]
         if cfg.placement_group:
@@ -83,8 +83,8 @@ def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
         expires = expiry(cfg)
         checks: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
             "CreateSecurityGroup": (client.create_security_group,
-                                    {"GroupName": security_group_name(cfg.cluster_name), "Description": "dry run",
-                                     "VpcId": subnet.vpc}),
+                                    {"GroupName": security_group_name(scope), "Description": "dry run",
+                                     "VpcId": subnet.vpc, "TagSpecifications": [scope.tag_spec("security-group")]}),
             "RunInstances (master)": (client.run_instances, run_args(
                 cfg, scope, image=image, role="master", count=1, token="dry-run", expires=expires, subnet=subnet)),
         }
@@ -94,7 +94,8 @@ def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
                 subnet=subnet))
         if cfg.placement_group:
             checks["CreatePlacementGroup"] = (client.create_placement_group,
-                                              {"GroupName": cfg.placement_group, "Strategy": "cluster"})
+                                              {"GroupName": cfg.placement_group, "Strategy": "cluster",
+                                               "TagSpecifications": [scope.tag_spec("placement-group")]})
         if cfg.placement_group:
             checks["DeletePlacementGroup"] = (client.delete_placement_group, {"GroupName": cfg.placement_group})
             checks["DescribePlacementGroups"] = (client.describe_placement_groups, {})
@@ -103,13 +104,13 @@ def plan(cfg: ClusterConfig, *, nworkers: int) -> Plan:
                                                     "IpRanges": [{"CidrIp": "192.0.2.1/32"}]}]})
         ours = find(client, scope)
         checks.update(lifecycle_checks(client, instance=ours[0]["InstanceId"] if ours else NO_INSTANCE,
-                                       group=NO_GROUP))
+                                       group=NO_GROUP, owner={"Key": TAG_OWNER, "Value": scope.owner}))
         answers = {what: allowed(call, **kwargs) for what, (call, kwargs) in checks.items()}
         denied = tuple(what for what, ok in answers.items() if ok is False)
         unknown = tuple(what for what, ok in answers.items() if ok is None)
     hourly = prices.cluster_hourly(master_type=cfg.master_type, worker_type=cfg.instance_type, nworkers=nworkers)
     found = LaunchPlan(cfg=cfg, nworkers=nworkers, image=to_image(image), ssh_source=ssh_source, subnet=subnet,
-                       owner=scope.owner, existing=existing,
+                       scope=scope, existing=existing,
                        ttl_expires=expires, hourly=hourly, denied=denied, unknown=unknown, checked=len(answers))
     return Plan(text=tuple(found.lines()), denied=denied)
 
