@@ -3,7 +3,9 @@
 # the sample benchmark with exp.run, destroy) against the EC2 twin on this machine (tests/twin: moto's
 # EC2 API on 127.0.0.1, instances that really boot systemd, cloud-init and sshd on 127.0.2xx.y).
 #
-# Run as root from anywhere (make demo-ec2 installs what it needs first). Everything it talks to is in
+# Run as root from anywhere (make demo-ec2 installs what it needs first). TWIN_ARGS go to the twin, e.g.
+# "--assume-role lab" (credentials from a profile that assumes a role, a new session per process) or
+# "--reclaim-spot-after 60" (with spot workers in the config). Everything it talks to is in
 # 127.0.0.0/8: the endpoint is the twin's, ssh_cidr is explicit (no address lookup), proxies are unset.
 # On any exit (an error, Ctrl-C) the twin is stopped, which ends every instance it booted, and the
 # demo's key and state (.cloister/demo-ec2/) are removed; the run's logs stay in runs/dsum/.
@@ -59,7 +61,7 @@ ssh-keygen -q -t ed25519 -N '' -C "$KEY_NAME" -f "$WORK/key"
 say "Starting the EC2 twin on 127.0.0.1 (key pair $KEY_NAME imported)"
 # Its own session: Ctrl-C reaches the demo's steps, and the clean-up above stops the twin in order.
 (cd tests && exec setsid "$PYTHON" -m twin --import-key "$KEY_NAME" "../$WORK/key.pub" \
-    --env-file "../$WORK/twin.env") >/dev/null 2>"$WORK/twin.log" </dev/null &
+    --env-file "../$WORK/twin.env" ${TWIN_ARGS:-}) >/dev/null 2>"$WORK/twin.log" </dev/null &
 twin_pid=$!
 for _ in $(seq 600); do
     [ -f "$WORK/twin.env" ] && break
@@ -67,6 +69,8 @@ for _ in $(seq 600); do
     sleep 0.1
 done
 [ -f "$WORK/twin.env" ] || die "the twin did not serve within 60s"
+# Only the twin's AWS settings: your own (keys, a profile) must not mix with them.
+for var in $(compgen -e | grep '^AWS_' || true); do unset "$var"; done
 # shellcheck disable=SC1091
 . "$WORK/twin.env"
 case "$AWS_ENDPOINT_URL_EC2" in

@@ -1031,6 +1031,15 @@ def test_a_console_that_stops_moving_is_a_hanging_boot(aws):
     assert reason.startswith("boot hangs: no SSH, and its console has not moved for 61s")
     assert reason.endswith("last: systemd[1]: Reached target cloud-init.target")
 
+    # A console that stops once boot has ended well: booted, and SSH cannot get in.
+    console[0] += "[    3.0] cloud-init[90]: Cloud-init v. 22.4.2 finished at Sun, 29 Nov 2026. Up 3.00 seconds\n"
+    assert watch.stalled(cloisters, instance) is None
+    now[0] += 61
+    reason = watch.stalled(cloisters, instance)
+    assert reason.startswith("booted (its console shows 'Cloud-init v. 22.4.2 finished at'), but SSH does not get "
+                             "in: check that ssh_cidr lets this machine in"), reason
+    assert "ssh_key is the private key of key pair" in reason
+
 
 def test_swap_for_the_master_is_a_volume_that_ends_with_it(aws, make_cfg, settings):
     client, inject = aws
@@ -1079,3 +1088,14 @@ def test_a_sweep_stops_before_a_run_that_would_cross_the_budget(aws, make_cfg, s
 ])
 def test_an_assumed_roles_per_process_session_name_is_not_part_of_the_owner(arn, owner):
     assert ec2_aws.stable_owner(arn) == owner
+
+
+def test_spot_workers_terminate_on_shutdown_even_without_a_ttl(aws, make_cfg, settings):
+    """A one-time spot instance cannot be started again: one that powers off must not stay stopped (its
+    disk billing), ttl 0 or not."""
+    client, _ = aws
+    lib.launch(make_cfg(spot=True, ttl=0, nworkers=1), settings=settings, wait=False)
+    behaviour = {tags(i)["cloister:role"]: client.describe_instance_attribute(
+        InstanceId=i["InstanceId"], Attribute="instanceInitiatedShutdownBehavior")[
+        "InstanceInitiatedShutdownBehavior"]["Value"] for i in live(client, "t1")}
+    assert behaviour == {"master": "stop", "worker": "terminate"}

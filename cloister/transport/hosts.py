@@ -368,7 +368,9 @@ def wait_ssh(info: ClusterInfo, nodes: Iterable[Node], *, timeout: float = 300.0
             next_look = time.monotonic() + BOOT_LOOK_EVERY
             hung = failed_boots(pending)
             if hung:
-                raise HostsFailed(hung, total=total, what="boot failed")
+                # What SSH itself answered last tells a closed port from a refused key.
+                raise HostsFailed({host: f"{why}; SSH said: {last[host]}" if host in last else why
+                                   for host, why in hung.items()}, total=total, what="no SSH")
         if not backoff.wait():
             raise HostsFailed({n.host: last[n.host] for n in pending}, total=total,
                               what=f"no SSH after {timeout:.0f}s")

@@ -17,7 +17,7 @@ import signal
 import threading
 from pathlib import Path
 
-from . import Twin
+from . import Twin, reclaim
 
 
 def main() -> None:
@@ -25,6 +25,10 @@ def main() -> None:
     parser.add_argument("--import-key", nargs=2, action="append", default=[], metavar=("NAME", "PUBLIC_KEY_FILE"),
                         help="import an EC2 key pair (repeatable)")
     parser.add_argument("--env-file", type=Path, help="also write the exports there, once the twin serves")
+    parser.add_argument("--assume-role", metavar="ROLE",
+                        help="the exports make boto3 assume ROLE through a profile, a new session name per process")
+    parser.add_argument("--reclaim-spot-after", type=float, metavar="SECONDS",
+                        help="EC2 reclaims every spot instance SECONDS after its launch")
     args = parser.parse_args()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -33,8 +37,10 @@ def main() -> None:
         ec2 = twin.client()
         for name, public_key in args.import_key:
             ec2.import_key_pair(KeyName=name, PublicKeyMaterial=Path(public_key).read_bytes())
-        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(twin.env().items())
-                          if k.startswith("AWS_"))
+        if args.reclaim_spot_after is not None:
+            reclaim.reclaim_after(twin, args.reclaim_spot_after)
+        env = twin.profile_env(twin.dir / "profile", role=args.assume_role) if args.assume_role else twin.env()
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()) if k.startswith("AWS_"))
         if args.env_file:
             # Written whole and then renamed, so whoever waits for the file never reads half of it.
             partial = args.env_file.with_name(args.env_file.name + ".partial")

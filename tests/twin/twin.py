@@ -15,7 +15,7 @@ import moto_server as ms  # before anything imports moto: its validation switche
 
 from moto.ec2.models.instances import Instance, StateReason
 
-from . import hooks
+from . import hooks, identity, reclaim
 from .addresses import AddressPool
 from .machine import CGROUP_ROOT, Machine, TwinError
 
@@ -65,6 +65,7 @@ class Twin:
         self._lock = threading.RLock()
         self._closing = False
         self._stack = contextlib.ExitStack()
+        self.requests = identity.Requests()  # every request moto answered (identity.py)
 
     def __enter__(self) -> Twin:
         self.start()
@@ -84,6 +85,7 @@ class Twin:
             self.pool = AddressPool(self.dir)
             self._stack.callback(self.pool.release)
             self._stack.enter_context(hooks.installed(self))
+            self._stack.enter_context(identity.installed(self.requests))
             server = ms.MotoEc2()
             self._stack.callback(server.stop)
             # Forget every instance before and after, so no other test sees a twin instance.
@@ -116,6 +118,14 @@ class Twin:
 
     def env(self) -> dict[str, str]:
         return ms.aws_env(self.url)
+
+    def profile_env(self, directory: Path, *, role: str) -> dict[str, str]:
+        """``env()`` with credentials from a profile that assumes ``role`` (identity.py)."""
+        return identity.profile_env(self.env(), directory, role=role)
+
+    def reclaim(self, instance_id: str) -> None:
+        """EC2 takes the spot instance back (reclaim.py)."""
+        reclaim.reclaim(self, instance_id)
 
     def machine(self, instance_id: str) -> Machine:
         return self.machines[instance_id]

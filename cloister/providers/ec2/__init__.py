@@ -83,7 +83,8 @@ class Ec2Provider(Provider):
 
     def boot_failures(self, info: ClusterInfo, waiting: list[Node]) -> dict[str, str]:
         if self._boot_watch is None:
-            self._boot_watch = console.BootWatch(stall=self.settings.boot_stall)
+            self._boot_watch = console.BootWatch(stall=self.settings.boot_stall,
+                                                  key_name=self.cfg.key_name or "")
         with aws_errors(self.cfg):
             client = client_for(self.cfg.region)
             reasons = {node: self._boot_watch.stalled(client, node.id) for node in waiting}

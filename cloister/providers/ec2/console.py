@@ -2,11 +2,16 @@
 tells whether the boot still moves; a console that has not changed for ``stall`` seconds before sshd
 answered is a boot that hangs (a cloud-init stage waiting forever, say), and the launch fails with the
 console's last words instead of running out its whole SSH timeout.
+
+A console also stops moving once a boot has ended well (on Nitro instances nothing is written after
+the login prompt): one that shows cloud-init finished, or a login prompt, is a node that booted and
+that SSH cannot reach, which is the network's or the key's doing, not the boot's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +20,12 @@ from .aws import error_code
 
 # cloud-init's network tables say nothing about where a boot stopped.
 NOISE = ("ci-info:",)
+# What a console shows once boot has ended: cloud-init's last stage done, a login prompt, systemd's sum-up.
+BOOTED = re.compile(r"Cloud-init v\. \S+ finished at|^\S+ login: *$|Startup finished in |"
+                    r"Reached target .*Multi-User System", re.MULTILINE)
+UNREACHABLE = ("booted (its console shows {evidence}), but SSH does not get in: check that ssh_cidr lets this "
+               "machine in (a VPN or a proxy may show AWS another address), and that ssh_key is the private key "
+               "of key pair {key_name}")
 
 
 @dataclass
@@ -22,6 +33,7 @@ class BootWatch:
     """Console fingerprints of the nodes not answering yet, and since when each has not changed."""
 
     stall: float
+    key_name: str = ""
     clock: Callable[[], float] = time.monotonic
     seen: dict[str, tuple[str, float]] = field(default_factory=dict)
 
@@ -38,6 +50,9 @@ class BootWatch:
             return None
         if now - since < self.stall:
             return None
+        booted = BOOTED.search(text)
+        if booted:
+            return UNREACHABLE.format(evidence=repr(" ".join(booted.group(0).split())), key_name=self.key_name or "-")
         return f"boot hangs: no SSH, and its console has not moved for {now - since:.0f}s; last: {last_words(text)}"
 
 
