@@ -34,9 +34,9 @@ CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
                        "with EC2's DryRun, create nothing",
             "ttl": "ec2: the instances terminate themselves after this, e.g. 6h or 90m; 0 disables "
                    "(overrides the config's ttl)",
-            "yes": "if the launch fails or is interrupted, terminate what it created without asking",
-            "keep_on_failure": "if the launch fails, keep what it created (to look at it) instead of terminating "
-                               "it; without a terminal a failed launch terminates what it created unless this"})
+            "yes": "ec2: if the launch fails or is interrupted, terminate what it created without asking",
+            "keep_on_failure": "ec2: if the launch fails, keep what it created (to look at it); without it a "
+                               "failed launch with no terminal (cron, CI, nohup) terminates what it created"})
 def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, ttl=None, yes=False, label=None,
            keep_on_failure=False):
     """Launch the cluster (or find the running one), wait for SSH and write servers/."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -141,9 +142,8 @@ def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True,
     _logging()
     spec, cfg = _spec_and_config(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout,
                                  manager=manager, keep=keep, resources=resources)
-    spec = replace(spec, concurrent=concurrent)
-    gone = lambda: clusterlib.gone_hosts(cfg, settings=spec.settings, info=spec.info)  # noqa: E731
-    record = runlib.Run(spec, out=sys.stdout, gone=gone).execute(detach=detach)
+    gone = functools.partial(clusterlib.gone_hosts, cfg, settings=spec.settings, info=spec.info)
+    record = runlib.Run(replace(spec, concurrent=concurrent), out=sys.stdout, gone=gone).execute(detach=detach)
     if record is None:
         print(f"{spec.bench.name} run {spec.run_id} in flight; follow and finish it with: "
               f"inv exp.attach --run {spec.run_id}")

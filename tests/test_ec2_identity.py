@@ -24,7 +24,7 @@ import pytest
 from conftest import no_traceback
 from test_ec2_twin import BOOT_TIMEOUT, KEY_NAME, SUFFIX, Ec2Cluster, Keys, describe, table_rows, tags
 from twin import Twin
-from twin.identity import ACCOUNT
+from twin.identity import ACCOUNT, sessions
 
 from cloister.providers.ec2 import permissions
 
@@ -32,7 +32,7 @@ NAME = f"ia-{SUFFIX}"  # one cluster name, two owners
 RESEARCHER = f"arn:aws:iam::{ACCOUNT}:role/researcher"
 VISITOR = f"arn:aws:iam::{ACCOUNT}:role/visitor"
 DSUM = Path(__file__).resolve().parent.parent / "examples" / "dsum"
-BOOT_STALL = 10  # seconds of a still console before the watcher judges (the default is 120)
+BOOT_STALL = 30  # seconds of a still console before the watcher judges (the default, 120, allows slow real AMIs)
 # Never called for real here: moto answers placement-group calls with HTTP 500 (test_ec2.py covers them),
 # and a relaunch revokes an SSH source only when ssh_cidr changed.
 NOT_EXERCISED = {"CreatePlacementGroup", "DeletePlacementGroup", "DescribePlacementGroups",
@@ -139,7 +139,6 @@ def researcher(twin, keys, unwatched, tmp_path_factory):
     """A master and a spot worker, launched through a profile that assumes the role 'researcher'."""
     cluster = RoleCluster(twin, keys, tmp_path_factory.mktemp("researcher"), NAME,
                           {"nworkers": 1, "spot": True, "ttl": "1h"}, role="researcher")
-    cluster.mark = len(twin.requests)
     cluster.launch = cluster.inv("cluster.launch", timeout=300)
     try:
         yield cluster
@@ -158,30 +157,25 @@ def visitor(twin, keys, researcher, tmp_path_factory):
         destroy(cluster)
 
 
-def ec2_keys(twin: Twin, since: int) -> set[str]:
-    return {r.access_key for r in twin.requests.seen[since:] if r.service == "ec2"}
-
-
 # -- 1. an identity that stays put --------------------------------------------------------------
 
 
 def test_an_assumed_roles_owner_stays_put_from_one_process_to_the_next(researcher, twin, ec2):
     proc = researcher.launch
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    launch_keys = ec2_keys(twin, researcher.mark)
     live = researcher.instances(ec2, "running")
     assert len(live) == 2 and {tags(i)["cloister:owner"] for i in live} == {RESEARCHER}
     assert json.loads((researcher.servers_dir / "cluster.json").read_text())["region"] == ms.REGION
 
-    mark = len(twin.requests)
     proc = researcher.inv("cluster.status")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     no_traceback(proc)
     assert sorted(r["id"] for r in table_rows(proc.stdout)) == sorted(i["InstanceId"] for i in live)
-    # Another process, another session of the role (new temporary keys): the same owner all the same.
-    assert ec2_keys(twin, mark) and not ec2_keys(twin, mark) & launch_keys
-    sessions = {r.access_key for r in twin.requests.seen if r.service == "sts" and r.action == "GetCallerIdentity"}
-    assert len(sessions) >= 2
+    # Every process had a session of its own (the launch, the status, the unwatched launches beside them):
+    # the owner stayed the role's.
+    named = sessions("researcher")
+    assert len(set(named)) == len(named) >= 3, named
+    assert all(re.fullmatch(rf"arn:aws:sts::{ACCOUNT}:assumed-role/researcher/botocore-session-\d+", s) for s in named)
 
     proc = researcher.inv("cluster.list")
     assert proc.returncode == 0 and NAME in proc.stdout, proc.stdout + proc.stderr
@@ -193,7 +187,6 @@ def test_an_assumed_roles_owner_stays_put_from_one_process_to_the_next(researche
 
 
 def test_two_owners_of_one_account_both_launch_the_same_name_and_see_only_their_own(researcher, visitor, twin, ec2):
-    visitor.mark = len(twin.requests)
     proc = visitor.inv("cluster.launch", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     mine = {o: sorted(i["InstanceId"] for i in researcher.instances(ec2, "running") if tags(i)["cloister:owner"] == o)

@@ -25,7 +25,7 @@ from pathlib import Path
 from unittest import mock
 
 from moto.core.responses import BaseResponse
-from moto.sts.models import STSBackend
+from moto.sts.models import STSBackend, sts_backends
 
 ACCOUNT = "123456789012"  # moto's default account: an assumed role of it sees the same EC2 resources
 BOTOCORE_SESSION = re.compile(r"botocore-session-(\d+)")
@@ -69,6 +69,11 @@ def profile_env(base: dict[str, str], directory: Path, *, role: str, source_key:
     env = {k: v for k, v in base.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env.update(AWS_PROFILE=role, AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(credentials))
     return env
+
+
+def sessions(role: str) -> list[str]:
+    """The ARN of every session of ``role`` that STS handed out so far, in order (one per process)."""
+    return [r.arn for r in sts_backends[ACCOUNT]["aws"].assumed_roles if r.role_arn.endswith(f":role/{role}")]
 
 
 @contextlib.contextmanager
