@@ -10,7 +10,8 @@ each such session a name no earlier session had, as processes a second apart get
 processes started within one second differ too.
 
 **Every request.** ``Requests`` records each request the twin's moto answers (service, action,
-the caller's access key, whether it was a DryRun), for tests that compare what the code sends with
+the caller's access key as moto reads it: a 20-character key id, else ``AKIAEXAMPLE``; whether it
+was a DryRun), for tests that compare what the code sends with
 the IAM policy it documents. ``twin.requests`` is the twin's.
 """
 
@@ -28,6 +29,7 @@ from moto.core.responses import BaseResponse
 from moto.sts.models import STSBackend, sts_backends
 
 ACCOUNT = "123456789012"  # moto's default account: an assumed role of it sees the same EC2 resources
+SOURCE_KEY = "AKIATWINSOURCE000001"  # the profile's long-term key, which only calls AssumeRole
 BOTOCORE_SESSION = re.compile(r"botocore-session-(\d+)")
 
 
@@ -58,7 +60,7 @@ class Requests:
         return len(self.seen)
 
 
-def profile_env(base: dict[str, str], directory: Path, *, role: str, source_key: str = "AKIATWINSOURCE") -> dict[str, str]:
+def profile_env(base: dict[str, str], directory: Path, *, role: str, source_key: str = SOURCE_KEY) -> dict[str, str]:
     """``base`` (an environment for the twin, see ``Twin.env``) turned into one whose credentials come
     from a profile assuming ``role`` in the twin's account, with botocore's own session names."""
     directory.mkdir(parents=True, exist_ok=True)
