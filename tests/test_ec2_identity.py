@@ -23,7 +23,7 @@ import paramiko
 import pytest
 from conftest import no_traceback
 from test_ec2_twin import BOOT_TIMEOUT, KEY_NAME, SUFFIX, Ec2Cluster, Keys, describe, table_rows, tags
-from twin import Twin
+from twin import Twin, firewall
 from twin.identity import ACCOUNT, SOURCE_KEY, sessions
 
 from cloister.providers.ec2 import permissions
@@ -114,21 +114,24 @@ def assert_nothing_left(ec2, twin: Twin, *names: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def unwatched(twin, tmp_path_factory):
-    """Two launches nobody watches (stdin is no terminal), with ssh_key the private key of another key
-    pair than key_name: one as cron would run it, one with --keep-on-failure. In the background from the
-    start, so their waits overlap the other tests."""
+def unwatched(twin, keys, tmp_path_factory):
+    """Launches nobody watches (stdin is no terminal) of nodes that boot but SSH cannot get in: with
+    ssh_key the private key of another key pair than key_name, as cron would run it ("cron") and with
+    --keep-on-failure ("kept"); and behind a security group that refuses this machine ("fenced"). In the
+    background from the start, so their waits overlap the other tests."""
     root = tmp_path_factory.mktemp("unwatched")
     wrong = make_keys(root, "not-the-key-pair")
     env = {"INVOKE_CLOISTER_BOOT_STALL": str(BOOT_STALL)}
     made = {}
-    for label, flags in (("cron", ()), ("kept", ("--keep-on-failure",))):
-        cluster = RoleCluster(twin, wrong, root / label, f"ia-{label}-{SUFFIX}", {"nworkers": 0, "ttl": "1h"},
+    undo = firewall.refuse_public_ssh(twin, cluster=f"ia-fenced-{SUFFIX}")
+    for label, key, flags in (("cron", wrong, ()), ("kept", wrong, ("--keep-on-failure",)), ("fenced", keys, ())):
+        cluster = RoleCluster(twin, key, root / label, f"ia-{label}-{SUFFIX}", {"nworkers": 0, "ttl": "1h"},
                               extra_env=env, role="researcher")
         made[label] = (cluster, cluster.background("cluster.launch", *flags))
     try:
         yield made
     finally:
+        undo()
         for cluster, launch in made.values():
             launch.kill()
             destroy(cluster)
@@ -203,22 +206,24 @@ def test_two_owners_of_one_account_both_launch_the_same_name_and_see_only_their_
 # -- 8 and 7. booted but unreachable, and nobody to ask -------------------------------------------
 
 
-def test_a_node_that_booted_but_refuses_the_key_is_named_so_and_an_unwatched_launch_ends_it(unwatched, twin, ec2):
+def test_a_node_that_booted_but_ssh_cannot_reach_is_named_so_and_an_unwatched_launch_ends_it(unwatched, twin, ec2):
     results = {label: (cluster, launch.result(timeout=240)) for label, (cluster, launch) in unwatched.items()}
     for label, (cluster, proc) in results.items():
         assert proc.returncode == 1, (label, proc.stdout + proc.stderr)
         no_traceback(proc)
         text = " ".join(proc.stderr.split())
         assert "booted (its console shows" in text and "SSH does not get in: check that ssh_cidr" in text, text
-        assert f"ssh_key is the private key of key pair {KEY_NAME}" in text and "SSH said: authentication" in text
-        assert "boot hangs" not in text, text
+        assert f"ssh_key is the private key of key pair {KEY_NAME}" in text, text
+        said = "SSH said: connection refused" if label == "fenced" else "SSH said: authentication failed"
+        assert said in text and "boot hangs" not in text, text
     for label, (_, proc) in results.items():
         print(f"\n[{label}] {proc.stderr}")
-    cron, proc = results["cron"]
-    assert "terminated the 1 instances it created" in proc.stderr, proc.stderr
-    assert not cron.instances(ec2, "pending", "running", "stopping", "stopped")
-    assert not (cron.servers_dir / "cluster.json").exists()
-    assert_nothing_left(ec2, twin, cron.name)
+    for label in ("cron", "fenced"):
+        cluster, proc = results[label]
+        assert "terminated the 1 instances it created" in proc.stderr, proc.stderr
+        assert not cluster.instances(ec2, "pending", "running", "stopping", "stopped")
+        assert not (cluster.servers_dir / "cluster.json").exists()
+        assert_nothing_left(ec2, twin, cluster.name)
 
     kept, proc = results["kept"]
     assert "left 1 instances running" in proc.stderr, proc.stderr
