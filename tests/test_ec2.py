@@ -854,10 +854,16 @@ def test_two_owners_of_one_name_never_touch_each_others_instances(aws, make_cfg,
     assert [g["GroupName"] for g in cluster_groups(client, "t1")].count("cloister-t1") == 0
     assert len(cluster_groups(client, "t1")) == 2
     assert [r.cluster for r in lib.list_clusters(alice, settings=settings)] == ["t1"]
-    # bob given alice's servers/ (a copied folder): destroy refuses, ends nothing, keeps servers/.
+    # bob given alice's servers/ (a copied folder, or alice's identity named differently since her launch):
+    # destroy refuses, ends nothing, keeps servers/; a launch refuses to make a second cluster beside them.
+    borrowed = replace(bobs, servers_dir=settings.servers_dir)
     with pytest.raises(ProviderError, match=r"servers/ records 2 running instances of ec2 cluster 't1' .* tagged "
-                                            r"cloister:owner=alice, not bob; nothing was terminated"):
-        lib.destroy(bob, settings=replace(bobs, servers_dir=settings.servers_dir))
+                                            r"cloister:owner=alice, not bob; nothing was terminated, servers/ and "
+                                            r"the cluster key are kept. If they are yours, set \"owner\": \"alice\""):
+        lib.destroy(bob, settings=borrowed)
+    assert (Path(settings.servers_dir) / "cluster.json").exists()
+    with pytest.raises(ProviderError, match=r"not bob; nothing was launched"):
+        lib.launch(make_cfg(owner="bob", nworkers=1, cluster_name="t1"), settings=borrowed, wait=False)
     assert (Path(settings.servers_dir) / "cluster.json").exists()
     assert lib.destroy(bob, settings=bobs)[0].startswith("terminated 2 instances of ec2 cluster 't1'")
     assert sorted(i["InstanceId"] for i in live(client, "t1")) == by_owner["alice"]

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ClusterConfig
-from ...errors import ProviderError
+from ...errors import CloisterError, ProviderError
 from ...poll import Backoff
-from ...cluster.servers import ClusterInfo, Node
+from ...cluster.servers import ClusterInfo, Node, read_servers
 from ...settings import Settings
 from ..base import Progress
 from .aws import caller_identity
@@ -183,3 +183,29 @@ def ttl_left(instance: dict[str, Any], now: datetime) -> float | None:
         return None
     return (datetime.fromisoformat(expires.replace("Z", "+00:00")) - now).total_seconds()
 
+
+def refuse_unfound(client, cfg: ClusterConfig, settings: Settings, found: list[dict[str, Any]], *,
+                   owner: str, doing: str) -> None:
+    """Raise if servers/ records live instances of this cluster that this owner's tag filter did not find
+    (tagged by another identity, or not at all): a destroy would clear servers/ and the cluster key while
+    they run on unseen, a launch would make a second cluster beside them. ``doing``: what was not done."""
+    ids = sorted(set(recorded_ids(cfg, settings)) - {i["InstanceId"] for i in found})
+    alive = describe(client, {"Name": "instance-id", "Values": ids}, live_filter()) if ids else []
+    if not alive:
+        return
+    owners = sorted({tags_of(i).get(TAG_OWNER, "(none)") for i in alive})
+    listed = ", ".join(i["InstanceId"] for i in alive[:8]) + (f" and {len(alive) - 8} more" if len(alive) > 8 else "")
+    raise ProviderError(
+        f"servers/ records {len(alive)} running instances of ec2 cluster '{cfg.cluster_name}' ({listed}) tagged "
+        f"{TAG_OWNER}={', '.join(owners)}, not {owner}; {doing}, servers/ and the cluster key are kept. If "
+        f"they are yours, set \"owner\": \"{owners[0]}\" in {cfg.source} and try again",
+        provider="ec2", cluster=cfg.cluster_name)
+
+
+def recorded_ids(cfg: ClusterConfig, settings: Settings) -> list[str]:
+    """The instance ids servers/ records for this cluster in this region (none when it records another)."""
+    try:
+        info = read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
+    except CloisterError:
+        return []
+    return [n.id for n in info.nodes] if (info.provider, info.region) == ("ec2", cfg.region) else []

@@ -17,7 +17,7 @@ from . import swap, ttl
 from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
 from .images import launch_image
 from .instances import (TAG_ROLE, TAG_TTL, Scope, cluster_info, find, forget_host_keys, role_of, scope_of,
-                        state_of, state_path, wait_for)
+                        refuse_unfound, state_of, state_path, wait_for)
 from .network import (Subnet, allowed_ssh_source, ensure_placement_group, ensure_security_group, launch_subnet,
                       release_launch_lock, until_free)
 
@@ -136,6 +136,7 @@ def launch(cfg: ClusterConfig, *, nworkers: int, settings: Settings, confirm: Co
         client = client_for(cfg.region)
         scope = scope_of(cfg)
         found = find(client, scope)
+        refuse_unfound(client, cfg, settings, found, owner=scope.owner, doing="nothing was launched")
         if found:
             _check_complete(cfg, found, nworkers)
             running = wait_for(client, name, [i["InstanceId"] for i in found], "running", progress)

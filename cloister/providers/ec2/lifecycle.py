@@ -8,14 +8,15 @@ from typing import Any
 
 from . import prices
 from ...config import ClusterConfig
-from ...errors import CloisterError, ProviderError
-from ...cluster.servers import ClusterInfo, read_servers
+from ...errors import ProviderError
+from ...cluster.servers import ClusterInfo
 from ...settings import Settings
 from ..base import ClusterRow, Confirm, NodeStatus, Progress
 from .aws import aws_errors, client_for
 from . import cost, swap, ttl
 from .instances import (TAG_CLUSTER, TAG_OWNER, TAG_TTL, cluster_info, describe, find, find_existing, forget_host_keys,
-                        live_filter, node_of, role_of, scope_of, state_of, summary, tags_of, ttl_left, wait_for)
+                        live_filter, node_of, refuse_unfound, role_of, scope_of, state_of, summary, tags_of, ttl_left,
+                        wait_for)
 from .launch import confirmed, teardown
 
 def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None = None,
@@ -29,7 +30,7 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
         client = client_for(cfg.region)
         scope = scope_of(cfg)
         found = find(client, scope)
-        _refuse_unfound(client, cfg, settings, found, owner=scope.owner)
+        refuse_unfound(client, cfg, settings, found, owner=scope.owner, doing="nothing was terminated")
         what = summary(found)
         if found and confirm is not None and not confirmed(
                 confirm, f"Terminate {len(found)} instances of ec2 cluster '{name}' in {cfg.region}: {what}?"):
@@ -39,32 +40,6 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
     head = (f"terminated {len(ids)} instances of ec2 cluster '{name}': {what}" if ids
             else f"no instances tagged {TAG_CLUSTER}={name} in {cfg.region}; nothing to terminate")
     return [head, *messages]
-
-
-def _refuse_unfound(client, cfg: ClusterConfig, settings: Settings, found: list[dict[str, Any]], *,
-                    owner: str) -> None:
-    """Raise if servers/ records live instances of this cluster that this owner's tag filter did not find
-    (tagged by another identity, or not at all): they are not destroyed and nothing local is cleared."""
-    ids = sorted(set(recorded_ids(cfg, settings)) - {i["InstanceId"] for i in found})
-    alive = describe(client, {"Name": "instance-id", "Values": ids}, live_filter()) if ids else []
-    if not alive:
-        return
-    owners = sorted({tags_of(i).get(TAG_OWNER, "(none)") for i in alive})
-    listed = ", ".join(i["InstanceId"] for i in alive[:8]) + (f" and {len(alive) - 8} more" if len(alive) > 8 else "")
-    raise ProviderError(
-        f"servers/ records {len(alive)} running instances of ec2 cluster '{cfg.cluster_name}' ({listed}) tagged "
-        f"{TAG_OWNER}={', '.join(owners)}, not {owner}; nothing was terminated and servers/ and the cluster key "
-        f"are kept. If they are yours, set \"owner\": \"{owners[0]}\" in {cfg.source} and destroy again",
-        provider="ec2", cluster=cfg.cluster_name)
-
-
-def recorded_ids(cfg: ClusterConfig, settings: Settings) -> list[str]:
-    """The instance ids servers/ records for this cluster in this region (none when it records another)."""
-    try:
-        info = read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
-    except CloisterError:
-        return []
-    return [n.id for n in info.nodes] if (info.provider, info.region) == ("ec2", cfg.region) else []
 
 
 def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = None) -> list[str]:
