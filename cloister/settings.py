@@ -13,6 +13,7 @@ from typing import Any
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_SSH_IDLE = 600.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Settings:
     state_dir: str = ".cloister"
     concurrency: int = DEFAULT_CONCURRENCY
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    # Seconds a host's warm SSH connection (an OpenSSH master) stays open unused; 0: none kept.
+    ssh_idle: float = DEFAULT_SSH_IDLE
     ssh_timeout: float = 600.0
     redeploy_concurrency: int = 8  # rsyncs at once from the dev instance
     # A booting node whose console has not moved for this long, with no SSH yet, is a hung boot.

@@ -73,6 +73,7 @@ def settings(c) -> Settings:
                     state_dir=_directory(conf.state_dir, "state_dir"),
                     concurrency=_positive(conf.concurrency, "concurrency", int),
                     connect_timeout=_positive(conf.connect_timeout, "connect_timeout", float),
+                    ssh_idle=_positive(conf.ssh_idle, "ssh_idle", float, zero=True),
                     ssh_timeout=_positive(conf.ssh_timeout, "ssh_timeout", float),
                     boot_stall=_positive(conf.boot_stall, "boot_stall", float),
                     redeploy_concurrency=_positive(conf.redeploy_concurrency, "redeploy_concurrency", int))
@@ -82,15 +83,17 @@ def _setting(name: str) -> str:
     return f"cloister.{name} (INVOKE_CLOISTER_{name.upper()})"
 
 
-def _positive(value: Any, name: str, kind: type) -> int | float:
-    """A setting that must be a positive, finite number (it may arrive as a string from the environment)."""
+def _positive(value: Any, name: str, kind: type, *, zero: bool = False) -> int | float:
+    """A setting that must be a positive (or with ``zero``, non-negative), finite number (it may arrive
+    as a string from the environment)."""
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        number = 0
-    if not (math.isfinite(number) and number > 0):
+        number = -1
+    if not (math.isfinite(number) and (number > 0 or (zero and number == 0))):
         noun = "integer" if kind is int else "number"
-        raise Exit(f"{_setting(name)}: expected a positive {noun}, got {value!r}", code=1)
+        adjective = "non-negative" if zero else "positive"
+        raise Exit(f"{_setting(name)}: expected a {adjective} {noun}, got {value!r}", code=1)
     return number
 
 

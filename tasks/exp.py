@@ -64,7 +64,8 @@ class _Context(NamedTuple):
 
     def every_host(self) -> hostlib.CappedGroup:
         return hostlib.group(self.info, self.info.cluster_nodes, concurrency=self.conf.concurrency,
-                             connect_timeout=self.conf.connect_timeout)
+                             connect_timeout=self.conf.connect_timeout,
+                             sharing=clusterlib.sharing(self.info, settings=self.conf))
 
 
 def _context(c, config, benchmark) -> _Context:
@@ -204,7 +205,8 @@ def attach(c, run=None, config=None):
     """Follow a run in flight from its master's output on and finish it as exp.run would."""
     _logging()
     ctx = _context(c, config, None)
-    with closing(hostlib.connection(ctx.info, ctx.info.master, connect_timeout=ctx.conf.connect_timeout)) as cxn:
+    with closing(hostlib.connection(ctx.info, ctx.info.master, connect_timeout=ctx.conf.connect_timeout,
+                                    sharing=clusterlib.sharing(ctx.info, settings=ctx.conf))) as cxn:
         state = detached.pick(cxn, run_id=run, takeover=True)
     spec = detached.spec_of(state, info=ctx.info, registry=ctx.registry, settings=ctx.conf)
     print(f"attached to {state.benchmark} run {state.run_id} (k={state.k} p={state.p}, started {state.started})")

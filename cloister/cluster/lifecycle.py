@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from . import access, keys
 from .. import layout, providers
-from ..transport import hosts, remote
+from ..transport import hosts, remote, shared
 from ..config import TTL_RE, ClusterConfig, parse_ttl
 from ..errors import CloisterError, HostsFailed, Interrupted
 from ..interrupts import shielded
@@ -131,9 +131,28 @@ def destroy(cfg: ClusterConfig, *, settings: Settings, confirm: Confirm | None =
     """Tear the cluster down; return what was done, one line each."""
     prov = provider(cfg, settings=settings)
     messages = prov.destroy(confirm=confirm, progress=progress)
+    close_connections(cfg, settings=settings)
     clear_own_servers(cfg, settings)
     keys.forget_cluster(settings.state_dir, provider=prov.name, region=cfg.region, cluster=cfg.cluster_name)
     return messages
+
+
+def sharing(info: ClusterInfo, *, settings: Settings) -> shared.Sharing | None:
+    """Where the cluster's warm SSH connections live, or None when ``ssh_idle`` turns them off."""
+    return hosts.sharing(info, state_dir=settings.state_dir, idle=settings.ssh_idle)
+
+
+def close_connections(cfg: ClusterConfig, *, settings: Settings) -> int:
+    """Close the cluster's warm SSH connections (also those of an earlier ssh_idle setting); return how
+    many were open."""
+    try:
+        info = read_servers(settings.servers_dir, cluster_name=cfg.cluster_name)
+        places = {(info.provider, info.region), (cfg.provider, cfg.region)}
+    except CloisterError:
+        places = {(cfg.provider, cfg.region)}
+    found = (shared.sharing(settings.state_dir, cluster=cfg.cluster_name, provider=name, region=region, idle=1)
+             for name, region in places)
+    return sum(shared.close(where.directory) for where in found if where is not None)
 
 
 def clear_own_servers(cfg: ClusterConfig, settings: Settings) -> None:
@@ -269,8 +288,8 @@ def run(info: ClusterInfo, command: str, *, nodes: list[Node], settings: Setting
                 for writer in writers:
                     writer.flush()
 
-    with hosts.group(info, nodes, concurrency=settings.concurrency,
-                     connect_timeout=settings.connect_timeout) as grp:
+    with hosts.group(info, nodes, concurrency=settings.concurrency, connect_timeout=settings.connect_timeout,
+                     sharing=sharing(info, settings=settings)) as grp:
         try:
             grp.call(one)
         except KeyboardInterrupt:
@@ -333,8 +352,10 @@ def plan(cfg: ClusterConfig, *, settings: Settings, nworkers: int | None = None)
 
 
 def stop(cfg: ClusterConfig, *, settings: Settings, progress: Progress | None = None) -> list[str]:
-    """Stop the cluster's machines, keeping their disks."""
-    return provider(cfg, settings=settings).stop(progress=progress)
+    """Stop the cluster's machines, keeping their disks (and close the warm connections to them)."""
+    messages = provider(cfg, settings=settings).stop(progress=progress)
+    close_connections(cfg, settings=settings)
+    return messages
 
 
 def start(cfg: ClusterConfig, *, settings: Settings, wait: bool = True,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from fabric import Connection
 
-from ..transport import hosts
+from ..transport import hosts, remote
 from ..errors import ExperimentError
 from .experiments import Registry
 from ..layout import RUNS_DIR, run_dir
@@ -72,27 +72,20 @@ def save(cxn: Connection, *, state: RunState, follow: bool) -> None:
     session (``follow``) or none. The state goes on stdin, not in the command: a run of many processes has a
     state larger than a command line may be."""
     rdir = run_dir(state.benchmark, state.run_id)
-    follower = '"$PPID"' if follow else "-"
-    # Detached, no follower: an exp.attach right after exp.run --detach must not wait for its session to end.
-    script = (f"cat > {rdir}/{STATE_FILE}.tmp && mv -f {rdir}/{STATE_FILE}.tmp {rdir}/{STATE_FILE} && "
-              f"echo {follower} > {rdir}/{FOLLOWER_FILE}")
+    err = bytearray()
     try:
-        cxn.open()
-        # Paramiko's channel itself: invoke's stdin thread may write to a channel the command has closed.
-        channel = cxn.client.get_transport().open_session(timeout=cxn.connect_timeout)
-        try:
-            channel.settimeout(SAVE_TIMEOUT)
-            channel.exec_command(script)
-            channel.sendall(state.to_json().encode() + b"\n")
-            channel.shutdown_write()
-            err = channel.makefile_stderr("rb").read().decode(errors="replace").strip().splitlines()
-            code = channel.recv_exit_status()
-        finally:
-            channel.close()
+        follower = remote.session_pid(cxn) if follow else "-"
+        # Detached, no follower: an exp.attach right after exp.run --detach must not wait for its session to end.
+        script = (f"cat > {rdir}/{STATE_FILE}.tmp && mv -f {rdir}/{STATE_FILE}.tmp {rdir}/{STATE_FILE} && "
+                  f"echo {follower} > {rdir}/{FOLLOWER_FILE}")
+        code = remote.execute(cxn, script, stdout=_discard, stderr=err.extend, timeout=SAVE_TIMEOUT, guard=False,
+                              data=state.to_json().encode() + b"\n")
+        err_lines = err.decode(errors="replace").strip().splitlines()
     except Exception as exc:  # noqa: BLE001 - a lost session or a timeout: one line, as every host error
-        err, code = [hosts.describe_error(exc)], -1
+        err_lines, code = [hosts.describe_error(exc)], -1
     if code != 0:
-        raise ExperimentError(f"[{cxn.host}] could not record the run's state: " + (err[-1] if err else f"exit {code}"),
+        raise ExperimentError(f"[{cxn.host}] could not record the run's state: "
+                              + (err_lines[-1] if err_lines else f"exit {code}"),
                               benchmark=state.benchmark, run_id=state.run_id)
 
 
@@ -110,7 +103,7 @@ def _states_script(run_id: str | None) -> str:
         f"for s in {pattern}; do [ -f \"$s\" ] || continue; d=$(dirname \"$s\")",
         f'  f=$(cat "$d"/{FOLLOWER_FILE} 2>/dev/null); live=0',
         # The follower's session is sshd's process (sshd-session on newer OpenSSH), as in the run lock.
-        '  case "$(tr "\\0" " " < /proc/"${f:-x}"/cmdline 2>/dev/null)" in sshd*) live=1;; esac',
+        f'  case "$(tr "\\0" " " < /proc/"${{f:-x}}"/cmdline 2>/dev/null)" in {remote.SESSION_PATTERN}) live=1;; esac',
         f'  printf "{_STATE_MARK.replace(chr(0x1e), chr(92) + "036")}%s %s\\n" "$live" "$({last})"; cat "$s"',
         "done; true",
     ])
@@ -204,3 +197,7 @@ def ps(grp: hosts.CappedGroup, *, master: str) -> tuple[list[list[str]], dict[st
              " ".join(f"{role} {a}/{a + d}" for role, (a, d) in sorted(counts[r.state.run_id].items())),
              "yes" if r.followed else "no", r.last_line] for r in runs]
     return rows, errors
+
+
+def _discard(_: bytes) -> None:
+    pass

@@ -2,7 +2,8 @@
 
 Two runs of benchmarks on the same ports would fail late with the benchmark's own "Address already
 in use", so ``exp.run`` takes the lock before it starts anything. The file says ``BENCHMARK RUN_ID
-SESSION_PID``: the PID of the SSH session that took it (the run's connection to the master). A lock
+SESSION_PID``: the PID of the SSH session that took it (the run's connection to the master,
+``remote.session_pid``). A lock
 is held while that session lives or while any process group the run recorded on the master runs (a
 run whose exp.run was detached or died, until exp.attach finishes it, or one left running with --keep);
 otherwise it is stale and the next run replaces it.
@@ -14,7 +15,7 @@ import shlex
 
 from fabric import Connection
 
-from ..transport import hosts
+from ..transport import hosts, remote
 from ..errors import ExperimentError
 from ..cluster.servers import ClusterInfo
 from ..layout import RUNS_DIR
@@ -33,7 +34,7 @@ def _held_check() -> list[str]:
         '  set -- $(cat "$L" 2>/dev/null)',
         '  case "$3" in ""|*[!0-9]*) return 1;; esac',
         # The session's process is sshd's (sshd-session on newer OpenSSH); a reused PID is anything else.
-        '  case "$(tr "\\0" " " < /proc/$3/cmdline 2>/dev/null)" in sshd*) echo session; return 0;; esac',
+        f'  case "$(tr "\\0" " " < /proc/$3/cmdline 2>/dev/null)" in {remote.SESSION_PATTERN}) echo session; return 0;; esac',
         '  for p in $(awk \'{print $1}\' "$D/$1/$2/pids" 2>/dev/null); do',
         '    kill -0 -- -"$p" 2>/dev/null && { echo processes; return 0; }',
         "  done",
@@ -42,14 +43,14 @@ def _held_check() -> list[str]:
     ]
 
 
-def acquire_script(*, benchmark: str, run_id: str) -> str:
+def acquire_script(*, benchmark: str, run_id: str, session: str = '"$PPID"') -> str:
     """Take the lock for this run unless a live run holds it; prints ``acquired``, or ``held BENCHMARK
     RUN_ID session|processes`` (what keeps it held)."""
     return "\n".join([
         *_held_check(),
         'if [ -f "$L" ] && why=$(held); then echo "held $(cat "$L" | cut -d" " -f1,2) $why"; exit 0; fi',
-        # $PPID is the session's process: this script is the command sshd started for it.
-        f'echo {shlex.quote(benchmark)} {shlex.quote(run_id)} "$PPID" > "$L.$$" && mv -f "$L.$$" "$L" && echo acquired',
+        # ``session`` is the session's process (remote.session_pid; $PPID: the sshd that started this script).
+        f'echo {shlex.quote(benchmark)} {shlex.quote(run_id)} {session} > "$L.$$" && mv -f "$L.$$" "$L" && echo acquired',
     ])
 
 
@@ -80,7 +81,8 @@ def release_script(run_id: str) -> str:
 
 def acquire(cxn: Connection, *, benchmark: str, run_id: str) -> None:
     """Take the cluster's run lock on the master ``cxn``; refuse, naming the run in flight, if it is held."""
-    result = cxn.run(acquire_script(benchmark=benchmark, run_id=run_id), warn=True, timeout=30)
+    result = cxn.run(acquire_script(benchmark=benchmark, run_id=run_id, session=remote.session_pid(cxn)),
+                     warn=True, timeout=30)
     words = result.stdout.split()
     if result.exited == 0 and words == ["acquired"]:
         return

@@ -57,8 +57,9 @@ class Run:
         self.procs: list[Proc] = []
         self.nodes = [spec.master, *spec.workers]
         self._owns = connections is None
+        warm = hosts.sharing(spec.info, state_dir=spec.settings.state_dir, idle=spec.settings.ssh_idle)
         self.group = (hosts.group(spec.info, self.nodes, concurrency=spec.settings.concurrency,
-                                  connect_timeout=spec.settings.connect_timeout) if connections is None
+                                  connect_timeout=spec.settings.connect_timeout, sharing=warm) if connections is None
                       else hosts.CappedGroup.of([connections[n.host] for n in self.nodes],
                                                 concurrency=spec.settings.concurrency))
         self.cxn = {c.host: c for c in self.group}

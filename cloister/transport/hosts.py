@@ -29,7 +29,8 @@ from invoke.exceptions import CommandTimedOut, ThreadException, UnexpectedExit
 
 from ..errors import CloisterError, HostsFailed
 from ..poll import Backoff
-from .remote import Stopped
+from . import shared
+from .remote import SharedConnection, Stopped
 from ..cluster.servers import ClusterInfo, Node
 from ..settings import DEFAULT_CONCURRENCY, DEFAULT_CONNECT_TIMEOUT
 
@@ -83,16 +84,18 @@ def _known_hostnames(path: Path) -> set[str]:
     return names
 
 
-def connection(info: ClusterInfo, node: Node | str, *,
-               connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, forward_agent: bool = False) -> Connection:
+def connection(info: ClusterInfo, node: Node | str, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+               forward_agent: bool = False, sharing: shared.Sharing | None = None) -> Connection:
     """A Connection to one node (or host address) of ``info``, with the cluster's key and host keys.
 
     ``forward_agent`` forwards the local SSH agent (SSH_AUTH_SOCK) into the sessions it opens.
+    With ``sharing`` (and no agent to forward), commands go over the host's warm OpenSSH master.
     """
     check_key(info)
     host = node.host if isinstance(node, Node) else node
     config = Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True, "in_stream": False}})
-    cxn = Connection(
+    warm = sharing is not None and not forward_agent
+    cxn = (SharedConnection if warm else Connection)(
         host, user=info.user, port=22, config=config, connect_timeout=connect_timeout,
         forward_agent=forward_agent,
         connect_kwargs={"key_filename": [os.path.expanduser(info.ssh_key)], "look_for_keys": False,
@@ -107,7 +110,18 @@ def connection(info: ClusterInfo, node: Node | str, *,
             cxn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         else:
             cxn.client.set_missing_host_key_policy(_RecordingPolicy(path))
+    if warm:
+        known = bool(info.known_hosts) and host in _known_hostnames(Path(os.path.expanduser(info.known_hosts)))
+        cxn.share(sharing, shared.options(
+            key=os.path.expanduser(info.ssh_key) if info.ssh_key else None, connect_timeout=connect_timeout,
+            known_hosts=os.path.expanduser(info.known_hosts) if info.known_hosts else None, known=known))
     return cxn
+
+
+def sharing(info: ClusterInfo, *, state_dir: str, idle: float) -> shared.Sharing | None:
+    """Where ``info``'s warm connections live (None: ``idle`` 0 turns them off)."""
+    return shared.sharing(state_dir, cluster=info.cluster_name, provider=info.provider, region=info.region,
+                          idle=idle)
 
 
 def check_key(info: ClusterInfo) -> None:
@@ -281,9 +295,9 @@ def select_nodes(info: ClusterInfo, *, role: str = "all", k: int | None = None,
 
 
 def group(info: ClusterInfo, nodes: Iterable[Node], *, concurrency: int = DEFAULT_CONCURRENCY,
-          connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> CappedGroup:
-    """A CappedGroup over ``nodes`` of ``info``."""
-    return CappedGroup.of((connection(info, n, connect_timeout=connect_timeout) for n in nodes),
+          connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, sharing: shared.Sharing | None = None) -> CappedGroup:
+    """A CappedGroup over ``nodes`` of ``info`` (over warm connections with ``sharing``)."""
+    return CappedGroup.of((connection(info, n, connect_timeout=connect_timeout, sharing=sharing) for n in nodes),
                           concurrency=concurrency)
 
 

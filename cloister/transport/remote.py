@@ -10,9 +10,11 @@ with the channel: sshd does not signal a command whose session closed without a 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import select
 import shlex
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,11 +24,12 @@ from typing import TypeVar
 
 import paramiko
 from fabric import Connection
-from invoke.exceptions import CommandTimedOut
+from invoke.exceptions import CommandTimedOut, UnexpectedExit
 from invoke.runners import Result
 
 from ..errors import CloisterError
 from ..poll import retry
+from . import shared
 
 T = TypeVar("T")
 
@@ -69,9 +72,99 @@ def reconnecting(call: Callable[[], T], *, timeout: float = RECONNECT_TIMEOUT) -
     return retry(call, transient=connection_lost, timeout=timeout, initial=0.2, maximum=2.0)
 
 
+class SharedConnection(Connection):
+    """A Connection whose commands run over the host's OpenSSH master (``shared``), opened on first use
+    and kept for later invocations. ``run`` takes Fabric's arguments that cloister uses (warn, timeout;
+    output is always captured, stdin never read) and returns the same Result; SFTP still opens a
+    Paramiko connection of its own."""
+
+    sharing: shared.Sharing | None = None
+    ssh_options: list[str] | None = None
+    _ready_lock: threading.Lock | None = None
+    _socket: str | None = None
+    _keeper: subprocess.Popen | None = None
+    _keeper_pid: str | None = None
+
+    def share(self, sharing: shared.Sharing, ssh_options: list[str]) -> "SharedConnection":
+        self.sharing = sharing
+        self.ssh_options = ssh_options
+        self._ready_lock = threading.Lock()
+        return self
+
+    @property
+    def destination(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}" if int(self.port or 22) == 22 else f"ssh://{self.user}@{host}:{self.port}"
+
+    def argv(self, command: str) -> list[str]:
+        """The ssh command line of ``command`` over this host's master (opened here if it is not up)."""
+        with self._ready_lock:
+            path = self.sharing.socket(self.user, self.host, int(self.port or 22))
+            if self._socket is None or not shared.alive(path):
+                shared.open_master(path, destination=self.destination, ssh_options=self.ssh_options,
+                                   idle=self.sharing.idle, timeout=self.connect_timeout or 10)
+                self._socket = path
+        return shared.client(path, destination=self.destination, ssh_options=self.ssh_options, command=command)
+
+    def session_pid(self) -> str:
+        """The PID of a process on the host that lives exactly as long as this connection (see
+        ``session_pid``): a ``cat`` of this session's stdin, started on first use."""
+        with self._ready_lock:
+            if self._keeper_pid is not None:
+                return self._keeper_pid
+        keeper = subprocess.Popen(self.argv(f"echo $$; exec bash -c 'exec -a {SESSION_KEEPER} cat >/dev/null'"),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        ready, _, _ = select.select([keeper.stdout], [], [], max(self.connect_timeout or 10, 10))
+        line = keeper.stdout.readline().decode(errors="replace").strip() if ready else ""
+        if not line.isdigit():
+            keeper.kill()
+            keeper.wait()
+            raise SessionLost()
+        with self._ready_lock:
+            self._keeper, self._keeper_pid = keeper, line
+        return line
+
+    def close(self) -> None:
+        keeper, self._keeper, self._keeper_pid = self._keeper, None, None
+        if keeper is not None:
+            keeper.stdin.close()  # the session's stdin ends: its cat, and so the session, ends
+            try:
+                keeper.wait(timeout=KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                keeper.kill()
+                keeper.wait()
+            keeper.stdout.close()
+        super().close()
+
+    def run(self, command: str, **kwargs) -> Result:
+        unknown = set(kwargs) - {"warn", "timeout", "hide", "in_stream"}
+        if unknown:
+            raise TypeError(f"SharedConnection.run: unsupported arguments {sorted(unknown)}")
+        result = run_result(self, command, timeout=kwargs.get("timeout"), guard=False)
+        if result.exited != 0 and not kwargs.get("warn", self.config.run.warn):
+            raise UnexpectedExit(result)
+        return result
+
+
+#: The name a shared connection's session process has on the host, beside sshd's for Paramiko's.
+SESSION_KEEPER = "cloister-session"
+#: A ``case`` pattern matching the command line of a session process (``session_pid``) of either kind.
+SESSION_PATTERN = f"sshd*|{SESSION_KEEPER}*"
+
+
+def session_pid(cxn: Connection) -> str:
+    """A shell word for the PID of a host process that lives while ``cxn``'s session does: what a run
+    lock or a run's follower records. Over Paramiko that is the connection's sshd process (``$PPID`` of
+    any command); a shared master outlives the invocation, so there a keeper process stands for it."""
+    return cxn.session_pid() if isinstance(cxn, SharedConnection) else '"$PPID"'
+
+
 def lost_session(cxn: Connection) -> str | None:
     """Why ``cxn``'s SSH session died under it, or None if it lives or was closed on purpose (a closed
     client drops its transport; a dead one keeps it, inactive, until the next use reconnects)."""
+    if isinstance(cxn, SharedConnection):
+        return None  # each command is its own ssh process: its failure already says what happened
     transport = cxn.client.get_transport()
     if transport is None or transport.is_active():
         return None
@@ -100,14 +193,21 @@ def guarded(command: str) -> str:
 
 
 def execute(cxn: Connection, command: str, *, stdout: Callable[[bytes], None], stderr: Callable[[bytes], None],
-            timeout: float | None = None, stop: threading.Event | None = None) -> int:
+            timeout: float | None = None, stop: threading.Event | None = None, guard: bool = True,
+            data: bytes | None = None) -> int:
     """Run ``command`` (under ``guarded``) and pass its output to ``stdout``/``stderr`` as it arrives.
 
     Returns the exit status. Raises CommandTimedOut after ``timeout`` seconds, Stopped once ``stop``
     is set and SessionLost when the connection drops; each closes the channel, which ends the command.
+    ``data`` is sent on the command's stdin, which is then closed (never with ``guard``: the guard
+    reads stdin's end as the session's).
     """
     if stop is not None and stop.is_set():
         raise Stopped()
+    remote_command = guarded(command) if guard else command
+    if isinstance(cxn, SharedConnection):
+        return _execute_shared(cxn, remote_command, stdout=stdout, stderr=stderr, timeout=timeout, stop=stop,
+                               data=data)
     cxn.open()
     channel = cxn.client.get_transport().open_session(timeout=cxn.connect_timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -119,7 +219,10 @@ def execute(cxn: Connection, command: str, *, stdout: Callable[[bytes], None], s
             raise CommandTimedOut(None, timeout)
 
     try:
-        channel.exec_command(guarded(command))
+        channel.exec_command(remote_command)
+        if data is not None:
+            channel.sendall(data)
+            channel.shutdown_write()
         # A closed channel may still hold output that arrived before the close: drain it first.
         while channel.recv_ready() or channel.recv_stderr_ready() or not (channel.eof_received or channel.closed):
             check()
@@ -140,11 +243,57 @@ def execute(cxn: Connection, command: str, *, stdout: Callable[[bytes], None], s
         channel.close()
 
 
+def _execute_shared(cxn: SharedConnection, command: str, *, stdout: Callable[[bytes], None],
+                    stderr: Callable[[bytes], None], timeout: float | None, stop: threading.Event | None,
+                    data: bytes | None) -> int:
+    """``execute`` as an ssh process over the host's master. Its stdin stays open until the command
+    ends (the guard's session); closing it and ending the process closes the session, so a stop or a
+    timeout ends the remote command as a closed channel does. ssh's own failures (exit 255 with one
+    of its messages) are raised as the errors Paramiko would have raised."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    proc = subprocess.Popen(cxn.argv(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    tail = bytearray()
+    try:
+        if data is not None:
+            proc.stdin.write(data)
+            proc.stdin.close()
+        streams = {proc.stdout.fileno(): stdout, proc.stderr.fileno(): stderr}
+        while streams:
+            if stop is not None and stop.is_set():
+                raise Stopped()
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommandTimedOut(None, timeout)
+            ready, _, _ = select.select(list(streams), [], [], POLL)
+            for fd in ready:
+                chunk = os.read(fd, CHUNK)
+                if not chunk:
+                    del streams[fd]
+                    continue
+                if fd == proc.stderr.fileno():
+                    tail[:] = (tail + chunk)[-TAIL:]
+                streams[fd](chunk)
+        code = proc.wait()
+    finally:
+        if not proc.stdin.closed:
+            proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if code == 255:
+        problem = shared.failure(tail.decode(errors="replace"))
+        if problem is not None:
+            raise problem
+    return code
+
+
 def run_result(cxn: Connection, command: str, *, timeout: float | None = None,
-               stop: threading.Event | None = None) -> Result:
+               stop: threading.Event | None = None, guard: bool = True) -> Result:
     """``execute`` with the output kept in memory, as the Invoke Result that ``cxn.run`` would give."""
     out, err = bytearray(), bytearray()
-    code = execute(cxn, command, stdout=out.extend, stderr=err.extend, timeout=timeout, stop=stop)
+    code = execute(cxn, command, stdout=out.extend, stderr=err.extend, timeout=timeout, stop=stop, guard=guard)
     return Result(stdout=out.decode(errors="replace"), stderr=err.decode(errors="replace"), command=command,
                   exited=code, hide=("stdout", "stderr"))
 
