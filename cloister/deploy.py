@@ -31,7 +31,7 @@ from fabric import Connection
 from invoke.runners import Result
 
 from .cluster import access
-from .transport import broadcast, hosts, transfer
+from .transport import broadcast, hosts, shared, transfer
 from .errors import CloisterError
 from .layout import KEY as REMOTE_KEY
 from .layout import NODE_STATE, SSH_KNOWN_HOSTS
@@ -139,10 +139,13 @@ def agent_holds_key(key_path: str | None) -> bool:
 class _Leases:
     """Connections to one host, each lent to at most SESSIONS_PER_CONNECTION transfers at a time."""
 
-    def __init__(self, info: ClusterInfo, node: Node, *, slots: int, connect_timeout: float, forward_agent: bool):
+    def __init__(self, info: ClusterInfo, node: Node, *, slots: int, connect_timeout: float, forward_agent: bool,
+                 sharing: shared.Sharing | None):
         count = max(1, -(-slots // SESSIONS_PER_CONNECTION))
-        self.connections = [hosts.connection(info, node, connect_timeout=connect_timeout,
-                                             forward_agent=forward_agent) for _ in range(count)]
+        # One warm master carries at most sshd's MaxSessions: more slots than that get connections of their own.
+        warm = sharing if count == 1 else None
+        self.connections = [hosts.connection(info, node, connect_timeout=connect_timeout, forward_agent=forward_agent,
+                                             sharing=warm) for _ in range(count)]
         self.free: queue.Queue[Connection] = queue.Queue()
         for i in range(slots):
             self.free.put(self.connections[i % count])
@@ -196,14 +199,17 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
              concurrency: int = DEFAULT_CONCURRENCY, connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT,
              timeout: float | None = None, ami_instance_ip: str | None = None, agent: bool | None = None,
              control_persist: str | None = CONTROL_PERSIST, on_result: OnResult | None = None,
-             on_skip: Callable[[str], None] | None = None, dev_known_hosts: str | None = None) -> RedeployReport:
+             on_skip: Callable[[str], None] | None = None, dev_known_hosts: str | None = None,
+             sharing: shared.Sharing | None = None) -> RedeployReport:
     """rsync ``paths`` from the dev instance to ``nodes`` (default: master and workers).
 
     Returns a report with one Transfer per node; failed nodes are in it, not raised. Raises
     CloisterError only when nothing can start (no dev instance, dev unreachable, no path exists).
     ``agent=None`` forwards the local agent when it holds the cluster key, else uses the key file.
     ``dev_known_hosts`` keeps the host key of a dev instance that is not a node of the cluster apart
-    from the cluster's (it outlives clusters, whose known_hosts every launch forgets).
+    from the cluster's (it outlives clusters, whose known_hosts every launch forgets). With ``sharing``,
+    the commands to the dev instance and to relaying nodes go over warm connections (not when the
+    agent is forwarded: a shared master forwards its own agent, not this invocation's).
     """
     started = time.monotonic()
     wanted = check_paths(paths)
@@ -219,12 +225,13 @@ def redeploy(info: ClusterInfo, *, paths: Sequence[str], nodes: Sequence[Node] |
                                     control_persist=control_persist)
     tree = tree and not dry_run and len(targets) > 1
     dev_record = _dev_record(info, dev_known_hosts)
-    leases = _Leases(dev_record, dev, slots=concurrency, connect_timeout=connect_timeout, forward_agent=use_agent)
+    leases = _Leases(dev_record, dev, slots=concurrency, connect_timeout=connect_timeout, forward_agent=use_agent,
+                     sharing=sharing)
     try:
         present, missing = _paths_on_dev(leases.first, dev.host, wanted, files, on_skip=on_skip)
         hop = _Hop(info=info, dev=dev.host, leases=leases, files=files, paths=present, dev_ssh=dev_ssh,
                    node_ssh=node_ssh, delete=delete, dry_run=dry_run, timeout=timeout,
-                   connect_timeout=connect_timeout, forward_agent=use_agent)
+                   connect_timeout=connect_timeout, forward_agent=use_agent, sharing=sharing)
         try:
             final, hops = broadcast.schedule(dev.host, targets, tree=tree, concurrency=concurrency, hop=hop,
                                              on_result=on_result)
@@ -305,6 +312,7 @@ class _Hop:
     timeout: float | None
     connect_timeout: float
     forward_agent: bool
+    sharing: shared.Sharing | None
     prepared: set[str] = field(default_factory=set)          # nodes whose files are in place
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -334,7 +342,7 @@ class _Hop:
 
     def _from_node(self, source: Node, target: Node) -> Result:
         cxn = hosts.connection(self.info, source, connect_timeout=self.connect_timeout,
-                               forward_agent=self.forward_agent)
+                               forward_agent=self.forward_agent, sharing=self.sharing)
         try:
             if self._first_send(source):
                 hosts.put_files(cxn, self.files)

@@ -258,7 +258,7 @@ def redeploy(c, config=None, paths=None, delete=False, dry_run=False, tree=False
                              concurrency=conf.redeploy_concurrency, connect_timeout=conf.connect_timeout,
                              ami_instance_ip=cfg.ami_instance_ip,
                              dev_known_hosts=lib.dev_known_hosts(cfg, settings=conf),
-                             on_result=done, on_skip=skipped)
+                             sharing=lib.sharing(info, settings=conf), on_result=done, on_skip=skipped)
     for items, names in changes.items():
         # Nodes with the same itemized changes are listed once (like cluster.run folds outputs).
         print(f"changes on {','.join(names)} ({len(names)} nodes):")
@@ -286,7 +286,7 @@ def put(c, local, remote, config=None, role="all"):
     _transfer(c, config, role, what="put",
               run=lambda info, nodes, conf, done: putget.put(
                   info, local, remote, nodes=nodes, concurrency=conf.concurrency,
-                  connect_timeout=conf.connect_timeout, on_result=done),
+                  connect_timeout=conf.connect_timeout, on_result=done, sharing=lib.sharing(info, settings=conf)),
               line=lambda t: f"[{t.host}] {_moved(t)}",
               summary=lambda ok, total, secs: f"copied {local} to {remote} on {ok}/{total} nodes in {secs:.2f}s")
 
@@ -320,7 +320,7 @@ def get(c, remote, localdir, config=None, role="all"):
     _transfer(c, config, role, what="get",
               run=lambda info, nodes, conf, done: putget.get(
                   info, remote, localdir, nodes=nodes, concurrency=conf.concurrency,
-                  connect_timeout=conf.connect_timeout, on_result=done),
+                  connect_timeout=conf.connect_timeout, on_result=done, sharing=lib.sharing(info, settings=conf)),
               line=lambda t: f"[{t.host}] {_moved(t)} -> {os.path.join(localdir, t.host)}/",
               summary=lambda ok, total, secs: f"fetched {remote} from {ok}/{total} nodes into {localdir}/ in {secs:.2f}s")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from fabric import Connection
 from invoke.runners import Result
 
-from . import hosts, transfer
+from . import hosts, shared, transfer
 from ..errors import CloisterError
 from ..cluster.servers import ClusterInfo, Node
 from .transfer import OnResult, Transfer
@@ -24,7 +24,7 @@ from .transfer import OnResult, Transfer
 def put(info: ClusterInfo, local: str, remote: str, *, nodes: Sequence[Node],
         concurrency: int = hosts.DEFAULT_CONCURRENCY,
         connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT, timeout: float | None = None,
-        on_result: OnResult | None = None) -> list[Transfer]:
+        on_result: OnResult | None = None, sharing: shared.Sharing | None = None) -> list[Transfer]:
     """Copy a local file or directory to ``remote`` on every node (rsync semantics; parents created).
 
     ``remote`` is relative to the home directory unless absolute; ending it with '/' puts ``local``
@@ -46,13 +46,13 @@ def put(info: ClusterInfo, local: str, remote: str, *, nodes: Sequence[Node],
                               mkdir=parent or None, timeout=timeout, stop=stop)
 
     return _fan_out(info, nodes, one, concurrency=concurrency, connect_timeout=connect_timeout,
-                    on_result=on_result)
+                    on_result=on_result, sharing=sharing)
 
 
 def get(info: ClusterInfo, remote: str, local_dir: str, *, nodes: Sequence[Node],
         concurrency: int = hosts.DEFAULT_CONCURRENCY,
         connect_timeout: float = hosts.DEFAULT_CONNECT_TIMEOUT, timeout: float | None = None,
-        on_result: OnResult | None = None) -> list[Transfer]:
+        on_result: OnResult | None = None, sharing: shared.Sharing | None = None) -> list[Transfer]:
     """Copy ``remote`` (a file, directory or glob) from every node into ``local_dir/{host}/``."""
     source = _remote_path(remote, what="REMOTE")
     base = Path(os.path.expanduser(local_dir))
@@ -77,7 +77,7 @@ def get(info: ClusterInfo, remote: str, local_dir: str, *, nodes: Sequence[Node]
         return result
 
     return _fan_out(info, nodes, one, concurrency=concurrency, connect_timeout=connect_timeout,
-                    on_result=on_result)
+                    on_result=on_result, sharing=sharing)
 
 
 def _remote_path(raw: str, *, what: str) -> str:
@@ -99,7 +99,8 @@ def _known_hosts(info: ClusterInfo) -> str | None:
 
 
 def _fan_out(info: ClusterInfo, nodes: Sequence[Node], one: Callable[[Connection, threading.Event], Result], *,
-             concurrency: int, connect_timeout: float, on_result: OnResult | None) -> list[Transfer]:
+             concurrency: int, connect_timeout: float, on_result: OnResult | None,
+             sharing: shared.Sharing | None) -> list[Transfer]:
     """Run a local rsync per node, at most ``concurrency`` at a time; one Transfer per node, in order.
 
     On Ctrl-C the running rsyncs are killed (``one`` gets the stop event) and KeyboardInterrupt goes on.
@@ -112,7 +113,7 @@ def _fan_out(info: ClusterInfo, nodes: Sequence[Node], one: Callable[[Connection
     def run(node: Node) -> None:
         begin = time.monotonic()
         try:
-            cxn = hosts.connection(info, node, connect_timeout=connect_timeout)
+            cxn = hosts.connection(info, node, connect_timeout=connect_timeout, sharing=sharing)
             result = one(cxn, stop)
             outcome = transfer.outcome(result, host=node.host, name=node.name, source="local",
                                        duration=time.monotonic() - begin)

@@ -96,15 +96,20 @@ class SharedConnection(Connection):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.user}@{host}" if int(self.port or 22) == 22 else f"ssh://{self.user}@{host}:{self.port}"
 
-    def argv(self, command: str) -> list[str]:
-        """The ssh command line of ``command`` over this host's master (opened here if it is not up)."""
+    def socket(self) -> str:
+        """This host's master socket, the master opened here if it is not up (or its socket is stale)."""
         with self._ready_lock:
             path = self.sharing.socket(self.user, self.host, int(self.port or 22))
             if self._socket is None or not shared.alive(path):
                 shared.open_master(path, destination=self.destination, ssh_options=self.ssh_options,
                                    idle=self.sharing.idle, timeout=self.connect_timeout or 10)
                 self._socket = path
-        return shared.client(path, destination=self.destination, ssh_options=self.ssh_options, command=command)
+        return path
+
+    def argv(self, command: str) -> list[str]:
+        """The ssh command line of ``command`` over this host's master."""
+        return shared.client(self.socket(), destination=self.destination, ssh_options=self.ssh_options,
+                             command=command)
 
     def session_pid(self) -> str:
         """The PID of a process on the host that lives exactly as long as this connection (see

@@ -30,21 +30,15 @@ from invoke.exceptions import CommandTimedOut
 from invoke.runners import Result
 
 from . import remote
-
-#: Cipher preference: AES-GCM is the cheapest on CPUs with AES-NI (every EC2 type); chacha20 next.
-CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
-#: Key exchange: curve25519 first (what Paramiko, and so the rest of cloister, uses). OpenSSH's default
-#: post-quantum exchange costs ~55 ms of client CPU per connection, which adds up over 128 hosts on
-#: a small machine.
-KEX = "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,diffie-hellman-group14-sha256"
-
+from .shared import CIPHERS, KEX
 
 @dataclass(frozen=True)
 class Ssh:
     """The ``ssh`` command rsync uses (``rsync -e``), built from a Connection's user, port and key.
 
     Host keys are always checked (``StrictHostKeyChecking yes``) against ``known_hosts`` when given.
-    ``control_path`` turns on OpenSSH connection sharing (ControlMaster auto, ControlPersist).
+    ``control_path`` turns on OpenSSH connection sharing (ControlMaster auto, ControlPersist); with
+    ``control_master`` "no" it only uses a master that is already there (cloister's warm connections).
     """
 
     user: str | None = None
@@ -54,6 +48,7 @@ class Ssh:
     connect_timeout: int = 10
     control_path: str | None = None
     control_persist: str = "10m"
+    control_master: str = "auto"
     options: tuple[str, ...] = ()
 
     @classmethod
@@ -75,8 +70,9 @@ class Ssh:
         if self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
         if self.control_path:
-            argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}",
-                     "-o", f"ControlPersist={self.control_persist}"]
+            argv += ["-o", f"ControlMaster={self.control_master}", "-o", f"ControlPath={self.control_path}"]
+            if self.control_master != "no":
+                argv += ["-o", f"ControlPersist={self.control_persist}"]
         for option in self.options:
             argv += ["-o", option]
         for word in argv:
@@ -141,7 +137,9 @@ def rsync(c: Connection, source: str, target: str, *, download: bool = False, ex
     ``c.host``) into ``target`` (local). Returns the Result; a non-zero exit is not raised. Once
     ``stop`` is set (Ctrl-C), rsync and its ssh are killed and Stopped is raised.
     """
-    ssh = Ssh.of(c, known_hosts=known_hosts, options=tuple(ssh_opts))
+    # A warm connection's master carries rsync's ssh too.
+    control = c.socket() if isinstance(c, remote.SharedConnection) else None
+    ssh = Ssh.of(c, known_hosts=known_hosts, options=tuple(ssh_opts), control_path=control, control_master="no")
     if download:
         sources, dest = [remote_spec(c.user, c.host, source)], local_path(target)
     else:
