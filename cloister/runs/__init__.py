@@ -26,12 +26,30 @@ run is ``{runs_dir}/{benchmark}/{run_id}/`` with one folder per host and
 
 from __future__ import annotations
 
-from .kill import end_run, kill_run, killall
-from .logs import clean_remote, download_run, local_run_dir, local_runs, read_metric
-from .orchestration import Run
-from .record import GitState, Proc, RunHosts, RunRecord, new_run_id, validate_run_id
-from .scripts import Probe, build_command, log_name, parse_probe, start_script
-from .spec import RunSpec, manager_here
+import importlib
+
+# Each name is imported from its module on first use (PEP 562): a task that does not run experiments
+# (cluster.run, say) does not pay for importing the orchestration.
+_HOME = {
+    "end_run": "kill", "kill_run": "kill", "killall": "kill",
+    "clean_remote": "logs", "download_run": "logs", "local_run_dir": "logs", "local_runs": "logs",
+    "read_metric": "logs",
+    "Run": "orchestration",
+    "GitState": "record", "Proc": "record", "RunHosts": "record", "RunRecord": "record", "new_run_id": "record",
+    "validate_run_id": "record",
+    "Probe": "scripts", "build_command": "scripts", "log_name": "scripts", "parse_probe": "scripts",
+    "start_script": "scripts",
+    "RunSpec": "spec", "manager_here": "spec",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["GitState", "Probe", "Proc", "Run", "RunHosts", "RunRecord", "RunSpec", "build_command", "clean_remote", "download_run",
            "end_run", "kill_run", "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id",
