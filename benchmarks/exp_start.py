@@ -24,6 +24,7 @@ The cluster is destroyed at the end, also on failure, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import resource
@@ -230,6 +231,10 @@ def main() -> None:
         sys.exit(f"exp_start: --shapes {args.shapes!r}: expected e.g. 2x2,4x4,8x8")
     if max(k for k, _ in shapes) > args.workers or args.repeat < 1:
         sys.exit("exp_start: every K must be <= --workers and --repeat >= 1")
+    # As an installed package would be: byte-compiled once (PYTHONDONTWRITEBYTECODE would otherwise make
+    # every inv compile cloister and tasks again, ~0.3 s of CPU each time).
+    for package in ("cloister", "tasks"):
+        compileall.compile_dir(str(REPO / package), quiet=1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("exp_start: terminated"))
     try:
         results, swept = measure(shapes, args.workers, args.repeat, args.sweep)

@@ -146,7 +146,7 @@ def login(c, config=None, worker=None, dev=False):
         node = info.master
     if node is None:
         raise Exit(f"cluster '{cfg.cluster_name}' has no {'dev host' if dev else 'master'}", code=1)
-    argv = hostlib.ssh_argv(info, node.host)
+    argv = hostlib.ssh_argv(info, node.host, sharing=lib.sharing(info, settings=settings(c)))
     sys.stdout.flush()
     os.execvp(argv[0], argv)
 

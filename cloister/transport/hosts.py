@@ -145,10 +145,15 @@ def check_key(info: ClusterInfo) -> None:
                             f"expected 0600 or narrower (chmod 600 {path})")
 
 
-def ssh_argv(info: ClusterInfo, host: str, command: list[str] | None = None) -> list[str]:
-    """The system ssh command line for ``host`` with the cluster's user, key and known_hosts."""
+def ssh_argv(info: ClusterInfo, host: str, command: list[str] | None = None, *,
+             sharing: shared.Sharing | None = None) -> list[str]:
+    """The system ssh command line for ``host`` with the cluster's user, key and known_hosts (over the
+    host's warm master when ``sharing`` has a live one)."""
     check_key(info)
     argv = ["ssh", "-i", os.path.expanduser(info.ssh_key), "-o", "IdentitiesOnly=yes"]
+    socket_path = sharing.socket(info.user, host) if sharing else None
+    if socket_path and shared.alive(socket_path):
+        argv += ["-o", "ControlMaster=no", "-o", f"ControlPath={socket_path}"]
     if info.known_hosts:
         # accept-new: a host seen for the first time is recorded; a changed key is still refused.
         argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(info.known_hosts)}",
