@@ -101,11 +101,13 @@ def commands(info, root: Path, config: Path, command: str) -> dict[str, list[lis
             "serial": serial}
 
 
-def timed(argvs: list[list[str]], env: dict[str, str], *, quiet: bool = False) -> tuple[float, int]:
-    """(wall time, peak RSS in KiB of the tool's largest process) of running ``argvs`` one after another;
-    any failure stops the benchmark. ``quiet`` sends stdout to /dev/null (large outputs)."""
+def timed(argvs: list[list[str]], env: dict[str, str], *, quiet: bool = False) -> tuple[float, int, float]:
+    """(wall time, peak RSS in KiB of the tool's largest process, CPU seconds of the tool and every process
+    it waited for) of running ``argvs`` one after another; any failure stops the benchmark. ``quiet``
+    sends stdout to /dev/null (large outputs)."""
     start = time.perf_counter()
     peak = 0
+    cpu = 0.0
     for argv in argvs:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL if quiet else out, stderr=err)
@@ -116,18 +118,19 @@ def timed(argvs: list[list[str]], env: dict[str, str], *, quiet: bool = False) -
             killer.cancel()
             proc.returncode = os.waitstatus_to_exitcode(status)
             peak = max(peak, usage.ru_maxrss)
+            cpu += usage.ru_utime + usage.ru_stime
             if proc.returncode != 0:
                 err.seek(0)
                 out.seek(0)
                 tail = (err.read() or out.read()).decode(errors="replace").strip().splitlines()[-3:]
                 raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {' | '.join(tail)}")
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak, cpu
 
 
 Row = tuple[str, str, bool]    # label, command, quiet
 
 
-def measure(n: int, repeat: int, tools: list[str], rows: list[Row]) -> dict[str, dict[str, tuple[float, int]]]:
+def measure(n: int, repeat: int, tools: list[str], rows: list[Row]) -> dict[str, dict[str, tuple[float, int, float]]]:
     """label -> tool -> (median wall time, peak RSS) on a fresh cluster of ``n`` hosts."""
     root = Path(tempfile.mkdtemp(prefix=f"cloister-fanout-{n}-"))
     config = root / "fanout.json"
@@ -154,27 +157,30 @@ def measure(n: int, repeat: int, tools: list[str], rows: list[Row]) -> dict[str,
 
 def _rounds(n: int, repeat: int, tools: list[str], argvs: dict[str, list[list[str]]], env: dict[str, str], *,
             label: str, quiet: bool, output: Path,
-            before: dict[str, Callable[[], object]]) -> dict[str, tuple[float, int]]:
+            before: dict[str, Callable[[], object]]) -> dict[str, tuple[float, int, float]]:
     """One untimed warm-up per tool, then ``repeat`` interleaved timed rounds; medians. ``before`` runs
     untimed ahead of each run of its tool."""
     for tool in tools:
         before.get(tool, lambda: None)()
         timed(argvs[tool], env, quiet=quiet)
     times: dict[str, list[float]] = {tool: [] for tool in tools}
+    cpus: dict[str, list[float]] = {tool: [] for tool in tools}
     peaks: dict[str, int] = {tool: 0 for tool in tools}
     for run in range(repeat):
         for tool in tools:
             before.get(tool, lambda: None)()
-            seconds, peak = timed(argvs[tool], env, quiet=quiet)
+            seconds, peak, cpu = timed(argvs[tool], env, quiet=quiet)
             times[tool].append(seconds)
+            cpus[tool].append(cpu)
             peaks[tool] = max(peaks[tool], peak)
             shutil.rmtree(output, ignore_errors=True)  # inv's spilled outputs: keep the disk flat
         print(f"N={n} {label}: run {run + 1}/{repeat}: "
               + ", ".join(f"{t} {times[t][-1]:.2f}s" for t in tools), file=sys.stderr)
-    return {tool: (statistics.median(values), peaks[tool]) for tool, values in times.items()}
+    return {tool: (statistics.median(values), peaks[tool], statistics.median(cpus[tool]))
+            for tool, values in times.items()}
 
 
-def table(results: dict[int, dict[str, dict[str, tuple[float, int]]]], repeat: int) -> str:
+def table(results: dict[int, dict[str, dict[str, tuple[float, int, float]]]], repeat: int) -> str:
     head = ("| N | inv cold | inv repeated | asyncssh | parallel-ssh | pssh | clush | serial "
             f"| cold / best library (<= {COLD_TARGET}) | repeated / best library (<= {REPEATED_TARGET}) "
             f"| repeated / min(pssh, clush) (<= {REPEATED_CLI_TARGET}) | targets met |")
@@ -190,10 +196,17 @@ def table(results: dict[int, dict[str, dict[str, tuple[float, int]]]], repeat: i
         met = cold <= COLD_TARGET and warm <= REPEATED_TARGET and warm_cli <= REPEATED_CLI_TARGET
         cells = " | ".join(f"{m[t]:.2f} s" if t in m else "skipped" for t in TOOLS)
         lines.append(f"| {n} | {cells} | {cold:.2f} | {warm:.2f} | {warm_cli:.2f} | {'yes' if met else 'no'} |")
+    lines += ["", "CPU time of each tool's processes (user + sys, the ssh processes it waited for included; "
+              "the machine's load does not stretch it as it stretches wall time), median:", "",
+              "| N | " + " | ".join(TOOLS) + " |", "|" + "---|" * (len(TOOLS) + 1)]
+    for n, rows in results.items():
+        cpu = {tool: value[2] for tool, value in rows.get(COMMAND, {}).items()}
+        if cpu:
+            lines.append(f"| {n} | " + " | ".join(f"{cpu[t]:.2f} s" if t in cpu else "skipped" for t in TOOLS) + " |")
     return "\n".join(lines) + _output_table(results, repeat)
 
 
-def _output_table(results: dict[int, dict[str, dict[str, tuple[float, int]]]], repeat: int) -> str:
+def _output_table(results: dict[int, dict[str, dict[str, tuple[float, int, float]]]], repeat: int) -> str:
     found = [(n, label, rows[label]) for n, rows in results.items() for label in rows if label != COMMAND]
     if not found:
         return ""
@@ -248,7 +261,7 @@ def main() -> None:
     plan = {n: [(COMMAND, COMMAND, False)] for n in sizes}
     if args.output_hosts:
         plan.setdefault(args.output_hosts, []).append(big)
-    results: dict[int, dict[str, dict[str, tuple[float, int]]]] = {}
+    results: dict[int, dict[str, dict[str, tuple[float, int, float]]]] = {}
     try:
         for n, rows in plan.items():
             tools = [t for t in TOOLS if t != "serial" or n <= SERIAL_MAX or args.serial]
