@@ -174,3 +174,18 @@ def test_ssh_failures_read_as_paramiko_failures():
     assert str(shared.failure("Permission denied (publickey).")).startswith("authentication failed")
     assert isinstance(shared.failure("Connection closed by 127.0.0.1 port 22"), ConnectionResetError)
     assert shared.failure("my command wrote this and exited 255") is None
+
+
+def test_exp_run_opens_no_connection_on_a_warm_cluster_and_frees_its_lock(own_cluster, tmp_path):
+    env = own_cluster("wexp", nworkers=2)
+    runs = {**env.env(), "INVOKE_CLOISTER_RUNS_DIR": str(tmp_path / "runs")}
+    first = run_inv("exp.run", "--benchmark", "dsum", "-k", "2", "-p", "1", "--resources", "off", env=runs, timeout=180)
+    assert first.returncode == 0, first.stderr
+    before = accepted(env)
+    # The lock and the follower were held by the first run's keeper, which ended with it: no "in flight".
+    second = run_inv("exp.run", "--benchmark", "dsum", "-k", "2", "-p", "1", "--resources", "off", env=runs,
+                     timeout=180)
+    assert second.returncode == 0, second.stderr
+    ps = run_inv("exp.ps", env=runs, timeout=60)
+    assert ps.returncode == 0 and "dsum" not in ps.stdout, ps.stdout + ps.stderr  # no run left in flight
+    assert accepted(env) == before

@@ -106,6 +106,15 @@ class SharedConnection(Connection):
                 self._socket = path
         return path
 
+    def open(self) -> None:
+        """Make sure the host's master is up (a handshake up front, as Paramiko's ``open`` does)."""
+        self.socket()
+
+    def sftp(self):
+        """SFTP over a Paramiko connection of its own (opened now): OpenSSH's master does not serve it."""
+        super().open()
+        return super().sftp()
+
     def argv(self, command: str) -> list[str]:
         """The ssh command line of ``command`` over this host's master."""
         return shared.client(self.socket(), destination=self.destination, ssh_options=self.ssh_options,
