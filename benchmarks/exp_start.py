@@ -57,10 +57,12 @@ TARGET_OVERHEAD_S = 0.5  # warm: the untimed warm-up run leaves the connections 
 TARGET_CONNECTIONS = 2
 
 
-def registry(path: Path) -> Path:
+def registry(path: Path, *, resources: bool = True) -> Path:
     data = yaml.safe_load((REPO / "experiments.yaml").read_text())
     dsum = data["benchmarks"]["dsum"]
     dsum["env"] = {**(dsum.get("env") or {}), "DSUM_CHUNK": "0"}
+    if not resources:
+        dsum["resources"] = False  # no sampler, no resources.png (matplotlib's import and drawing)
     path.write_text(yaml.safe_dump({"defaults": data["defaults"], "benchmarks": {"dsum": dsum}}))
     return path
 
@@ -148,7 +150,7 @@ def bare_start(n: int) -> float:
 
 
 def measure(shapes: list[tuple[int, int]], workers: int, repeat: int,
-            sweep: int) -> tuple[dict[tuple[int, int], dict[str, float]], dict[str, float] | None]:
+            sweep: int, resources: bool = True) -> tuple[dict[tuple[int, int], dict[str, float]], dict[str, float] | None]:
     root = Path(tempfile.mkdtemp(prefix="cloister-exp-start-"))
     config = root / "exp-start.json"
     config.write_text(json.dumps({"cluster_name": f"expstart-{os.getpid()}", "provider": "local",
@@ -160,7 +162,7 @@ def measure(shapes: list[tuple[int, int]], workers: int, repeat: int,
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_CLOISTER_")}
     env.update(INVOKE_CLOISTER_SERVERS_DIR=settings.servers_dir, INVOKE_CLOISTER_STATE_DIR=settings.state_dir,
                INVOKE_CLOISTER_CONFIG=str(config), INVOKE_CLOISTER_RUNS_DIR=str(runs),
-               INVOKE_CLOISTER_EXPERIMENTS=str(registry(root / "experiments.yaml")))
+               INVOKE_CLOISTER_EXPERIMENTS=str(registry(root / "experiments.yaml", resources=resources)))
     try:
         start = time.perf_counter()
         info = lib.launch(cfg, settings=settings).info
@@ -218,6 +220,8 @@ def table(results: dict[tuple[int, int], dict[str, float]], repeat: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-resources", action="store_true",
+                        help="runs without the resource sampler and resources.png (what is left is SSH and cloister)")
     parser.add_argument("--shapes", default="2x2,4x4,8x8", help="comma-separated KxP shapes")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per shape (median reported)")
     parser.add_argument("--workers", type=int, default=8, help="worker hosts in the local cluster")
@@ -237,7 +241,7 @@ def main() -> None:
         compileall.compile_dir(str(REPO / package), quiet=1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("exp_start: terminated"))
     try:
-        results, swept = measure(shapes, args.workers, args.repeat, args.sweep)
+        results, swept = measure(shapes, args.workers, args.repeat, args.sweep, resources=not args.no_resources)
     except (CloisterError, RuntimeError, subprocess.TimeoutExpired, KeyboardInterrupt) as err:
         sys.exit(f"exp_start: {err or 'interrupted'}")
     print(table(results, args.repeat))
