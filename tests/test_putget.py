@@ -115,9 +115,9 @@ def test_put_to_a_dead_node_names_it(own_cluster, tmp_path):
     proc = env.inv("cluster.put", str(src), "x.txt")
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
+    # Found when its warm connection is opened, before rsync: worded as cluster.run words it.
     assert len(err) == 2 and err[1] == "put: 1/3 hosts failed"
-    assert re.fullmatch(rf"\[{re.escape(victim.host)}\] ssh failed: ssh: connect to host {re.escape(victim.host)} "
-                        r"port 22: (Connection timed out|No route to host)", err[0]), err
+    assert re.fullmatch(rf"\[{re.escape(victim.host)}\] (connection timed out|No route to host)", err[0]), err
     for node in env.info.cluster_nodes:
         if node.host != victim.host:
             assert (home(env, node) / "x.txt").read_text() == "x\n"

@@ -96,10 +96,14 @@ class SharedConnection(Connection):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.user}@{host}" if int(self.port or 22) == 22 else f"ssh://{self.user}@{host}:{self.port}"
 
+    @property
+    def socket_path(self) -> str:
+        return self.sharing.socket(self.user, self.host, int(self.port or 22))
+
     def socket(self) -> str:
         """This host's master socket, the master opened here if it is not up (or its socket is stale)."""
         with self._ready_lock:
-            path = self.sharing.socket(self.user, self.host, int(self.port or 22))
+            path = self.socket_path
             if self._socket is None or not shared.alive(path):
                 shared.open_master(path, destination=self.destination, ssh_options=self.ssh_options,
                                    idle=self.sharing.idle, timeout=self.connect_timeout or 10)
@@ -262,8 +266,8 @@ def _execute_shared(cxn: SharedConnection, command: str, *, stdout: Callable[[by
                     data: bytes | None) -> int:
     """``execute`` as an ssh process over the host's master. Its stdin stays open until the command
     ends (the guard's session); closing it and ending the process closes the session, so a stop or a
-    timeout ends the remote command as a closed channel does. ssh's own failures (exit 255 with one
-    of its messages) are raised as the errors Paramiko would have raised."""
+    timeout ends the remote command as a closed channel does. ssh's own failures (exit 255, the master
+    gone) are raised as the errors Paramiko would have raised."""
     deadline = None if timeout is None else time.monotonic() + timeout
     proc = subprocess.Popen(cxn.argv(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -296,10 +300,10 @@ def _execute_shared(cxn: SharedConnection, command: str, *, stdout: Callable[[by
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-    if code == 255:
-        problem = shared.failure(tail.decode(errors="replace"))
-        if problem is not None:
-            raise problem
+    # 255 is also what a remote command may exit with (rsync whose own ssh failed): it is ssh's failure
+    # only when the master is gone with it.
+    if code == 255 and not shared.alive(cxn.socket_path):
+        raise shared.failure(tail.decode(errors="replace")) or SessionLost()
     return code
 
 

@@ -179,6 +179,8 @@ def failure(stderr: str) -> Exception | None:
         return ConnectionRefusedError(errno.ECONNREFUSED, "connection refused (is sshd running?)")
     if "timed out" in lowered:
         return TimeoutError(errno.ETIMEDOUT, "connection timed out")
+    if "no route to host" in lowered:
+        return OSError(errno.EHOSTUNREACH, "No route to host")
     if last.startswith("Permission denied"):
         return CloisterError(f"authentication failed ({last})")
     if any(sign in last for sign in ("ssh: ", "Connection closed", "Connection reset", "closed by remote host",
