@@ -211,10 +211,11 @@ def test_dsum_end_to_end(exp, k, p):
     assert 0 < record["timings"]["master_s"] < record["timings"]["total_s"] < elapsed
 
     assert exp.leftovers() == {}
-    # One connection per host of the run, reused for everything; no other host contacted.
+    # At most one connection per host of the run (none when an earlier task left it warm), reused for
+    # everything; no other host contacted.
     opened = {name: after[name] - before[name] for name in after}
     in_run = {master.name, *(w.name for w in workers)}
-    assert all(1 <= opened[name] <= 2 for name in in_run), opened
+    assert all(opened[name] <= 1 for name in in_run), opened
     assert all(opened[name] == 0 for name in opened if name not in in_run), opened
 
 

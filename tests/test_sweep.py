@@ -153,9 +153,10 @@ def test_sweep_2x2x2_writes_csv_and_plot(local_cluster, tmp_path):
     proc = subprocess.run([INV, *_sweep_args("grid")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # Eight runs over one connection per host (a run that reconnects would show as more).
+    # Eight runs over at most one connection per host, none when it was warm already (a run that
+    # reconnects would show as more).
     opened = {name: count - before[name] for name, count in _accepted(local_cluster).items()}
-    assert opened[local_cluster.info.master.name] == 1, opened
+    assert opened[local_cluster.info.master.name] <= 1, opened
     rows = _rows(tmp_path / "sweeps" / "grid" / "results.csv")
     assert len(rows) == 8
     assert {(r["k"], r["p"], r["repeat"]) for r in rows} == {(k, p, r) for k in "12" for p in "12" for r in "12"}
