@@ -111,8 +111,18 @@ class SharedConnection(Connection):
         return path
 
     def open(self) -> None:
-        """Make sure the host's master is up (a handshake up front, as Paramiko's ``open`` does)."""
+        """Make sure the host's master is up (a handshake up front, as Paramiko's ``open`` does), with a
+        session of this connection's own on it: it keeps the master from going idle while this
+        connection is in use, and its end tells that the link was lost (``lost_session``)."""
         self.socket()
+        self.session_pid()
+
+    def lost(self) -> str | None:
+        """Why this connection's own session ended under it, or None (none started, or it lives)."""
+        keeper = self._keeper
+        if keeper is None or keeper.poll() is None:
+            return None
+        return "connection closed by the host"
 
     def sftp(self):
         """SFTP over a Paramiko connection of its own (opened now): OpenSSH's master does not serve it."""
@@ -182,7 +192,7 @@ def lost_session(cxn: Connection) -> str | None:
     """Why ``cxn``'s SSH session died under it, or None if it lives or was closed on purpose (a closed
     client drops its transport; a dead one keeps it, inactive, until the next use reconnects)."""
     if isinstance(cxn, SharedConnection):
-        return None  # each command is its own ssh process: its failure already says what happened
+        return cxn.lost()
     transport = cxn.client.get_transport()
     if transport is None or transport.is_active():
         return None
