@@ -120,8 +120,15 @@ class SharedConnection(Connection):
     def lost(self) -> str | None:
         """Why this connection's own session ended under it, or None (none started, or it lives)."""
         keeper = self._keeper
-        if keeper is None or keeper.poll() is None:
+        if keeper is None:
             return None
+        if keeper.poll() is None:
+            if shared.alive(self.socket_path):
+                return None
+            try:  # the master is gone: its sessions' ssh processes end a moment later
+                keeper.wait(timeout=KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
         return "connection closed by the host"
 
     def sftp(self):
