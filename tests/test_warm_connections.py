@@ -169,6 +169,7 @@ def test_ssh_failures_read_as_paramiko_failures():
     assert isinstance(shared.failure("ssh: connect to host 10.0.0.1 port 22: Connection refused\n"),
                       ConnectionRefusedError)
     assert isinstance(shared.failure("ssh: connect to host h port 22: Connection timed out"), TimeoutError)
+    assert shared.failure("ssh: connect to host h port 22: No route to host").strerror == "No route to host"
     assert "refusing to connect" in str(shared.failure("@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\n"
                                                        "Host key verification failed.\n"))
     assert str(shared.failure("Permission denied (publickey).")).startswith("authentication failed")
