@@ -86,9 +86,7 @@ class SharedConnection(Connection):
     _keeper_pid: str | None = None
 
     def share(self, sharing: shared.Sharing, ssh_options: list[str]) -> "SharedConnection":
-        self.sharing = sharing
-        self.ssh_options = ssh_options
-        self._ready_lock = threading.Lock()
+        self.sharing, self.ssh_options, self._ready_lock = sharing, ssh_options, threading.Lock()
         return self
 
     @property
@@ -96,9 +94,7 @@ class SharedConnection(Connection):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.user}@{host}" if int(self.port or 22) == 22 else f"ssh://{self.user}@{host}:{self.port}"
 
-    @property
-    def socket_path(self) -> str:
-        return self.sharing.socket(self.user, self.host, int(self.port or 22))
+    socket_path = property(lambda self: self.sharing.socket(self.user, self.host, int(self.port or 22)))
 
     def socket(self) -> str:
         """This host's master socket, the master opened here if it is not up (or its socket is stale)."""
@@ -153,8 +149,7 @@ class SharedConnection(Connection):
         ready, _, _ = select.select([keeper.stdout], [], [], max(self.connect_timeout or 10, 10))
         line = keeper.stdout.readline().decode(errors="replace").strip() if ready else ""
         if not line.isdigit():
-            keeper.kill()
-            keeper.wait()
+            keeper.kill(), keeper.wait()
             raise SessionLost()
         with self._ready_lock:
             self._keeper, self._keeper_pid = keeper, line
@@ -167,8 +162,7 @@ class SharedConnection(Connection):
             try:
                 keeper.wait(timeout=KILL_GRACE)
             except subprocess.TimeoutExpired:
-                keeper.kill()
-                keeper.wait()
+                keeper.kill(), keeper.wait()
             keeper.stdout.close()
         super().close()
 
@@ -313,10 +307,8 @@ def _execute_shared(cxn: SharedConnection, command: str, *, stdout: Callable[[by
         if not proc.stdin.closed:
             proc.stdin.close()
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+            proc.kill(), proc.wait()
+        proc.stdout.close(), proc.stderr.close()
     # 255 is also what a remote command may exit with (rsync whose own ssh failed): it is ssh's failure
     # only when the master is gone with it.
     if code == 255 and not shared.alive(cxn.socket_path):
