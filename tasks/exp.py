@@ -14,13 +14,10 @@ from typing import NamedTuple
 
 from invoke import Collection, Exit
 
-from cloister.cluster import lifecycle as clusterlib
+from cloister.cluster import budget, lifecycle as clusterlib
 from cloister.transport import hosts as hostlib
-from cloister.cluster import budget
-from cloister import layout
-from cloister import runs as runlib
-from cloister.runs import sweep as sweeplib
-from cloister.runs import detached, present
+from cloister import layout, runs as runlib
+from cloister.runs import detached, present, sweep as sweeplib
 from cloister.config import ClusterConfig
 from cloister.errors import HostsFailed
 from cloister.runs.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
