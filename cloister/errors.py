@@ -70,6 +70,14 @@ class RunTimeout(ExperimentError):
         super().__init__(message, benchmark=benchmark, run_id=run_id)
 
 
+class RunFollowed(ExperimentError):
+    """Another session follows the run (``frozen``: it lives but no longer answers); it was not taken."""
+
+    def __init__(self, message: str, *, benchmark: str, run_id: str, frozen: bool):
+        self.frozen = frozen
+        super().__init__(message, benchmark=benchmark, run_id=run_id)
+
+
 class AwsError(CloisterError):
     """An AWS call failed; ``code`` is AWS's error code or botocore's exception name."""
 

@@ -16,6 +16,7 @@ from cloister import deploy, layout
 from cloister.transport import putget
 from cloister.config import label_overrides
 from cloister.errors import CloisterError, HostsFailed, Interrupted
+from cloister import runs as runlib
 from cloister.runs import lock as runlock
 from cloister.transport.transfer import Transfer, failures
 
@@ -83,25 +84,43 @@ def _on_failure(bar, *, yes: bool, keep: bool):
     return lambda question: bar.confirm(question, default=True)
 
 
-@task(help={"config": CONFIG_HELP, "yes": "do not ask for confirmation"})
+@task(help={"config": CONFIG_HELP, "yes": "do not ask for confirmation (a run in flight is ended and its logs "
+                                           "collected first)"})
 def destroy(c, config=None, yes=False):
     """Destroy the cluster named in the config and forget its servers/."""
     cfg = load(c, config)
     conf = settings(c)
     try:
-        busy = runlock.in_flight_on(lib.current(cfg, settings=conf), connect_timeout=min(conf.connect_timeout, 5.0))
+        info = lib.current(cfg, settings=conf)
     except CloisterError:  # no servers/ of this cluster: nothing recorded to ask
-        busy = None
-    if busy:
-        warning(f"{busy} is in flight on '{cfg.cluster_name}'; destroying ends it and its logs stay on the nodes")
+        info = None
+    confirmed = bool(info) and _end_runs_first(info, conf=conf, cluster=cfg.cluster_name, yes=yes)
     # A provider that asks itself does so once it knows what it would end.
     asks = lib.provider(cfg, settings=conf).confirms_destroy
-    if not asks and not yes and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):
+    if not asks and not yes and not confirmed and not confirm(f"Destroy {cfg.provider} cluster '{cfg.cluster_name}'?"):
         raise Exit("not confirmed; pass --yes to destroy without asking", code=1)
     with progress_bar() as bar:
         messages = lib.destroy(cfg, settings=conf, confirm=None if yes else bar.confirm, progress=bar.update)
     for message in messages:
         print(message)
+
+
+def _end_runs_first(info, *, conf, cluster: str, yes: bool) -> bool:
+    """A run in flight is ended and its logs collected before its nodes go (asked first, unless ``yes``):
+    whether the destroy was confirmed on the way."""
+    states = runlib.runs_in_flight(info, settings=conf)
+    if not states:
+        busy = runlock.in_flight_on(info, connect_timeout=min(conf.connect_timeout, 5.0))
+        if busy:  # a run left running by --keep: its logs were collected when it ended
+            warning(f"{busy} is still running on '{cluster}' (--keep); destroying ends it")
+        return False
+    names = ", ".join(f"{s.benchmark} run {s.run_id}" for s in states)
+    if not yes and not confirm(f"{names} in flight on '{cluster}': end it, collect its logs, then destroy?"):
+        raise Exit("not confirmed; pass --yes to end the run, collect its logs and destroy without asking", code=1)
+    warning(f"{names} in flight on '{cluster}': ending it and collecting its logs before destroying")
+    for name, outcome in runlib.end_before_destroy(states, info=info, settings=conf).items():
+        print(f"{name}: {outcome}; run.json in {conf.runs_dir}/", file=sys.stderr)
+    return True
 
 
 @task(help={"config": CONFIG_HELP})

@@ -19,7 +19,7 @@ from cloister.transport import hosts as hostlib
 from cloister import layout, runs as runlib
 from cloister.runs import detached, present, sweep as sweeplib
 from cloister.config import ClusterConfig
-from cloister.errors import HostsFailed
+from cloister.errors import CloisterError, HostsFailed
 from cloister.runs.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
 from cloister.cluster.servers import ClusterInfo
 from cloister.settings import Settings
@@ -36,6 +36,7 @@ HOSTS_FAILED_LINE = re.compile(r"\d+/\d+ hosts failed$")  # HostsFailed's count,
 RESOURCES_HELP = ("seconds between CPU/memory/network/disk samples on each host, or off "
                   "(default: the benchmark's resources, 1)")
 RUN_HELP = "run id (looked up in runs/*/) or a run folder"
+DETACH_GRACE = 2.0  # seconds after a Ctrl-C in exp.attach in which a second one ends the run
 
 
 def _logging() -> None:
@@ -133,10 +134,11 @@ def _failure(record: runlib.RunRecord) -> str:
             "keep": "leave the processes running after the run (stop them with inv exp.killall)",
             "args": ARGS_HELP, "resources": RESOURCES_HELP,
             "concurrent": "run even while another run is in flight on the cluster (its ports must differ)",
-            "detach": "return once the master has started; the run goes on (finish it with inv exp.attach)"})
+            "detach": "return once the master has started; the run goes on with no session following it: "
+                      "inv exp.attach --run ID follows and finishes it, inv exp.killall --run ID ends it"})
 def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True, keep=False, args=None,
         resources=None, concurrent=False, detach=False):
-    """Run a benchmark end to end: workers, master, logs, clean-up, run.json."""
+    """Run a benchmark end to end: workers, master, logs, clean-up, run.json (Ctrl-C ends the run)."""
     _logging()
     spec, cfg = _spec_and_config(c, config=config, benchmark=benchmark, k=k, p=p, args=args, timeout=timeout,
                                  manager=manager, keep=keep, resources=resources)
@@ -161,7 +163,7 @@ def _conclusion(record: runlib.RunRecord, spec: runlib.RunSpec) -> None:
 def _start_role(c, role, *, config, benchmark, k, p, args, run_id):
     _logging()
     spec = _spec(c, config=config, benchmark=benchmark, k=k, p=p, args=args, run_id=run_id, keep=True)
-    procs = runlib.Run(spec, out=sys.stdout).start_by_hand(role)
+    procs = runlib.start_by_hand(runlib.Run(spec, out=sys.stdout), role)
     for proc in procs:
         print(f"[{proc.host}] {proc.key} pid {proc.pid} {proc.status}"
               + ("" if proc.exit is None else f" exit {proc.exit}"))
@@ -197,17 +199,40 @@ def master(c, benchmark=None, k=None, p=1, config=None, args=None, run=None):
     _start_role(c, "master", config=config, benchmark=benchmark, k=k, p=p, args=args, run_id=run)
 
 
-@task(help={"run": "run id of a run in flight (default: the latest, see inv exp.ps)", "config": CONFIG_HELP})
-def attach(c, run=None, config=None):
-    """Follow a run in flight from its master's output on and finish it as exp.run would."""
+@task(help={"run": "run id of a run in flight (default: the latest, see inv exp.ps)", "config": CONFIG_HELP,
+            "force": "take the run over from a session that follows it but no longer answers (a frozen or "
+                     "cut-off inv); that session is ended"})
+def attach(c, run=None, config=None, force=False):
+    """Follow a run in flight and finish it as exp.run would; Ctrl-C stops following, the run goes on."""
     _logging()
     ctx = _context(c, config, None)
     with closing(hostlib.connection(ctx.info, ctx.info.master, connect_timeout=ctx.conf.connect_timeout,
                                     sharing=clusterlib.sharing(ctx.info, settings=ctx.conf))) as cxn:
-        state = detached.pick(cxn, run_id=run, takeover=True)
+        state = detached.pick(cxn, run_id=run)
     spec = detached.spec_of(state, info=ctx.info, registry=ctx.registry, settings=ctx.conf)
-    print(f"attached to {state.benchmark} run {state.run_id} (k={state.k} p={state.p}, started {state.started})")
-    _conclusion(runlib.Run(spec, out=sys.stdout).attach(state), spec)
+    print(f"attaching to {state.benchmark} run {state.run_id} (k={state.k} p={state.p}, started {state.started}); "
+          f"Ctrl-C stops following (the run goes on), twice ends it")
+    following = runlib.Run(spec, out=sys.stdout)
+    try:
+        record = following.attach(state, force=force)
+    except KeyboardInterrupt:
+        _stopped_following(following, state)
+    _conclusion(record, spec)
+
+
+def _stopped_following(following: runlib.Run, state: detached.RunState) -> None:
+    """After Ctrl-C in exp.attach: the run goes on, unless a second Ctrl-C comes within DETACH_GRACE seconds."""
+    run_id = state.run_id
+    print(f"stopped following {state.benchmark} run {run_id}; it goes on (Ctrl-C again within {DETACH_GRACE:g}s "
+          f"ends it). Later: inv exp.attach --run {run_id} follows it again, inv exp.killall --run {run_id} ends it",
+          file=sys.stderr)
+    try:
+        time.sleep(DETACH_GRACE)
+    except KeyboardInterrupt:
+        record = following.end(state, status="interrupted", error="interrupted (Ctrl-C twice in exp.attach)")
+        _summary(record)
+        raise Exit(f"run {run_id} ended: {record.status}; logs: {following.local_dir}/", code=130)
+    raise Exit(f"detached from run {run_id}", code=130)
 
 
 @task(help={"config": CONFIG_HELP})
@@ -222,15 +247,25 @@ def ps(c, config=None):
 
 
 @task(help={"benchmark": BENCH_HELP + " (default: every benchmark)", "config": CONFIG_HELP,
-            "run": "kill only this run in flight (see inv exp.ps); its logs stay on the hosts for inv exp.logs"})
+            "run": "end only this run in flight (see inv exp.ps): its processes killed, its logs collected and "
+                   "run.json written (by the session that follows it, if one does)"})
 def killall(c, benchmark=None, config=None, run=None):
-    """Kill a benchmark's processes and free its ports on every host."""
+    """Kill a benchmark's processes (ending its runs in flight) and free its ports on every host."""
     if run:
         _kill_run(c, config=config, run_id=run)
         return
     ctx = _context(c, config, benchmark)
     errors: dict[str, str] = {}
     with closing(ctx.every_host()) as grp:
+        master = next(cxn for cxn in grp if cxn.host == ctx.info.master.host)
+        names = {b.name for b in ctx.benches}
+        for entry in detached.in_flight(master):
+            if entry.state.benchmark in names:
+                try:
+                    _end(ctx, grp, entry.state, by="exp.killall --benchmark")
+                except CloisterError as err:  # its processes are still killed below
+                    print(f"warning: {entry.state.benchmark} run {entry.state.run_id} not recorded: {err}",
+                          file=sys.stderr)
         for b in ctx.benches:
             for host, value in runlib.killall(grp, bench=b).items():
                 if isinstance(value, BaseException):
@@ -247,12 +282,19 @@ def _kill_run(c, *, config, run_id: str) -> None:
     ctx = _context(c, config, None)
     with closing(ctx.every_host()) as grp:
         master = next(cxn for cxn in grp if cxn.host == ctx.info.master.host)
-        state = detached.pick(master, run_id=run_id, takeover=False)
-        errors = runlib.end_run(grp, bench=ctx.registry.get(state.benchmark), run_id=state.run_id)
-    if errors:
-        raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
-    print(f"{state.benchmark} run {state.run_id}: killed on every host; its logs: "
-          f"inv exp.logs --benchmark {state.benchmark} --run {state.run_id}")
+        _end(ctx, grp, detached.pick(master, run_id=run_id), by="exp.killall --run")
+
+
+def _end(ctx: _Context, grp: hostlib.CappedGroup, state: detached.RunState, *, by: str) -> None:
+    """End one run in flight, killed by ``by``; say where its record is."""
+    record = runlib.end_in_flight(state, info=ctx.info, registry=ctx.registry, settings=ctx.conf, status="killed",
+                                  error=f"killed by {by}", by=by, connections={c.host: c for c in grp})
+    if record is None:
+        print(f"{state.benchmark} run {state.run_id}: killed on every host; the session that follows it records it")
+        return
+    folder = runlib.local_run_dir(ctx.conf.runs_dir, benchmark=state.benchmark, run_id=state.run_id)
+    print(f"{state.benchmark} run {state.run_id}: {record.status}; its processes killed, its logs and run.json in "
+          f"{folder}/")
 
 
 def _pick_run(conf: Settings, benchmark: str, run_id: str | None) -> str:
@@ -272,12 +314,15 @@ def logs(c, benchmark=None, run=None, config=None):
     run_id = _pick_run(ctx.conf, name, run)
     local_dir = runlib.local_run_dir(ctx.conf.runs_dir, benchmark=name, run_id=run_id)
     with closing(ctx.every_host()) as grp:
-        errors, had = runlib.download_run(grp, benchmark=name, run_id=run_id, local_dir=local_dir)
-    if errors:
-        raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
-    if not had:
+        got = runlib.collect(grp, master=ctx.info.master.host, info=ctx.info, registry=ctx.registry,
+                             settings=ctx.conf, benchmark=name, run_id=run_id, local_dir=local_dir)
+    if got.errors:
+        raise HostsFailed(got.errors, total=len(ctx.info.cluster_nodes))
+    if got.record is None and not got.had:
         raise Exit(f"no host has logs of {name} run {run_id} ({_remote_dir(name, run_id)})", code=1)
-    print(f"logs of {name} run {run_id} in {local_dir}/")
+    print(f"logs of {name} run {run_id} in {local_dir}/"
+          + (f"; run.json completed: {got.record.status}" if got.record else "")
+          + (f"; the run is in flight (inv exp.attach --run {run_id} finishes it)" if got.running else ""))
 
 
 @task(help={"benchmark": BENCH_HELP, "run": "run id to remove (default: the latest run in runs/)",
@@ -386,8 +431,11 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         return runlib.Run(spec, connections={c.host: c for c in pool}).execute()
 
     def cleanup_interrupted(run_id):
-        with closing(ctx.every_host()) as grp:
-            runlib.kill_run(grp, bench=bench, run_id=run_id)
+        master = next(cxn for cxn in pool if cxn.host == ctx.info.master.host)
+        for entry in detached.in_flight(master, run_id=run_id):
+            runlib.end_in_flight(entry.state, info=ctx.info, registry=ctx.registry, settings=ctx.conf,
+                                 status="interrupted", error="its exp.sweep ended during the run; ended when the "
+                                 "sweep resumed", by="exp.sweep", connections={c.host: c for c in pool})
 
     def refuse(seconds):
         rows = clusterlib.status(ctx.cfg, settings=ctx.conf)

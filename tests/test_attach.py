@@ -109,7 +109,8 @@ def test_attach_refuses_a_run_its_exp_run_still_follows_and_killall_ends_one_run
         proc = exp.inv("exp.killall", "--run", run_id)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         code, _, stderr = run.end()
-        assert code == 1 and f"run {run_id} failed" in stderr
+        assert code == 1 and f"run {run_id} killed" in stderr, stderr
+        assert exp.record("gate")["status"] == "killed"
     finally:
         run.stop()
     assert exp.leftovers() == {} and ps_rows(exp) == [] and lock_state(exp) == "free"

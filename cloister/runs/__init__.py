@@ -3,7 +3,8 @@
 On each host every file of a run lives in ``cloister.layout.run_dir(benchmark, run_id)``
 (``~/cloister/runs/{benchmark}/{run_id}/``): ``{role}{i}_{run_id}.log``, ``pids`` (``PID ROLE INDEX
 PORT`` per process; each PID leads its own process group) ``{role}{i}.exit`` written when a process
-ends by itself, and on the master ``state.json`` while the run is in flight (``detached``). Locally, a
+ends by itself (``.started``/``.ended``: the host's times), and on the master ``state.json`` while the run
+is in flight (``detached``), ``follower`` (``claim``) and ``outcome.json`` (``conclusion``). Locally, a
 run is ``{runs_dir}/{benchmark}/{run_id}/`` with one folder per host and
 ``run.json`` (``RunRecord``).
 
@@ -17,8 +18,13 @@ run is ``{runs_dir}/{benchmark}/{run_id}/`` with one folder per host and
 - ``resources``: the /proc sampler beside each host's processes (``resources.raw``, a ``sampler`` line in
   ``pids``), and the run's ``resources.csv``, ``resources.png`` and run.json summary;
 - ``present``: exp.show and exp.compare;
+- ``by_hand``: one role started by hand (exp.manager, exp.workers, exp.master);
 - ``kill``: ending a run's or a benchmark's processes outside a ``Run``;
-- ``detached``: a run's state on the master (``state.json``), for exp.attach and exp.ps.
+- ``detached``: a run's state on the master (``state.json``), for exp.attach and exp.ps;
+- ``claim``: who follows a run (one session at a time, heartbeats, taking over a frozen one);
+- ``follow``: streaming the master's log;
+- ``conclusion``: how a run ended, read back from its downloaded folder;
+- ``finish``: ending a run from outside its session, completing a record (exp.killall, destroy, exp.logs);
 - ``experiments``: experiments.yaml (benchmarks, their commands, ports, readiness);
 - ``preparation``: the ``prepare`` block (how each process is prepared);
 - ``sweep``: many runs over a grid, resumable, ``results.csv``.
@@ -40,6 +46,8 @@ _HOME = {
     "Probe": "scripts", "build_command": "scripts", "log_name": "scripts", "parse_probe": "scripts",
     "start_script": "scripts",
     "RunSpec": "spec", "manager_here": "spec",
+    "start_by_hand": "by_hand",
+    "collect": "finish", "end_before_destroy": "finish", "end_in_flight": "finish", "runs_in_flight": "finish",
 }
 
 
@@ -51,6 +59,6 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["GitState", "Probe", "Proc", "Run", "RunHosts", "RunRecord", "RunSpec", "build_command", "clean_remote", "download_run",
-           "end_run", "kill_run", "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id",
-           "parse_probe", "read_metric", "start_script", "validate_run_id"]
+__all__ = ["GitState", "Probe", "Proc", "Run", "RunHosts", "RunRecord", "RunSpec", "build_command", "clean_remote",
+           "collect", "download_run", "end_before_destroy", "end_in_flight", "end_run", "kill_run", "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id",
+           "parse_probe", "read_metric", "runs_in_flight", "start_by_hand", "start_script", "validate_run_id"]

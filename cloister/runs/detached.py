@@ -1,9 +1,10 @@
 """A run that outlives its ``inv``: its state on the master, finding it again, and the runs in flight.
 
-Once its master has started, a run writes ``state.json`` into its folder on the master (``RunState``:
-what exp.attach needs to finish it as exp.run would have) and ``follower``, the PID of the SSH session
-following it. The run's conclusion removes ``state.json``, so the runs in flight are exactly the run
-folders on the master that hold one.
+Before its first process starts, a run writes ``state.json`` into its folder on the master (``RunState``:
+its parameters, hosts, processes and phase, kept current through every phase: what exp.attach, exp.killall
+--run and exp.ps need to find and finish it from anywhere); who follows it is ``claim``'s. The run's
+conclusion renames ``state.json`` to ``state.ended.json`` once its record is written, so the runs in
+flight are exactly the run folders on the master that hold a ``state.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fabric import Connection
 
 from ..transport import hosts, remote
 from ..errors import ExperimentError
+from . import claim
+from .conclusion import OUTCOME_FILE
 from .experiments import Registry
 from ..layout import RUNS_DIR, run_dir
 from ..cluster.servers import ClusterInfo
@@ -25,7 +28,8 @@ from .record import GitState, Proc, RunHosts, validate_run_id
 from .spec import RunSpec
 
 STATE_FILE = "state.json"
-FOLLOWER_FILE = "follower"  # the PID of the SSH session following the master (sshd's process)
+ENDED_FILE = "state.ended.json"  # the state of a run that has concluded
+PHASES = ("starting", "manager", "workers", "master", "concluding")  # the last that began
 SAVE_TIMEOUT = 30.0  # seconds to write the state on the master
 _STATE_MARK = "\x1eSTATE "  # precedes each state in _states_script's output: no JSON line starts with it
 
@@ -52,6 +56,11 @@ class RunState:
     git: GitState
     procs: list[Proc]
     prepared: dict[str, list[dict[str, str]]]
+    phase: str = "master"
+
+    @property
+    def master_started(self) -> bool:
+        return PHASES.index(self.phase) >= PHASES.index("master") and any(p.role == "master" for p in self.procs)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -67,17 +76,16 @@ class RunState:
             raise ValueError(f"not a run state ({err})") from None
 
 
-def save(cxn: Connection, *, state: RunState, follow: bool) -> None:
-    """Write ``state`` into the run's folder on the master ``cxn``, and as the run's follower this connection's
-    session (``follow``) or none. The state goes on stdin, not in the command: a run of many processes has a
-    state larger than a command line may be."""
+def save(cxn: Connection, *, state: RunState, then: str | None = None) -> None:
+    """Write ``state`` into the run's folder on the master ``cxn`` (atomically), then run ``then`` there (the
+    claim of a new run). The state goes on stdin, not in the command: a run of many processes has a state
+    larger than a command line may be."""
     rdir = run_dir(state.benchmark, state.run_id)
     err = bytearray()
+    script = f"mkdir -p {rdir} && cat > {rdir}/{STATE_FILE}.tmp && mv -f {rdir}/{STATE_FILE}.tmp {rdir}/{STATE_FILE}"
+    if then:
+        script += f" && {{\n{then}\n}} >/dev/null"
     try:
-        follower = remote.session_pid(cxn) if follow else "-"
-        # Detached, no follower: an exp.attach right after exp.run --detach must not wait for its session to end.
-        script = (f"cat > {rdir}/{STATE_FILE}.tmp && mv -f {rdir}/{STATE_FILE}.tmp {rdir}/{STATE_FILE} && "
-                  f"echo {follower} > {rdir}/{FOLLOWER_FILE}")
         code = remote.execute(cxn, script, stdout=_discard, stderr=err.extend, timeout=SAVE_TIMEOUT, guard=False,
                               data=state.to_json().encode() + b"\n")
         err_lines = err.decode(errors="replace").strip().splitlines()
@@ -90,32 +98,34 @@ def save(cxn: Connection, *, state: RunState, follow: bool) -> None:
 
 
 def conclude_script(benchmark: str, run_id: str) -> str:
-    """The run is no longer in flight (safe on hosts without its folder)."""
-    return f"rm -f {run_dir(benchmark, run_id)}/{STATE_FILE}"
+    """The run is no longer in flight: its state kept as ended (safe on hosts without its folder)."""
+    rdir = run_dir(benchmark, run_id)
+    return f"if [ -e {rdir}/{STATE_FILE} ]; then mv -f {rdir}/{STATE_FILE} {rdir}/{ENDED_FILE}; fi"
 
 
 def _states_script(run_id: str | None) -> str:
-    """Print every run in flight on this master (or only ``run_id``): a marker line with whether its
-    follower's session lives and the last line of its master's log, then its state."""
+    """Print every run in flight on this master (or only ``run_id``): a marker line with whether a session
+    follows it (``claim.status_lines``) and the last line of its master's log, then its state."""
     pattern = f'"$HOME"/{RUNS_DIR}/*/{shlex.quote(run_id) if run_id else "*"}/{STATE_FILE}'
     last = "tail -n 1 \"$d\"/master_\"$(basename \"$d\")\".log 2>/dev/null | tr -d '\\r\\036'"
     return "\n".join([
         f"for s in {pattern}; do [ -f \"$s\" ] || continue; d=$(dirname \"$s\")",
-        f'  f=$(cat "$d"/{FOLLOWER_FILE} 2>/dev/null); live=0',
-        # The follower's session is sshd's process (sshd-session on newer OpenSSH), as in the run lock.
-        f'  case "$(tr "\\0" " " < /proc/"${{f:-x}}"/cmdline 2>/dev/null)" in {remote.SESSION_PATTERN}) live=1;; esac',
-        f'  printf "{_STATE_MARK.replace(chr(0x1e), chr(92) + "036")}%s %s\\n" "$live" "$({last})"; cat "$s"',
+        "  " + claim.status_lines(),
+        f'  c=0; [ -e "$d"/{OUTCOME_FILE} ] && c=1',
+        f'  printf "{_STATE_MARK.replace(chr(0x1e), chr(92) + "036")}%s %s %s\\n" "$fl" "$c" "$({last})"; cat "$s"',
         "done; true",
     ])
 
 
 @dataclass(frozen=True)
 class InFlight:
-    """A run in flight as its master tells: its state, whether a session follows it, its master's last line."""
+    """A run in flight as its master tells: its state, whether a session follows it (yes, no, or frozen: its
+    session lives but has stopped beating), its master's last line."""
 
     state: RunState
-    followed: bool
+    followed: str
     last_line: str
+    concluding: bool = False  # a session began to end it (its verdict is on the master) and did not finish
 
 
 def in_flight(cxn: Connection, *, run_id: str | None = None) -> list[InFlight]:
@@ -124,25 +134,21 @@ def in_flight(cxn: Connection, *, run_id: str | None = None) -> list[InFlight]:
     found = []
     for chunk in out.split(_STATE_MARK)[1:]:
         head, _, body = chunk.partition("\n")
-        live, _, last = head.partition(" ")
+        live, concluding, last = (head.split(" ", 2) + ["", ""])[:3]
         try:
-            found.append(InFlight(RunState.from_json(body.strip()), live == "1", last.strip()))
+            found.append(InFlight(RunState.from_json(body.strip()), live, last.strip(), concluding == "1"))
         except ValueError:
             continue  # a state being replaced right now, or not one of ours: not a run to act on
     return sorted(found, key=lambda f: f.state.run_id)
 
 
-def pick(cxn: Connection, *, run_id: str | None, takeover: bool) -> RunState:
-    """The run ``run_id`` in flight (default: the latest); with ``takeover``, one no session follows."""
+def pick(cxn: Connection, *, run_id: str | None) -> RunState:
+    """The run ``run_id`` in flight (default: the latest)."""
     runs = in_flight(cxn, run_id=validate_run_id(run_id) if run_id else None)
     if not runs:
         raise ExperimentError(f"no run {run_id} in flight on the cluster (see inv exp.ps)" if run_id else
                               "no run in flight on the cluster (see inv exp.list for past runs)")
-    run = runs[-1]
-    if takeover and run.followed:
-        raise ExperimentError(f"run {run.state.run_id} of {run.state.benchmark} is followed by a live session "
-                              "(its exp.run or an exp.attach): attach once that has ended", run_id=run.state.run_id)
-    return run.state
+    return runs[-1].state
 
 
 def spec_of(state: RunState, *, info: ClusterInfo, registry: Registry, settings: Settings) -> RunSpec:
@@ -195,7 +201,7 @@ def ps(grp: hosts.CappedGroup, *, master: str) -> tuple[list[list[str]], dict[st
     counts, errors = role_counts(grp, run_ids=[r.state.run_id for r in runs])
     rows = [[r.state.benchmark, r.state.run_id, f"{r.state.k} x {r.state.p}", r.state.started[:19],
              " ".join(f"{role} {a}/{a + d}" for role, (a, d) in sorted(counts[r.state.run_id].items())),
-             "yes" if r.followed else "no", r.last_line] for r in runs]
+             r.followed, r.last_line if r.state.master_started else f"({r.state.phase})"] for r in runs]
     return rows, errors
 
 

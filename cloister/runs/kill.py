@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ..transport import hosts, remote
 from .experiments import Benchmark
-from .detached import conclude_script
-from .lock import release_script
+from .conclusion import killed_script
 from .scripts import kill_script, killall_script, parse_killed
 
 
@@ -15,10 +14,10 @@ def kill_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str) -> dict[s
     return hosts.failures(hosts.call(grp, lambda c: remote.reconnecting(lambda: c.run(script, warn=True, timeout=60))))
 
 
-def end_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str) -> dict[str, str]:
-    """Kill run ``run_id`` on the hosts of ``grp`` and leave it no longer in flight (its lock released, its
-    state removed; its logs stay for exp.logs); return per-host errors."""
-    script = "\n".join([kill_script(bench, run_id), release_script(run_id), conclude_script(bench.name, run_id)])
+def end_run(grp: hosts.CappedGroup, *, bench: Benchmark, run_id: str, by: str) -> dict[str, str]:
+    """Kill run ``run_id`` on the hosts of ``grp``, marked as killed by ``by``, for the session that follows
+    it to conclude it so; return per-host errors."""
+    script = "\n".join([killed_script(bench.name, run_id, by=by), kill_script(bench, run_id)])
     return hosts.failures(hosts.call(grp, lambda c: remote.reconnecting(lambda: c.run(script, warn=True, timeout=60))))
 
 

@@ -3,10 +3,10 @@
 Two runs of benchmarks on the same ports would fail late with the benchmark's own "Address already
 in use", so ``exp.run`` takes the lock before it starts anything. The file says ``BENCHMARK RUN_ID
 SESSION_PID``: the PID of the SSH session that took it (the run's connection to the master,
-``remote.session_pid``). A lock
-is held while that session lives or while any process group the run recorded on the master runs (a
-run whose exp.run was detached or died, until exp.attach finishes it, or one left running with --keep);
-otherwise it is stale and the next run replaces it.
+``remote.session_pid``). A lock is held while that session lives, while the run has not concluded (its
+``state.json`` on the master: a run whose exp.run was detached or died, until exp.attach or exp.killall
+--run ends it) or while any process group the run recorded on the master runs (one left running with
+--keep); otherwise it is stale and the next run replaces it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LOCK_FILE = f"{RUNS_DIR}/run.lock"
 
 
 def _held_check() -> list[str]:
-    """Shell defining ``held``: prints session|processes and succeeds while the lock's run lives."""
+    """Shell defining ``held``: prints session|state|processes and succeeds while the lock's run lives."""
     return [
         f'D="$HOME"/{RUNS_DIR}; L="$HOME"/{LOCK_FILE}',
         'mkdir -p "$D"',
@@ -35,6 +35,8 @@ def _held_check() -> list[str]:
         '  case "$3" in ""|*[!0-9]*) return 1;; esac',
         # The session's process is sshd's (sshd-session on newer OpenSSH); a reused PID is anything else.
         f'  case "$(tr "\\0" " " < /proc/$3/cmdline 2>/dev/null)" in {remote.SESSION_PATTERN}) echo session; return 0;; esac',
+        # A run that has not concluded (its state.json) holds it until exp.attach or exp.killall --run ends it.
+        '  [ -e "$D/$1/$2/state.json" ] && { echo state; return 0; }',
         '  for p in $(awk \'{print $1}\' "$D/$1/$2/pids" 2>/dev/null); do',
         '    kill -0 -- -"$p" 2>/dev/null && { echo processes; return 0; }',
         "  done",
@@ -45,7 +47,7 @@ def _held_check() -> list[str]:
 
 def acquire_script(*, benchmark: str, run_id: str, session: str = '"$PPID"') -> str:
     """Take the lock for this run unless a live run holds it; prints ``acquired``, or ``held BENCHMARK
-    RUN_ID session|processes`` (what keeps it held)."""
+    RUN_ID session|state|processes`` (what keeps it held)."""
     return "\n".join([
         *_held_check(),
         'if [ -f "$L" ] && why=$(held); then echo "held $(cat "$L" | cut -d" " -f1,2) $why"; exit 0; fi',
@@ -91,9 +93,9 @@ def acquire(cxn: Connection, *, benchmark: str, run_id: str) -> None:
         raise ExperimentError(f"[{cxn.host}] could not take the run lock ~/{LOCK_FILE}: "
                               + (tail[-1] if tail else f"exit {result.exited}"), benchmark=benchmark, run_id=run_id)
     _, other, other_run, why = words
-    holder = "its exp.run is connected" if why == "session" else \
-        "its processes are running: detached, or left by --keep"
+    holder = {"session": "its exp.run is connected", "state": "it has not concluded: detached, or its inv died",
+              "processes": "its processes are running: left by --keep"}.get(why, why)
     raise ExperimentError(f"run {other_run} of {other} is in flight on this cluster ({holder}; ~/{LOCK_FILE} on "
-                          f"{cxn.host}): wait for it to end (inv exp.attach --run {other_run} follows a detached "
-                          f"one), end it with inv exp.killall --benchmark {other}, or pass --concurrent if the two "
+                          f"{cxn.host}): wait for it to end (inv exp.attach --run {other_run} follows and finishes "
+                          f"it), end it with inv exp.killall --run {other_run}, or pass --concurrent if the two "
                           "runs use different ports", benchmark=benchmark, run_id=run_id)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shlex
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -12,30 +11,28 @@ from pathlib import Path
 from typing import TextIO
 
 from fabric import Connection
-from invoke.exceptions import CommandTimedOut
 
 from .. import __version__
 from ..transport import hosts, remote
-from ..errors import CloisterError, ExperimentError, HostsFailed, RunTimeout
+from ..errors import CloisterError, ExperimentError, HostsFailed, RunFollowed, RunTimeout
 from ..interrupts import shielded
 from ..layout import run_dir
 from ..cluster.servers import Node
-from . import draw
+from . import claim, draw
+from .conclusion import FINAL, FINAL_STATE, MASTER_KILLED, Outcome, adopt_pids, iso, judge, outcome_script
 from .detached import RunState, conclude_script, save
-from .kill import kill_run
 from .lock import acquire, release_script
 from .logs import download_run, read_metric
 from .prepare import parse_report
 from .readiness import Readiness
+from .follow import follow
 from .record import GitState, Proc, RunHosts, RunRecord, now
 from .resources import collect as collect_resources
 from .resources import sampler_launch
-from .scripts import Probe, kill_script, log_name, parse_pids, parse_probe, probe_script, start_script
+from .scripts import kill_script, log_name, parse_pids, probe_script, start_script
 from .spec import RunSpec, address
 
 log = logging.getLogger("cloister.runs")
-_OUTPUT_LOCK = threading.Lock()
-FINAL_STATE = "final-state"  # the processes' states when the master had ended, before the kill
 ATTACH_CONTEXT_LINES = 10  # of the master's log shown again when attaching, before what comes next
 
 
@@ -65,18 +62,24 @@ class Run:
         self.cxn = {c.host: c for c in self.group}
         self.timings: dict[str, float] = {}
         self.prepared: dict[str, list[dict[str, str]]] = {}  # host -> its preparation report
-        self.readiness = Readiness(bench=self.bench, run_id=self.run_id, group=self._group,
+        self.readiness = Readiness(bench=self.bench, run_id=self.run_id, group=self.group_of,
                                    addresses={n.host: address(n) for n in self.nodes})
         self.git = GitState.of(Path.cwd())
         self.started = now()
         self._t0 = time.monotonic()
+        self.phase = "starting"  # the last phase that began, as the master's state says
+        self.follower = claim.Follower(self.cxn[spec.master.host], benchmark=self.bench.name, run_id=self.run_id)
+        self._tracked = False  # the run's state is kept on the master (not a role started by hand)
+        self._watching = False  # an attach: Ctrl-C stops watching instead of ending the run
+        self._concluding_at = 0.0
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        self.follower.stop()
         if self._owns:
             self.group.close()
 
     # -- building ----------------------------------------------------------
-    def _group(self, host_names: Iterable[str]) -> hosts.CappedGroup:
+    def group_of(self, host_names: Iterable[str]) -> hosts.CappedGroup:
         """The run's open connections to ``host_names``."""
         return hosts.CappedGroup.of([self.cxn[h] for h in host_names], concurrency=self.group.concurrency)
 
@@ -85,7 +88,7 @@ class Run:
 
     def _proc(self, role: str, node: Node, *, index: int | None = None, port: int | None = None) -> Proc:
         command = self.spec.command(role, node, port=port, index=index)
-        proc = Proc(role=role, host=node.host, index=index, port=port, command=command)
+        proc = Proc(role=role, host=node.host, index=index, port=port, command=command, status="starting")
         self.procs.append(proc)
         return proc
 
@@ -105,11 +108,12 @@ class Run:
                 proc.pid = pids.get(proc.key)
                 proc.status = "running" if proc.pid else "not started"
 
-        hosts.check(hosts.call(self._group(by_host), start), what="start")
+        hosts.check(hosts.call(self.group_of(by_host), start), what="start")
 
     # -- phases ------------------------------------------------------------
     def start_manager(self) -> Proc:
         proc = self._proc("manager", self.spec.master, port=self.bench.manager_port)
+        self._track("manager")
         self._start({proc.host: [proc]})
         self.readiness.wait([proc])
         return proc
@@ -119,93 +123,29 @@ class Run:
         by_host = {node.host: [self._proc("worker", node, index=h * nprocs + j, port=self.bench.worker_port(j))
                                for j in range(nprocs)]
                    for h, node in enumerate(self.spec.workers)}
+        self._track("workers")
         self._start(by_host)
         procs = [p for group in by_host.values() for p in group]
         self.readiness.wait(procs)
         return procs
 
-    def run_master(self) -> Proc:
-        """Start the master detached, stream its log as ``[master]`` lines, wait for it or time out."""
-        return self.follow_master(self.start_master(), timeout=self.spec.master_timeout)
-
     def start_master(self) -> Proc:
         proc = self._proc("master", self.spec.master, port=self.bench.master_port)
+        self._track("master")
         self._start({proc.host: [proc]})
         return proc
 
     def follow_master(self, proc: Proc, *, timeout: float, lines: str = "+1") -> Proc:
         """Stream the master's log from line ``lines`` (tail's -n) until it ends; wait for it or time out."""
-        rdir = run_dir(self.bench.name, self.run_id)
-        logfile = f"{rdir}/{log_name('master', None, self.run_id)}"
-        exit_file = f"{rdir}/{proc.key}.exit"
-        # -F, not -f: the log may not exist yet when the PID is already known. An ended master's PID may have
-        # been reused by the time an attach comes: its exit file says it ended. The exit code comes back on
-        # stderr once tail ends with the master, so no second round trip asks for it.
-        command = (f"if [ -e {exit_file} ]; then tail -n {shlex.quote(lines)} {logfile} 2>/dev/null; "
-                   f"else tail -n {shlex.quote(lines)} -s 0.05 -F --pid={proc.pid} {logfile} 2>/dev/null; fi; "
-                   f"cat {exit_file} >&2 2>/dev/null; true")
-        writer = remote.LineWriter("master", self.out, _OUTPUT_LOCK) if self.out else None
-        exit_text = bytearray()
-        try:
-            # Guarded: a tail whose session is lost ends with it instead of outliving the run.
-            remote.execute(self.cxn[proc.host], f"bash -c {shlex.quote(command)}", timeout=timeout,
-                           stdout=writer.write if writer else _discard, stderr=exit_text.extend)
-        except CommandTimedOut:
-            proc.status = "timeout"
-            outcome = "left running (--keep)" if self.spec.keep else "killed"
-            limit = self.spec.master_timeout  # an attach waits only what is left of it
-            raise RunTimeout(f"[{proc.host}] master still running after the {limit:g}s timeout; {outcome}",
-                             benchmark=self.bench.name, run_id=self.run_id, timeout=limit)
-        except Exception as exc:
-            if not remote.connection_lost(exc):
-                raise
-            why = remote.lost_session(self.cxn[proc.host]) or hosts.describe_error(exc)
-            raise HostsFailed({proc.host: f"SSH session lost while the master ran ({why})"}, total=len(self.nodes),
-                              what="master")
-        finally:
-            if writer:
-                writer.flush()
-        code = exit_text.decode(errors="replace").strip()
-        proc.exit = int(code) if code.lstrip("-").isdigit() else None
-        proc.status = "ok" if proc.exit == 0 else "failed"
+        follow(self.cxn[proc.host], proc, bench=self.bench, run_id=self.run_id, out=self.out, timeout=timeout,
+               lines=lines, limit=self.spec.master_timeout, keep=self.spec.keep, total=len(self.nodes))
         return proc
 
-    def _final_states(self, probes: dict[str, Probe]) -> dict[str, str]:
-        """After the master: a worker or manager that died on its own is a failure."""
-        failed: dict[str, str] = {}
-        for host in sorted({p.host for p in self.procs if p.role != "master"}):
-            probe = probes.get(host)
-            if probe is None:
-                failed[host] = "no final state recorded (see the kill and log download error)"
-                continue
-            for proc in (p for p in self.procs if p.host == host and p.role != "master"):
-                if proc.pid in probe.alive:
-                    proc.status = "ok"
-                else:
-                    proc.exit = probe.exits.get(proc.key)
-                    proc.status = "died"
-                    failed.setdefault(host, f"{proc.key} died during the run"
-                                      + ("" if proc.exit is None else f" (exit {proc.exit})"))
-        return failed
-
-    def kill(self) -> dict[str, str]:
-        """Kill every process group this run started; per-host errors are returned, not raised."""
-        started = sorted({p.host for p in self.procs if p.pid})
-        if not started:
-            return {}
-        failed = kill_run(self._group(started), bench=self.bench, run_id=self.run_id)
-        self._mark_killed(set(failed))
-        return failed
-
-    def _mark_killed(self, failed_hosts: set[str]) -> None:
-        # run.json must not say "running" about a process this run has just killed.
+    def mark_killed(self, failed_hosts: set[str]) -> None:
+        """run.json must not say "running" about a process this run has just killed (but on ``failed_hosts``)."""
         for proc in self.procs:
             if proc.status == "running" and proc.pid and proc.host not in failed_hosts:
                 proc.status = "killed"
-
-    def download(self) -> dict[str, str]:
-        """Copy every file of this run from each host into runs/{benchmark}/{run_id}/{host}/."""
-        return download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir)[0]
 
     # -- the whole run -----------------------------------------------------
     def execute(self, *, detach: bool = False) -> RunRecord | None:
@@ -214,17 +154,50 @@ class Run:
         if not self.spec.concurrent:
             self._lock()
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.record("running", None, {}).write(self.local_dir)
+        self._tracked = True
         return self._guarded(lambda: self._phases(detach=detach))
 
-    def attach(self, state: RunState) -> RunRecord:
-        """Take over the run in flight ``state`` from its master's log onwards and finish it as execute would."""
+    def attach(self, state: RunState, *, force: bool = False) -> RunRecord | None:
+        """Take over the run in flight ``state`` and finish it as execute would: follow its master from its
+        log onwards, or end a run whose exp.run died during start-up. Ctrl-C stops following and leaves
+        the run in flight (KeyboardInterrupt is raised again). Refused (RunFollowed) while another
+        session follows it; with ``force``, a session that no longer answers is ended and replaced."""
+        self._adopt(state)
+        self._claim("force" if force else "attach")
+        if not state.master_started:
+            return self._end_now("interrupted", f"its exp.run ended during start-up (while starting the {state.phase}); "
+                                 "ended by exp.attach")
+        self._watching = True
+        return self._guarded(self._resume)
+
+    def end(self, state: RunState, *, status: str, error: str) -> RunRecord:
+        """End the run in flight ``state`` that no live session follows (RunFollowed otherwise): kill, collect,
+        record as ``status`` (unless its master had ended by itself, or an earlier session's verdict is on
+        the master)."""
+        self._adopt(state)
+        self._claim("force")
+        return self._end_now(status, error)
+
+    def complete(self, state: RunState) -> RunRecord:
+        """Write run.json from what exp.logs downloaded of a run that has concluded (``state`` is its last)."""
+        self._adopt(state)
+        self._concluding_at = time.time()
+        adopt_pids(self.procs, self.local_dir)
+        if not self.spec.keep:
+            self.mark_killed(set())
+        return self._judge(Outcome(status="incomplete", error="its record was completed by exp.logs"), {})
+
+    def _adopt(self, state: RunState) -> None:
         self.procs, self.prepared, self.git, self.started = list(state.procs), dict(state.prepared), state.git, \
             state.started
-        self.timings = dict(state.timings)
+        self.timings, self.phase = dict(state.timings), state.phase
         self._t0 = time.monotonic() - (time.time() - state.t0)
+        self._tracked = True
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        return self._guarded(self._resume)
+
+    def _end_now(self, status: str, error: str) -> RunRecord:
+        with shielded():
+            return self._conclude(status, error, {}, completed=None)
 
     def _guarded(self, phases: Callable[[], dict[str, str] | None]) -> RunRecord | None:
         """Run ``phases`` (the master's failure, or None when detached), then conclude the run unless detached."""
@@ -236,6 +209,9 @@ class Run:
             failures.update(outcome or {})
             completed = not detached
         except KeyboardInterrupt:
+            if self._watching:  # an attach stops watching; the run goes on
+                detached = True
+                self.follower.leave()
             status, error = "interrupted", "interrupted (Ctrl-C)"
             raise
         except CloisterError as err:
@@ -244,7 +220,7 @@ class Run:
                 failures.update(err.failures)
         finally:
             if detached:
-                self._close()
+                self.close()
             else:
                 with shielded():  # the kill and the log download must finish, Ctrl-C or not
                     record = self._conclude(status, error, failures, completed=completed)
@@ -256,7 +232,7 @@ class Run:
         try:
             acquire(master, benchmark=self.bench.name, run_id=self.run_id)
         except Exception as exc:
-            self._close()
+            self.close()
             if isinstance(exc, CloisterError):
                 raise
             raise ExperimentError(f"[{master.host}] {hosts.describe_error(exc)}", benchmark=self.bench.name,
@@ -266,6 +242,10 @@ class Run:
         """Connect, manager, workers, master; the master's failure, if it failed (None: left detached)."""
         spec = self.spec
         log.info("run %s: %s on %d workers x %d processes", self.run_id, self.bench.name, spec.k, spec.nprocs)
+        # The run exists on the master, followed by this session, before any process starts anywhere.
+        self._save_state(then=self.follower.take_script())
+        self.follower.beat()
+        self.record("running", None, {}).write(self.local_dir)
         # Every handshake at once, up front: the phases below then only run commands.
         hosts.check(hosts.call(self.group, lambda c: c.open()), what="connect")
         if spec.manager:
@@ -278,12 +258,14 @@ class Run:
         log.info("%d worker processes ready on %d hosts (%.2fs)", len(workers), spec.k, self.timings["workers_ready_s"])
         self.timings["master_started_s"] = time.monotonic() - self._t0
         self.start_master()
-        self._save_state(follow=not detach)
-        return None if detach else self._master_outcome(lines="+1")
+        self._save_state()
+        if detach:
+            self.follower.leave()
+            return None
+        return self._master_outcome(lines="+1")
 
     def _resume(self) -> dict[str, str]:
-        """The phases left to an attach (the state is written once the master started): follow it to its end."""
-        self._save_state(follow=True)  # this session follows the run now
+        """The phases left to an attach once the master has started: follow it to its end."""
         return self._master_outcome(lines=str(ATTACH_CONTEXT_LINES))
 
     def _master_outcome(self, *, lines: str) -> dict[str, str]:
@@ -296,10 +278,17 @@ class Run:
         self.timings["master_s"] = time.monotonic() - master_start
         if master.exit == 0:
             return {}
-        return {self.spec.master.host: "master ended without an exit code (killed?)" if master.exit is None
+        return {self.spec.master.host: f"{MASTER_KILLED} (killed?)" if master.exit is None
                 else f"master exited with {master.exit}"}
 
-    def _save_state(self, *, follow: bool) -> None:
+    # -- the run's state and its follower on the master ------------------------
+    def _track(self, phase: str) -> None:
+        """Entering ``phase``: the master's state says so, with the processes about to start, before they do."""
+        self.phase = phase
+        if self._tracked:
+            self._save_state()
+
+    def _save_state(self, *, then: str | None = None) -> None:
         """Record the run in its folder on the master, so that exp.attach can finish it from anywhere."""
         spec = self.spec
         state = RunState(benchmark=self.bench.name, run_id=self.run_id, k=spec.k, p=spec.nprocs, args=list(spec.args),
@@ -308,32 +297,81 @@ class Run:
                          hosts=RunHosts(master=spec.master.host, workers=[w.host for w in spec.workers]),
                          started=self.started, t0=time.time() - (time.monotonic() - self._t0),
                          timings=dict(self.timings), git=self.git, procs=[replace(p) for p in self.procs],
-                         prepared=dict(self.prepared))
-        save(self.cxn[spec.master.host], state=state, follow=follow)
+                         prepared=dict(self.prepared), phase=self.phase)
+        save(self.cxn[spec.master.host], state=state, then=then)
 
-    def _conclude(self, status: str, error: str | None, failures: dict[str, str], *, completed: bool) -> RunRecord:
-        """Kill, collect the logs, judge the processes that outlived the master, write run.json."""
+    def _claim(self, mode: str) -> None:
+        """Become the run's follower (``attach`` or ``force``), or raise RunFollowed naming who follows it."""
+        try:
+            taken = self.follower.take(mode)
+        except Exception as exc:
+            self.close()
+            if isinstance(exc, CloisterError):
+                raise
+            raise ExperimentError(f"[{self.spec.master.host}] {hosts.describe_error(exc)}", run_id=self.run_id) from exc
+        if taken.outcome != "taken":
+            self.close()
+            why = claim.describe(taken, run_id=self.run_id, benchmark=self.bench.name)
+            if taken.outcome == "gone":
+                raise ExperimentError(why, benchmark=self.bench.name, run_id=self.run_id)
+            raise RunFollowed(why, benchmark=self.bench.name, run_id=self.run_id, frozen=taken.outcome == "frozen")
+
+    # -- the end -------------------------------------------------------------
+    def _conclude(self, status: str, error: str | None, failures: dict[str, str], *,
+                  completed: bool | None) -> RunRecord:
+        """Kill, collect the logs, judge the processes that outlived the master, write run.json, and only
+        then take the run off the runs in flight."""
+        if self._tracked and not self.follower.still_follows():
+            return self._taken_over(failures)
         if status == "interrupted":
             log.warning("interrupted: killing the run's processes and collecting its logs")
+        self._concluding_at = time.time()
         lost = self._lost_sessions(failures)
-        probes = self._finish(failures, final_state=completed, lost=lost)
+        self._finish(failures, lost=lost, outcome=Outcome(status=status, error=error, failures=dict(failures),
+                                                          completed=completed))
+        self._name_gone(failures)
+        record = self._judge(Outcome(status=status, error=error, failures=failures, completed=completed), failures)
+        if self._tracked:
+            with contextlib.suppress(Exception):  # unreachable: exp.ps keeps listing it for exp.attach to end
+                self.cxn[self.spec.master.host].run(
+                    self.follower.owner_only(conclude_script(self.bench.name, self.run_id)), warn=True, timeout=30)
+        self.close()
+        return record
+
+    def _name_gone(self, failures: dict[str, str]) -> None:
+        """A host that failed because its node is gone (a reclaimed spot worker) says so, with the reason."""
         if failures and self._gone is not None:
             for host, why in self._gone().items():
                 if host in self.cxn:
                     _add(failures, host=host, text=f"node gone: {why}")
-        if completed:
-            for host, text in self._final_states(probes).items():
-                _add(failures, host=host, text=text)
-            status = "ok" if not failures else "failed"
-        if failures and error is None:
-            error = "\n".join(f"[{host}] {text}" for host, text in failures.items())
-        self.timings["total_s"] = time.monotonic() - self._t0
-        record = self.record(status, error, failures)
+
+    def _taken_over(self, failures: dict[str, str]) -> RunRecord:
+        error = ("taken over by another session (exp.attach --force), which ends the run and records it; "
+                 "inv exp.logs completes this record")
+        record = self.record("incomplete", error, failures)
+        try:
+            written = RunRecord.read(self.local_dir).status in FINAL  # by the other session, on this machine
+        except (OSError, ValueError):
+            written = False
+        if not written:
+            record.write(self.local_dir)
+        self.close()
+        return record
+
+    def _judge(self, given: Outcome, failures: dict[str, str]) -> RunRecord:
+        """run.json from the run's downloaded folder (``conclusion.judge``), with the master's own times."""
+        verdict = judge(self.procs, local_dir=self.local_dir, hosts=[n.host for n in self.nodes],
+                        master=self.spec.master.host, given=given, failures=failures)
+        if verdict.master_s is not None:
+            self.timings["master_s"] = verdict.master_s
+        end = verdict.ended if verdict.ended is not None else self._concluding_at
+        self.timings["total_s"] = max(end - (time.time() - (time.monotonic() - self._t0)), 0.0)
+        self.timings["collect_s"] = time.time() - self._concluding_at
+        record = self.record(verdict.status, verdict.error, failures, ended=iso(end))
         record = replace(record, resources=collect_resources(self.local_dir, record=record))
         record.write(self.local_dir)
         if record.resources:
             draw.in_background(self.local_dir)  # resources.png: nobody waits for it
-        self._close()
         return record
 
     def _lost_sessions(self, failures: dict[str, str]) -> set[str]:
@@ -344,18 +382,17 @@ class Run:
             failures.setdefault(host, f"SSH session lost during the run ({why})")
         return set(lost)
 
-    def _finish(self, failures: dict[str, str], *, final_state: bool, lost: set[str]) -> dict[str, Probe]:
-        """One command per host: record the final process states, kill (unless keep), release the run
-        lock, send the logs back. Each step is safe to repeat: a lost session is reconnected and asked again."""
+    def _finish(self, failures: dict[str, str], *, lost: set[str], outcome: Outcome) -> None:
+        """One command per host: record the final process states, this session's verdict (unless an earlier
+        one's is there), kill (unless keep), release the run lock, send the logs back. Each step is safe to
+        repeat: a lost session is reconnected and asked again."""
         self.group.stop.clear()  # the clean-up must reach every host, even after a Ctrl-C
         rdir = run_dir(self.bench.name, self.run_id)
-        steps = []
-        if final_state:
-            steps.append(f"[ -e {rdir}/{FINAL_STATE} ] || {{ ( {probe_script(self.bench, self.run_id, with_logs=False)}"
-                         f"\n) > {rdir}/{FINAL_STATE}.tmp && mv {rdir}/{FINAL_STATE}.tmp {rdir}/{FINAL_STATE}; }}")
+        steps = [f"[ -e {rdir}/{FINAL_STATE} ] || {{ ( {probe_script(self.bench, self.run_id, with_logs=False)}"
+                 f"\n) > {rdir}/{FINAL_STATE}.tmp && mv {rdir}/{FINAL_STATE}.tmp {rdir}/{FINAL_STATE}; }}",
+                 outcome_script(self.bench.name, self.run_id, outcome)]
         if not self.spec.keep:
             steps += [kill_script(self.bench, self.run_id), release_script(self.run_id)]
-        steps.append(conclude_script(self.bench.name, self.run_id))
         fetched, _ = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
                                   before="\n".join(steps))
         what = "log download" if self.spec.keep else "kill and log download"
@@ -364,17 +401,12 @@ class Run:
         for host in sorted(lost - set(fetched)):
             _add(failures, host=host, text="reconnected: " + ("logs collected" if self.spec.keep else
                                                               "its processes killed and its logs collected"))
+        adopt_pids(self.procs, self.local_dir)
         if not self.spec.keep:
-            self._mark_killed(set(fetched))
-        probes = {}
-        for node in self.nodes:
-            path = self.local_dir / node.host / FINAL_STATE
-            if final_state and node.host not in fetched and path.exists():
-                probes[node.host] = parse_probe(path.read_text())
-        return probes
+            self.mark_killed(set(fetched))
 
     # -- run.json ------------------------------------------------------------
-    def record(self, status: str, error: str | None, failures: dict[str, str]) -> RunRecord:
+    def record(self, status: str, error: str | None, failures: dict[str, str], *, ended: str | None = None) -> RunRecord:
         spec = self.spec
         metric = None
         if self.bench.metric and any(p.role == "master" for p in self.procs):
@@ -385,48 +417,13 @@ class Run:
             args=list(spec.args), manager=spec.manager, keep=spec.keep, timeout_s=spec.master_timeout,
             hosts=RunHosts(master=spec.master.host, workers=[w.host for w in spec.workers]),
             cluster=spec.info.cluster_name, provider=spec.info.provider, config=spec.config_name, git=self.git,
-            cloister_version=__version__, started=self.started, ended=now() if status != "running" else None,
+            cloister_version=__version__, started=self.started,
+            ended=ended or (now() if status != "running" else None),
             timings={k: round(v, 4) for k, v in self.timings.items()}, exit_codes={p.key: p.exit for p in self.procs},
             roles=[replace(p) for p in self.procs], failures=dict(failures), metric=metric,
             preparation={"declared": self.bench.prepare.declared(), "hosts": dict(self.prepared)})
-
-    def start_by_hand(self, role: str) -> list[Proc]:
-        """Start one role ("manager", "workers" or "master") and leave it running (exp.manager/workers/master).
-
-        Whatever happens, the logs so far are fetched and this call's processes are added to run.json, so
-        the run is listed and is the latest one for exp.logs and exp.clean.
-        """
-        start = {"manager": lambda: [self.start_manager()], "workers": self.start_workers,
-                 "master": lambda: [self.run_master()]}[role]
-        try:
-            return start()
-        except BaseException:
-            self.kill()
-            raise
-        finally:
-            self.download()
-            self._close()
-            self._record_by_hand()
-
-    def _record_by_hand(self) -> None:
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        record = self.record("started by hand", None, {})
-        try:
-            earlier = RunRecord.read(self.local_dir)
-        except (OSError, ValueError):
-            earlier = None
-        if earlier:
-            hosts = {**earlier.preparation.get("hosts", {}), **self.prepared}
-            record = replace(record, roles=earlier.roles + record.roles, started=earlier.started,
-                             exit_codes={**earlier.exit_codes, **record.exit_codes},
-                             preparation={**record.preparation, "hosts": hosts})
-        record.write(self.local_dir)
 
 
 def _add(failures: dict[str, str], *, host: str, text: str) -> None:
     """One more failure of ``host``: a host's failures are one line."""
     failures[host] = f"{failures[host]}; {text}" if host in failures else text
-
-
-def _discard(chunk: bytes) -> None:
-    """A sink for output nobody reads (a run without ``out``)."""

@@ -85,7 +85,7 @@ class RunRecord:
 
     benchmark: str
     run_id: str
-    status: str  # running, ok, failed, timeout, interrupted, or "started by hand"
+    status: str  # running, ok, failed, timeout, interrupted, killed, incomplete, or "started by hand"
     error: str | None
     k: int
     p: int
@@ -146,3 +146,15 @@ class RunRecord:
     def read(cls, directory: Path) -> RunRecord:
         """Raises OSError or ValueError."""
         return cls.from_json((directory / RECORD_FILE).read_text())
+
+
+def merge_by_hand(record: RunRecord, directory: Path) -> RunRecord:
+    """``record`` of roles started by hand added to the run.json already in ``directory``, if any."""
+    try:
+        earlier = RunRecord.read(directory)
+    except (OSError, ValueError):
+        return record
+    hosts = {**earlier.preparation.get("hosts", {}), **record.preparation.get("hosts", {})}
+    return dataclasses.replace(record, roles=earlier.roles + record.roles, started=earlier.started,
+                               exit_codes={**earlier.exit_codes, **record.exit_codes},
+                               preparation={**record.preparation, "hosts": hosts})

@@ -65,8 +65,9 @@ def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: Node
     """One shell command that prepares one host and starts ``procs`` detached on it, recording their PIDs.
 
     Prints the preparation report (``parse_report``), then ``PID ROLE INDEX PORT`` per process
-    (``parse_pids``); each PID leads its own process group, and ``{role}{i}.exit`` is written when a
-    process ends by itself.
+    (``parse_pids``); each PID leads its own process group, ``{role}{i}.started`` holds the host's time
+    (epoch seconds) when the process starts, ``{role}{i}.exit`` and ``{role}{i}.ended`` its exit code and
+    time when it ends by itself.
     """
     prelude = process_lines(bench.prepare) + _source_vars(bench) + _exports(bench)
     lines = [
@@ -80,7 +81,11 @@ def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: Node
         f"export CLOISTER_RUN_ID={shlex.quote(run_id)} CLOISTER_RUN_DIR=\"$R\"",
     ]
     for proc in procs:
-        body = "; ".join([*prelude, proc.command, f'echo $? > "$CLOISTER_RUN_DIR"/{proc.key}.exit'])
+        # The host's own clock says when the process started and ended: a run finished later by someone
+        # else (exp.attach) times it from these, not from when it was finished.
+        at = f'"$CLOISTER_RUN_DIR"/{proc.key}'
+        body = "; ".join([*prelude, f"date +%s.%N > {at}.started", proc.command,
+                          f"echo $? > {at}.exit", f"date +%s.%N > {at}.ended"])
         logfile = log_name(proc.role, proc.index, run_id)
         # A subshell with redirected stdio: the session closes at once and the process survives it;
         # setsid makes the PID lead a process group that kill -- -PID ends. "$@" is the preparation's

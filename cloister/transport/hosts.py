@@ -43,6 +43,9 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 BOOT_LOOK_EVERY = 10.0
 
 STOP_GRACE = 1.0  # seconds the workers get to wind down after Ctrl-C before the exit goes on without them
+# Seconds between SSH keepalives on every connection: a link that died under an idle session (a run's
+# master followed for hours) is found by the next one that goes unanswered, not left open forever.
+KEEPALIVE = 15
 
 
 def raise_nofile_limit() -> int:
@@ -84,6 +87,17 @@ def _known_hostnames(path: Path) -> set[str]:
     return names
 
 
+class _Connection(Connection):
+    """A Fabric Connection whose SSH transport sends keepalives."""
+
+    def open(self) -> Any:
+        result = super().open()
+        transport = self.client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(KEEPALIVE)
+        return result
+
+
 def connection(info: ClusterInfo, node: Node | str, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                forward_agent: bool = False, sharing: shared.Sharing | None = None) -> Connection:
     """A Connection to one node (or host address) of ``info``, with the cluster's key and host keys.
@@ -95,7 +109,7 @@ def connection(info: ClusterInfo, node: Node | str, *, connect_timeout: float = 
     host = node.host if isinstance(node, Node) else node
     config = Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True, "in_stream": False}})
     warm = sharing is not None and not forward_agent
-    cxn = (SharedConnection if warm else Connection)(
+    cxn = (SharedConnection if warm else _Connection)(
         host, user=info.user, port=22, config=config, connect_timeout=connect_timeout,
         forward_agent=forward_agent,
         connect_kwargs={"key_filename": [os.path.expanduser(info.ssh_key)], "look_for_keys": False,
