@@ -26,13 +26,13 @@ from cloister.settings import Settings
 
 from ._common import load, number, settings, task
 from ._output import table
+from ._runs import conclusion, runs_table, summary, sweep_with_progress
 
 BENCH_HELP = "benchmark name from experiments.yaml"
 CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
 K_HELP = "number of worker hosts: the first K of servers.txt (default: every worker)"
 P_HELP = "worker processes per host"
 ARGS_HELP = "extra arguments for the master, e.g. --args='-n 5' (shell operators are refused)"
-HOSTS_FAILED_LINE = re.compile(r"\d+/\d+ hosts failed$")  # HostsFailed's count, said again by the summary
 RESOURCES_HELP = ("seconds between CPU/memory/network/disk samples on each host, or off "
                   "(default: the benchmark's resources, 1)")
 RUN_HELP = "run id (looked up in runs/*/) or a run folder"
@@ -106,28 +106,6 @@ def _remote_dir(benchmark: str, run_id: str) -> str:
     return layout.home_path(f"{layout.RUNS_DIR}/{benchmark}/{run_id}") + "/"
 
 
-def _summary(record: runlib.RunRecord) -> None:
-    groups: dict[tuple[str, str], list[runlib.Proc]] = {}
-    for proc in record.roles:
-        groups.setdefault((proc.role, proc.host), []).append(proc)
-    rows = [[role, host, len(procs), ",".join(sorted({p.status for p in procs})),
-             ",".join(sorted({str(p.exit) for p in procs if p.exit is not None})) or "-"]
-            for (role, host), procs in groups.items()]
-    table(f"{record.benchmark} run {record.run_id}: {record.status}",
-          ("role", "host", "processes", "status", "exit codes"), rows)
-
-
-def _failure(record: runlib.RunRecord) -> str:
-    lines = [f"[{host}] {err}" for host, err in record.failures.items()]
-    # The error's own lines where the failures do not already say them (a timeout, a start-up crash).
-    lines += [line for line in (record.error or "").splitlines()
-              if not any(shown.startswith(line) for shown in lines) and not HOSTS_FAILED_LINE.search(line)]
-    # A start-up crash or a timeout is in the error line, not in failures: no "0/N hosts failed".
-    failed = f": {len(record.failures)}/{1 + record.k} hosts failed" if record.failures else ""
-    lines.append(f"run {record.run_id} {record.status}{failed}")
-    return "\n".join(lines)
-
-
 @task(help={"benchmark": BENCH_HELP, "k": K_HELP, "p": P_HELP, "config": CONFIG_HELP,
             "timeout": "seconds the master may run (default: the benchmark's timeout)",
             "manager": "start the manager on the master first (default: yes; --no-manager to skip)",
@@ -148,16 +126,7 @@ def run(c, benchmark=None, k=None, p=1, config=None, timeout=None, manager=True,
         print(f"{spec.bench.name} run {spec.run_id} in flight; follow and finish it with: "
               f"inv exp.attach --run {spec.run_id}")
         return
-    _conclusion(record, spec)
-
-
-def _conclusion(record: runlib.RunRecord, spec: runlib.RunSpec) -> None:
-    _summary(record)
-    print(f"logs: {spec.local_dir}/ (run.json, one folder per host)")
-    if record.metric is not None:
-        print(f"{spec.bench.metric_name}: {record.metric}")
-    if not record.ok:
-        raise Exit(_failure(record), code=1)
+    conclusion(record, spec)
 
 
 def _start_role(c, role, *, config, benchmark, k, p, args, run_id):
@@ -217,7 +186,7 @@ def attach(c, run=None, config=None, force=False):
         record = following.attach(state, force=force)
     except KeyboardInterrupt:
         _stopped_following(following, state)
-    _conclusion(record, spec)
+    conclusion(record, spec)
 
 
 def _stopped_following(following: runlib.Run, state: detached.RunState) -> None:
@@ -230,7 +199,7 @@ def _stopped_following(following: runlib.Run, state: detached.RunState) -> None:
         time.sleep(DETACH_GRACE)
     except KeyboardInterrupt:
         record = following.end(state, status="interrupted", error="interrupted (Ctrl-C twice in exp.attach)")
-        _summary(record)
+        summary(record)
         raise Exit(f"run {run_id} ended: {record.status}; logs: {following.local_dir}/", code=130)
     raise Exit(f"detached from run {run_id}", code=130)
 
@@ -343,21 +312,6 @@ def clean(c, benchmark=None, run=None, all=False, config=None):
         raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
 
 
-def _runs_table(runs_dir: str, past: list[runlib.RunRecord]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Table(title=f"past runs ({runs_dir}/)")
-    for column in ("benchmark", "run id", "k", "p", "status", "duration", "metric"):
-        # A run id is copied into --run: never cut it.
-        out.add_column(column, no_wrap=column == "run id", min_width=20 if column == "run id" else None,
-                       overflow="fold")
-    for r in past:
-        out.add_row(r.benchmark, r.run_id, str(r.k), str(r.p), r.status,
-                    "-" if r.total_s is None else f"{r.total_s:.1f}s", "-" if r.metric is None else str(r.metric))
-    Console().print(out)
-
-
 @task(help={"benchmark": "show only this benchmark's runs"})
 def list_(c, benchmark=None):
     """List the benchmarks in experiments.yaml and the past runs in runs/."""
@@ -366,7 +320,7 @@ def list_(c, benchmark=None):
     table(f"benchmarks ({registry.source})", ("name", "directory", "binary", "ports (manager/master/workers)", "timeout"),
           [[b.name, b.dir, b.binary, f"{b.manager_port}/{b.master_port}/{b.worker_base}+", f"{b.timeout:g}s"]
            for b in registry.benchmarks.values()])
-    _runs_table(conf.runs_dir, runlib.local_runs(conf.runs_dir, benchmark=benchmark))
+    runs_table(conf.runs_dir, runlib.local_runs(conf.runs_dir, benchmark=benchmark))
 
 
 @task(help={"benchmark": BENCH_HELP + " (default: every benchmark)", "config": CONFIG_HELP})
@@ -442,7 +396,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         return budget.would_cross(ctx.cfg, rows, seconds=seconds)
 
     with closing(pool):
-        rows = _sweep_with_progress(sweep_name, state=state, all_combos=all_combos, run_one=run_one,
+        rows = sweep_with_progress(sweep_name, state=state, all_combos=all_combos, run_one=run_one,
                                     cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
                                     refuse=refuse if ctx.cfg.budget else None)
     image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
@@ -451,27 +405,6 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
     if failed:
         raise Exit(f"{len(failed)}/{len(rows)} runs failed: "
                    + ", ".join(f"k={r['k']} p={r['p']} {r['status']} ({r['run_id']})" for r in failed[:5]), code=1)
-
-
-def _sweep_with_progress(sweep_name, *, state, all_combos, **options) -> list[dict[str, str]]:
-    """``sweeplib.run_sweep`` under a progress bar with an ETA; Ctrl-C says how to resume."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
-        bar = progress.add_task(f"sweep {sweep_name}", total=len(all_combos))
-
-        def on_progress(done, total, combo):
-            progress.update(bar, completed=done,
-                            description=f"sweep {sweep_name}: " + (combo.key if combo else "done"))
-
-        try:
-            return sweeplib.run_sweep(state=state, all_combos=all_combos, on_progress=on_progress, **options)
-        except KeyboardInterrupt:
-            raise Exit(f"interrupted: {len(state.rows)}/{len(all_combos)} runs of sweep {sweep_name} recorded; "
-                       f"the same command resumes it", code=130)
 
 
 @task(help={"run": RUN_HELP})

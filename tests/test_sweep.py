@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import time
@@ -197,3 +198,11 @@ def test_sweep_resumes_after_the_process_is_killed(local_cluster, tmp_path):
     left = local_cluster.inv("cluster.run", "pgrep -f 'dsum -i' || true")
     assert left.returncode == 0, left.stderr
     assert "dsum -i" not in left.stdout
+    # Every run says how it ended: the one the kill interrupted too, and none is left in flight.
+    recorded = {row["run_id"] for row in rows}
+    records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "dsum").glob("*/run.json")}
+    interrupted = {run_id: r for run_id, r in records.items() if run_id not in recorded}
+    assert {r["status"] for r in interrupted.values()} <= {"interrupted", "ok"}, interrupted
+    assert all(r["status"] == "ok" for run_id, r in records.items() if run_id in recorded)
+    ps = subprocess.run([INV, "exp.ps"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert ps.returncode == 0 and not re.search(r"\d{8}-\d{6}-[0-9a-f]{4}", ps.stdout), ps.stdout

@@ -123,6 +123,9 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY):
+            transport = self.cxn.client.get_transport()
+            if transport is None or not transport.is_active():
+                continue  # a lost session is the run's to find and reconnect, not the heartbeat's
             try:
                 if _ask(self.cxn, self.script)[0] == "lost":
                     self.lost.set()

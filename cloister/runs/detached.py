@@ -29,7 +29,7 @@ from .spec import RunSpec
 
 STATE_FILE = "state.json"
 ENDED_FILE = "state.ended.json"  # the state of a run that has concluded
-PHASES = ("starting", "manager", "workers", "master", "concluding")  # the last that began
+PHASES = ("starting", "manager", "workers", "master")  # the phase that began last
 SAVE_TIMEOUT = 30.0  # seconds to write the state on the master
 _STATE_MARK = "\x1eSTATE "  # precedes each state in _states_script's output: no JSON line starts with it
 
@@ -189,7 +189,8 @@ def role_counts(grp: hosts.CappedGroup, *, run_ids: list[str]) -> tuple[RoleCoun
     return counts, hosts.failures(result)
 
 
-PS_COLUMNS = ("benchmark", "run id", "k x p", "started", "alive/all per role", "followed", "master's last line")
+PS_COLUMNS = ("benchmark", "run id", "k x p", "started", "alive/all per role", "followed",
+              "master's last line (or the phase it is starting)")
 
 
 def ps(grp: hosts.CappedGroup, *, master: str) -> tuple[list[list[str]], dict[str, str]]:

@@ -85,8 +85,8 @@ def _complete(local_dir: Path, *, info: ClusterInfo, registry: Registry, setting
             return None
     except (OSError, ValueError):
         pass
-    for path in (local_dir / h / name for h in sorted(p.name for p in local_dir.iterdir() if p.is_dir())
-                 for name in (ENDED_FILE, STATE_FILE)):
+    folders = sorted(p for p in local_dir.iterdir() if p.is_dir()) if local_dir.is_dir() else []
+    for path in (folder / name for folder in folders for name in (ENDED_FILE, STATE_FILE)):
         try:
             state = RunState.from_json(path.read_text())
         except (OSError, ValueError):

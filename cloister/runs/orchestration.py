@@ -20,7 +20,7 @@ from ..layout import run_dir
 from ..cluster.servers import Node
 from . import claim, draw
 from .conclusion import FINAL, FINAL_STATE, MASTER_KILLED, Outcome, adopt_pids, iso, judge, outcome_script
-from .detached import RunState, conclude_script, save
+from .detached import ENDED_FILE, STATE_FILE, RunState, conclude_script, save
 from .lock import acquire, release_script
 from .logs import download_run, read_metric
 from .prepare import parse_report
@@ -321,12 +321,12 @@ class Run:
                   completed: bool | None) -> RunRecord:
         """Kill, collect the logs, judge the processes that outlived the master, write run.json, and only
         then take the run off the runs in flight."""
+        lost = self._lost_sessions(failures)  # before anything reconnects
         if self._tracked and not self.follower.still_follows():
             return self._taken_over(failures)
         if status == "interrupted":
             log.warning("interrupted: killing the run's processes and collecting its logs")
         self._concluding_at = time.time()
-        lost = self._lost_sessions(failures)
         self._finish(failures, lost=lost, outcome=Outcome(status=status, error=error, failures=dict(failures),
                                                           completed=completed))
         self._name_gone(failures)
@@ -335,6 +335,10 @@ class Run:
             with contextlib.suppress(Exception):  # unreachable: exp.ps keeps listing it for exp.attach to end
                 self.cxn[self.spec.master.host].run(
                     self.follower.owner_only(conclude_script(self.bench.name, self.run_id)), warn=True, timeout=30)
+                # The local copy of the master's folder as the master has it now.
+                mdir = self.local_dir / self.spec.master.host
+                if (mdir / STATE_FILE).exists():
+                    (mdir / STATE_FILE).replace(mdir / ENDED_FILE)
         self.close()
         return record
 
