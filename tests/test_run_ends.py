@@ -223,3 +223,21 @@ def test_destroy_mid_run_collects_the_logs_first(own_cluster, tmp_path):
     assert (run_dir / cluster.info.master.host / f"master_{run_id}.log").read_text().startswith("master started")
     assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {cluster.info.master.host,
                                                                  *(w.host for w in cluster.info.workers)}
+
+
+def test_attach_finds_a_master_whose_start_was_not_saved(exp):
+    # inv died after the master's start command ran but before the master's PID reached state.json.
+    benchmark, gate_file = gate(exp)
+    add_benchmarks(exp, gate=benchmark)
+    proc = exp.inv("exp.run", "--benchmark", "gate", "-k", "1", "-p", "1", "--detach", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = state_on_master(exp, "gate")
+    for p in state["procs"]:
+        if p["role"] == "master":
+            p.update(pid=None, status="starting")
+    exp.remote(f"cat > ~/cloister/runs/gate/{state['run_id']}/state.json <<'EOF'\n{json.dumps(state)}\nEOF\n"
+               f"touch {gate_file}", nodes=[exp.info.master])
+    proc = exp.inv("exp.attach", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[master] master done" in proc.stdout.splitlines()
+    settled(exp, "gate", "ok")

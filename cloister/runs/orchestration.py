@@ -164,11 +164,22 @@ class Run:
         session follows it; with ``force``, a session that no longer answers is ended and replaced."""
         self._adopt(state)
         self._claim("force" if force else "attach")
-        if not state.master_started:
+        if not state.master_started or not self._master_pid():
             return self._end_now("interrupted", f"its exp.run ended during start-up (while starting the {state.phase}); "
                                  "ended by exp.attach")
         self._watching = True
         return self._guarded(self._resume)
+
+    def _master_pid(self) -> int | None:
+        """The started master's PID; its host's record of it when the session that started it died before
+        saving it (None: it never started)."""
+        master = next(p for p in self.procs if p.role == "master")
+        if master.pid is None:
+            out = self.cxn[master.host].run(f"cat {run_dir(self.bench.name, self.run_id)}/pids 2>/dev/null; true",
+                                            warn=True, timeout=30).stdout
+            master.pid = parse_pids(out).get(master.key)
+            master.status = "running" if master.pid else "not started"
+        return master.pid
 
     def end(self, state: RunState, *, status: str, error: str) -> RunRecord:
         """End the run in flight ``state`` that no live session follows (RunFollowed otherwise): kill, collect,
