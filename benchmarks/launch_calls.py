@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """EC2 API requests and wall time of one cluster lifecycle, against a moto EC2 server over HTTP.
 
-For each size 1+N: `cluster.launch --no-wait`, `cluster.status`, `cluster.destroy` through the library,
-exactly as the tasks call it, with every HTTP request cloister's boto3 clients send counted by a
+For each size 1+N: `cluster.launch --no-wait`, `cluster.status`, `cluster.resize --nworkers 2N --no-wait`
+(N workers added), `cluster.destroy` through the library, exactly as the tasks call it, with every HTTP request cloister's boto3 clients send counted by a
 botocore before-send handler (retries included). moto reaches "running" and "terminated" at the
 first poll, so each wait is one poll here; on EC2 every further poll costs cloister ONE more request
 for the whole cluster.
@@ -49,8 +49,9 @@ def old_requests(workers: int, polls: int) -> int:
 
 
 def lifecycle(server: ms.MotoEc2, workdir: Path, workers: int) -> dict[str, tuple[int, float]]:
-    """(requests, seconds) for launch, status and destroy of one 1+workers cluster."""
+    """(requests, seconds) for launch, status, resize (+workers) and destroy of one 1+workers cluster."""
     from cloister.cluster import lifecycle as lib
+    from cloister.cluster import resize
     from cloister.settings import Settings
     from cloister.config import load_config
 
@@ -69,6 +70,7 @@ def lifecycle(server: ms.MotoEc2, workdir: Path, workers: int) -> dict[str, tupl
     counter = ms.Injector()
     phases = {"launch": lambda: lib.launch(cfg, settings=settings, wait=False),
               "status": lambda: lib.status(cfg, settings=settings),
+              "resize": lambda: resize.resize(cfg, settings=settings, nworkers=2 * workers, wait=False),
               "destroy": lambda: lib.destroy(cfg, settings=settings)}
     measured = {}
     try:
@@ -113,13 +115,18 @@ def main() -> int:
               f"{'launch s':>8} {'status s':>8} {'destroy s':>9} | {'old, 1 poll':>11} {'old, real waits':>15}")
     print(header)
     print("-" * len(header))
+    lifecycle_phases = ("launch", "status", "destroy")
     for workers, requests, seconds in rows:
-        total = sum(requests.values())
+        total = sum(requests[p] for p in lifecycle_phases)
         print(f"{f'1+{workers}':>7} | {requests['launch']:>6} {requests['status']:>6} {requests['destroy']:>7} "
               f"{total:>5} | {seconds['launch']:>8.2f} {seconds['status']:>8.2f} {seconds['destroy']:>9.2f} | "
               f"{old_requests(workers, 1):>11} {old_requests(workers, OLD_REAL_POLLS):>15}")
-    totals = {workers: sum(requests.values()) for workers, requests, _ in rows}
-    flat = len(set(totals.values())) == 1
+    print(f"\ncluster.resize --no-wait from 1+N to 1+2N (N workers added; the old scripts could not resize)")
+    print(f"{'nodes':>7} | {'added':>5} | {'resize':>6} | {'resize s':>8}")
+    for workers, requests, seconds in rows:
+        print(f"{f'1+{workers}':>7} | {workers:>5} | {requests['resize']:>6} | {seconds['resize']:>8.2f}")
+    totals = {workers: sum(requests[p] for p in lifecycle_phases) for workers, requests, _ in rows}
+    flat = len(set(totals.values())) == 1 and len({requests["resize"] for _, requests, _ in rows}) == 1
     print(f"\nrequest count {'does not grow' if flat else 'GROWS'} with N; target <= {TARGET} for 1+63: "
           + (f"{totals[63]} ({'met' if totals[63] <= TARGET else 'MISSED'})" if 63 in totals else "not measured"))
     return 0 if flat and totals.get(63, 0) <= TARGET else 1

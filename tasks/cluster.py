@@ -10,6 +10,7 @@ import time
 from invoke import Collection, Exit
 
 from cloister.cluster import lifecycle as lib
+from cloister.cluster import resize as resizelib
 from cloister.transport import hosts as hostlib
 from cloister.cluster import budget
 from cloister import deploy, layout
@@ -396,5 +397,44 @@ def extend(c, config=None, ttl=None):
         print(line)
 
 
+@task(help={"config": CONFIG_HELP, "nworkers": "the number of workers the cluster should have (required)",
+            "dry_run": "show what would be started or ended and the change in cost; change nothing",
+            "wait": "wait for SSH on new workers and copy servers/ to every node (--no-wait: return once they run, "
+                    "with servers/ written)"})
+def resize(c, config=None, nworkers=None, dry_run=False, wait=True):
+    """Grow or shrink the running cluster to N workers; rewrite servers/ on every node."""
+    count = number("--nworkers", nworkers)
+    if count is None:
+        raise Exit("pass --nworkers N: how many workers the cluster should have", code=1)
+    cfg = load(c, config)
+    start = time.monotonic()
+    with progress_bar() as bar:
+        change = resizelib.resize(cfg, settings=settings(c), nworkers=count, dry_run=dry_run, wait=wait,
+                                  progress=bar.update)
+    for line in change.lines:
+        print(line)
+    if not dry_run and (change.added or change.removed):
+        print(f"servers/ rewritten" + (f" and copied to {len(change.info.nodes)} nodes" if wait else "")
+              + f" in {time.monotonic() - start:.1f}s")
+
+
+@task(help={"config": CONFIG_HELP,
+            "spot_fallback": "ec2: replace a spot worker on demand when EC2 refuses spot capacity",
+            "wait": "wait for SSH on the replacements and copy servers/ to every node (--no-wait: return once "
+                    "they run, with servers/ written)"})
+def repair(c, config=None, spot_fallback=False, wait=True):
+    """Replace the workers the provider no longer runs, keeping their numbers and servers/ order."""
+    cfg = load(c, config)
+    start = time.monotonic()
+    with progress_bar() as bar:
+        change = resizelib.repair(cfg, settings=settings(c), spot_fallback=spot_fallback, wait=wait,
+                                  progress=bar.update)
+    for line in change.lines:
+        print(line)
+    if change.replaced:
+        print(f"repaired {len(change.replaced)} worker(s) in {time.monotonic() - start:.1f}s; servers/ rewritten"
+              + (f" and copied to {len(change.info.nodes)} nodes" if wait else ""))
+
+
 ns = Collection("cluster", launch, destroy, status, login, copy_dns, run, redeploy, put, get, stop, start, list_,
-                extend)
+                extend, resize, repair)

@@ -18,6 +18,7 @@ from cloister.cluster import budget, lifecycle as clusterlib
 from cloister.transport import hosts as hostlib
 from cloister import layout, runs as runlib
 from cloister.runs import detached, present, sweep as sweeplib
+from cloister.runs.healing import SweepCluster
 from cloister.config import ClusterConfig
 from cloister.errors import CloisterError, HostsFailed
 from cloister.runs.experiments import Benchmark, Registry, load_registry, parse_args, sample_interval
@@ -351,10 +352,14 @@ def make(c, benchmark=None, config=None):
             "name": "sweep name (default: benchmark + a hash of the grid); the same name resumes",
             "fail_fast": "stop at the first failed combination", "config": CONFIG_HELP,
             "retry_failed": "run the combinations that failed before again (resuming skips them otherwise)",
-            "timeout": "seconds each master may run (default: the benchmark's timeout)"},
+            "timeout": "seconds each master may run (default: the benchmark's timeout)",
+            "repair": "when a run fails because a worker is gone, repair the cluster and run it again "
+                      "(without: the sweep stops and says how to repair and resume)",
+            "repair_limit": "at most this many repairs in one sweep (with --repair)",
+            "spot_fallback": "ec2, with --repair: replace a reclaimed spot worker on demand if spot is refused"},
       iterable=["args_grid"])
 def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, fail_fast=False, config=None,
-          timeout=None, retry_failed=False):
+          timeout=None, retry_failed=False, repair=False, repair_limit=3, spot_fallback=False):
     """Run every k x p x args combination, resumably; write results.csv and plot.png."""
     timeout = number("--timeout", timeout, float, positive=True)
     ctx = _context(c, config, _require(benchmark))
@@ -376,35 +381,31 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
         print(f"retrying {dropped} failed combination(s)")
     all_combos = sweeplib.combos(ks=ks, ps=ps, grid=grid, repeat=repeat)
 
-    # One connection per host for the whole sweep: each run reuses them instead of opening its own.
-    pool = ctx.every_host()
-
-    def run_one(combo, run_id):
-        spec = runlib.RunSpec(info=ctx.info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args),
-                              run_id=run_id, settings=ctx.conf, timeout=timeout, config_name=ctx.cfg.source)
-        return runlib.Run(spec, connections={c.host: c for c in pool}).execute()
+    cluster = SweepCluster(ctx.cfg, settings=ctx.conf, info=ctx.info, spot_fallback=spot_fallback, say=print)
+    healing = sweeplib.Healing(lost=cluster.lost, repair=cluster.repair if repair else None,
+                               limit=number("--repair-limit", repair_limit), resume=sweeplib.resume_command(
+                                   spec=grid_spec, name=sweep_name, repeat=repeat, config=config, timeout=timeout))
 
     def cleanup_interrupted(run_id):
-        master = next(cxn for cxn in pool if cxn.host == ctx.info.master.host)
-        for entry in detached.in_flight(master, run_id=run_id):
+        pool = cluster.connections()
+        for entry in detached.in_flight(pool[ctx.info.master.host], run_id=run_id):
             runlib.end_in_flight(entry.state, info=ctx.info, registry=ctx.registry, settings=ctx.conf,
                                  status="interrupted", error="its exp.sweep ended during the run; ended when the "
-                                 "sweep resumed", by="exp.sweep", connections={c.host: c for c in pool})
+                                 "sweep resumed", by="exp.sweep", connections=pool)
 
     def refuse(seconds):
         rows = clusterlib.status(ctx.cfg, settings=ctx.conf)
         return budget.would_cross(ctx.cfg, rows, seconds=seconds)
 
-    with closing(pool):
-        rows = sweep_with_progress(sweep_name, state=state, all_combos=all_combos, run_one=run_one,
-                                    cleanup_interrupted=cleanup_interrupted, fail_fast=fail_fast,
-                                    refuse=refuse if ctx.cfg.budget else None)
+    with closing(cluster):
+        sweep_with_progress(sweep_name, state=state, all_combos=all_combos, cleanup_interrupted=cleanup_interrupted,
+                            run_one=functools.partial(cluster.run, bench=bench, timeout=timeout), fail_fast=fail_fast,
+                            refuse=refuse if ctx.cfg.budget else None, healing=healing)
     image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
-    failed = [r for r in rows if r["status"] != "ok"]
-    print(f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else ""))
+    lines, failed = sweeplib.summary(state, image=image)
+    print("\n".join(lines))
     if failed:
-        raise Exit(f"{len(failed)}/{len(rows)} runs failed: "
-                   + ", ".join(f"k={r['k']} p={r['p']} {r['status']} ({r['run_id']})" for r in failed[:5]), code=1)
+        raise Exit(failed, code=1)
 
 
 @task(help={"run": RUN_HELP})

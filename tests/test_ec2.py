@@ -331,8 +331,8 @@ def test_an_incomplete_cluster_is_reported_precisely(aws, make_cfg, settings):
     with pytest.raises(ProviderError, match="3 workers, not the 2 asked for"):
         lib.launch(cfg, settings=settings, nworkers=2, wait=False)
     client.terminate_instances(InstanceIds=[info.workers[1].id])
-    with pytest.raises(ProviderError, match=r"1 master\(s\) and 2 worker\(s\): missing worker-2; run inv "
-                                            r"cluster.destroy --yes"):
+    with pytest.raises(ProviderError, match=r"1 master\(s\) and 2 worker\(s\): missing worker-2; inv "
+                                            r"cluster.repair replaces missing workers"):
         lib.launch(cfg, settings=settings, wait=False)
     client.terminate_instances(InstanceIds=[info.master.id])
     with pytest.raises(ProviderError, match="no master; missing worker-2"):

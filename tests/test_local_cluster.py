@@ -107,7 +107,7 @@ def test_launch_with_another_size_is_refused(local_cluster):
         lib.launch(local_cluster.cfg, settings=local_cluster.settings, nworkers=workers + 2)
     message = str(err.value)
     assert f"running with {workers} workers, not {workers + 2}" in message
-    assert "destroy" in message and "\n" not in message
+    assert f"inv cluster.resize --nworkers {workers + 2} changes its size" in message and "\n" not in message
     assert local(local_cluster).dead_hosts() == []
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,15 @@ class ClusterInfo:
         fields = {k: data[k] for k in ("provider", "cluster_name", "user", "ssh_key")}
         return cls(nodes=nodes, known_hosts=data.get("known_hosts"), region=data.get("region"),
                    extra=data.get("extra") or {}, **fields)
+
+
+WORKER_NAME = re.compile(r"-worker-(\d+)$")
+
+
+def worker_number(node: Node) -> int | None:
+    """N of a worker named ``{cluster}-worker-N`` (None for a machine named otherwise, a static host)."""
+    found = WORKER_NAME.search(node.name)
+    return int(found.group(1)) if found else None
 
 
 def text_files(info: ClusterInfo) -> dict[str, str]:

@@ -66,6 +66,15 @@ class Launched:
 
 
 @dataclass(frozen=True)
+class GoneNode:
+    """A node servers/ records that the provider no longer runs, and why (EC2's StateReason, say)."""
+
+    node: Node
+    state: str  # "terminated", "stopped", "not found", "dead"
+    reason: str
+
+
+@dataclass(frozen=True)
 class Image:
     """An image ``ami.*`` lists, creates and prunes: an AMI (``id`` = ami-...) or a local directory."""
 
@@ -138,6 +147,8 @@ class Provider(ABC):
     ssh_wait_cap: ClassVar[float | None] = None
     # True when destroy() asks ``confirm`` itself, with what it will end.
     confirms_destroy: ClassVar[bool] = False
+    # True when it can start and end single workers of a running cluster (resize, repair).
+    resizable: ClassVar[bool] = False
 
     def __init__(self, cfg: ClusterConfig, settings: Settings):
         self.cfg = cfg
@@ -228,6 +239,27 @@ class Provider(ABC):
 
     def plan(self, *, nworkers: int) -> Plan:
         raise self.cannot("plan a launch (--dry-run)")
+
+    # -- resize and repair (optional; a provider that can add workers can do both) ----------
+
+    def gone_nodes(self, info: ClusterInfo) -> list[GoneNode]:
+        """The nodes of ``info`` (servers/) that the provider no longer runs, each with why."""
+        return []
+
+    def add_workers(self, info: ClusterInfo, *, numbers: list[int], spot_fallback: bool = False,
+                    progress: Progress | None = None) -> list[Node]:
+        """Start workers numbered ``numbers`` (worker-N) as the cluster's others were started (type, image,
+        network, tags, key, the cluster's expiry); return them running, in the order of ``numbers``.
+        ``spot_fallback``: where spot capacity is refused, start them on demand instead."""
+        raise self.cannot("resize or repair a cluster (its machines are not cloister's to start)")
+
+    def remove_workers(self, info: ClusterInfo, *, nodes: list[Node], progress: Progress | None = None) -> list[str]:
+        """End the workers ``nodes`` (gone ones included) and wait; one line for what was done."""
+        raise self.cannot("resize a cluster (its machines are not cloister's to end)")
+
+    def node_hourly(self, info: ClusterInfo, *, role: str) -> float | None:
+        """What one more node of ``role`` costs per hour, in dollars (None: unknown or free)."""
+        return None
 
     def images(self) -> ImageStore:
         raise self.cannot("keep images (ami.*)")

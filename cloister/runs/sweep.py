@@ -14,18 +14,21 @@ import io
 import itertools
 import json
 import re
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExperimentError
+from ..errors import CloisterError, ExperimentError
 from ..files import NotASmallFile, atomic_write, read_small
 from .record import RUN_ID_RE, RunRecord, new_run_id
 from .resources import SWEEP_FIELDS, sweep_columns
 
-# The resource columns summarise each run's hosts (cloister.runs.resources.sweep_columns).
-FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric", *SWEEP_FIELDS)
+# The resource columns summarise each run's hosts (cloister.runs.resources.sweep_columns). ``attempt``
+# counts the runs of one combination; ``note`` says why one was lost or repeated.
+FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric", "attempt", "note", *SWEEP_FIELDS)
+LOST = "lost-node"  # a run that failed because a node of it is gone; its combination is run again
 
 
 def parse_int_list(text: str | int, *, flag: str) -> list[int]:
@@ -69,6 +72,15 @@ def combos(*, ks: list[int], ps: list[int], grid: dict[str, list[str]], repeat: 
         arg_sets = [tuple(itertools.chain.from_iterable((flag, value) for flag, value in zip(grid, values)))
                     for values in itertools.product(*grid.values())]
     return [Combo(k=k, p=p, args=a, repeat=r) for k in ks for p in ps for a in arg_sets for r in range(1, repeat + 1)]
+
+
+def resume_command(*, spec: dict[str, Any], name: str, repeat: int, config: str | None, timeout: float | None) -> str:
+    """The commands that repair the cluster and resume this sweep where it stopped."""
+    common = f" --config {shlex.quote(config)}" if config else ""
+    grid = "".join(f" --args-grid {shlex.quote(flag + '=' + ','.join(values))}" for flag, values in spec["grid"].items())
+    return (f"inv cluster.repair{common} && inv exp.sweep{common} --benchmark {shlex.quote(spec['benchmark'])} "
+            f"-k {','.join(map(str, spec['k']))} -p {','.join(map(str, spec['p']))}{grid} --repeat {repeat} "
+            f"--name {shlex.quote(name)}" + (f" --timeout {timeout:g}" if timeout else "") + " --repair")
 
 
 def default_name(benchmark: str, spec: dict[str, Any]) -> str:
@@ -148,19 +160,25 @@ class SweepState:
         return dropped
 
     def done(self) -> set[str]:
-        return {f"k={r['k']} p={r['p']} args={r['args']} repeat={r['repeat']}" for r in self.rows}
+        return {f"k={r['k']} p={r['p']} args={r['args']} repeat={r['repeat']}" for r in self.rows
+                if r["status"] != LOST}
+
+    def repeated(self) -> list[dict[str, str]]:
+        """The rows of runs that repeated a run which lost a node."""
+        return [r for r in self.rows if r.get("attempt") not in (None, "", "1") and r["status"] != LOST]
 
     def begin(self, combo: Combo, run_id: str) -> None:
         self.current = {"key": combo.key, "run_id": run_id}
         self._save()
 
-    def finish(self, combo: Combo, record: RunRecord) -> None:
+    def finish(self, combo: Combo, record: RunRecord, *, status: str | None = None, attempt: int = 1,
+               note: str = "") -> None:
         total = record.total_s
         self.rows.append({"k": str(combo.k), "p": str(combo.p), "args": " ".join(combo.args),
-                          "repeat": str(combo.repeat), "run_id": record.run_id, "status": record.status,
+                          "repeat": str(combo.repeat), "run_id": record.run_id, "status": status or record.status,
                           "duration_s": "" if total is None else f"{total:.4f}",
                           "metric": "" if record.metric is None else str(record.metric),
-                          **sweep_columns(record.resources)})
+                          "attempt": str(attempt), "note": note, **sweep_columns(record.resources)})
         self._write_rows()
         self.current = None
         self._save()
@@ -185,8 +203,8 @@ def _row_problem(values: list[str], *, header: list[str], row: dict[str, str]) -
     """What is wrong with one results.csv row (a line of garbage, a row cut mid-write), or None."""
     if len(values) != len(header):
         return f"{len(values)} fields where the header has {len(header)} (a row cut short, or not a row)"
-    for name in ("k", "p", "repeat"):
-        if not (row[name].isdigit() and int(row[name]) > 0):
+    for name in ("k", "p", "repeat", "attempt"):
+        if (name != "attempt" or row.get(name)) and not (row[name].isdigit() and int(row[name]) > 0):
             return f"column {name}: expected a positive integer, got {row[name]!r}"
     if not RUN_ID_RE.fullmatch(row["run_id"]):
         return f"column run_id: expected YYYYMMDD-HHMMSS-xxxx, got {row['run_id']!r}"
@@ -247,20 +265,52 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def summary(state: SweepState, *, image: Path | None) -> tuple[list[str], str | None]:
+    """Lines for people at the end of a sweep (where the results are, which runs were repeated and why),
+    and the failure line if a combination did not succeed."""
+    rows = state.rows
+    lines = [f"{len(rows)} runs in {state.csv_path}" + (f"; plot {image}" if image else "")]
+    lines += [f"repeated: k={r['k']} p={r['p']} args={r['args']} repeat={r['repeat']} as run {r['run_id']} "
+              f"({r['status']}): {r['note']}" for r in state.repeated()]
+    failed = [r for r in rows if r["status"] not in ("ok", LOST)]
+    if not failed:
+        return lines, None
+    return lines, (f"{len(failed)}/{len(rows)} runs failed: "
+                   + ", ".join(f"k={r['k']} p={r['p']} {r['status']} ({r['run_id']})" for r in failed[:5]))
+
+
 def expected_seconds(state: SweepState) -> float:
     """How long the next run will take: the mean of the recorded runs' durations (0 before the first)."""
     durations = [float(r["duration_s"]) for r in state.rows if r.get("duration_s")]
     return sum(durations) / len(durations) if durations else 0.0
 
 
+@dataclass(frozen=True)
+class Healing:
+    """What a sweep does when a run fails because a node of it is gone.
+
+    ``lost(record)`` names the run's nodes the provider no longer runs, each with why ([]: none);
+    ``repair()`` replaces them (None: the sweep stops there and says ``resume``, the exact commands to
+    repair and go on); at most ``limit`` repairs per sweep.
+    """
+
+    lost: Callable[[RunRecord], list[str]]
+    repair: Callable[[], None] | None
+    limit: int
+    resume: str
+
+
 def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[Combo, str], RunRecord],
               cleanup_interrupted: Callable[[str], None], fail_fast: bool,
               on_progress: Callable[[int, int, Combo | None], None] | None = None,
-              refuse: Callable[[float], str | None] | None = None) -> list[dict[str, str]]:
+              refuse: Callable[[float], str | None] | None = None,
+              healing: Healing | None = None) -> list[dict[str, str]]:
     """Run every pending combination in order; record each when its run has ended.
 
     ``refuse`` is asked before each run, with the run's expected seconds (the mean of the runs so far),
-    why it must not start (a budget it would cross); the sweep then stops, resumable.
+    why it must not start (a budget it would cross); the sweep then stops, resumable. A run that fails
+    because a node is gone is recorded as ``lost-node`` and, with ``healing.repair``, run again once the
+    cluster is repaired.
     """
     if state.current:
         # A previous sweep process died mid-run: its processes may still hold ports.
@@ -268,17 +318,27 @@ def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[
         state.current = None
     todo = list(pending(state, all_combos))
     finished = len(all_combos) - len(todo)
+    repairs = 0
     for combo in todo:
-        reason = refuse(expected_seconds(state)) if refuse else None
-        if reason:
-            raise ExperimentError(f"{reason}; stopped before {combo.key} ({finished}/{len(all_combos)} runs "
-                                  f"recorded; the same command resumes it)")
-        if on_progress:
-            on_progress(finished, len(all_combos), combo)
-        run_id = new_run_id()
-        state.begin(combo, run_id)
-        record = run_one(combo, run_id)
-        state.finish(combo, record)
+        attempt, note = 1, ""
+        while True:
+            reason = refuse(expected_seconds(state)) if refuse else None
+            if reason:
+                raise ExperimentError(f"{reason}; stopped before {combo.key} ({finished}/{len(all_combos)} runs "
+                                      f"recorded; the same command resumes it)")
+            if on_progress:
+                on_progress(finished, len(all_combos), combo)
+            run_id = new_run_id()
+            state.begin(combo, run_id)
+            record = run_one(combo, run_id)
+            gone = healing.lost(record) if healing is not None and not record.ok else []
+            if not gone:
+                state.finish(combo, record, attempt=attempt, note=note)
+                break
+            state.finish(combo, record, status=LOST, attempt=attempt, note="lost " + "; ".join(gone))
+            _heal(healing, combo=combo, record=record, gone=gone, repairs=repairs)
+            repairs += 1
+            attempt, note = attempt + 1, f"repeats run {record.run_id}, which lost " + "; ".join(gone)
         finished += 1
         if fail_fast and not record.ok:
             raise ExperimentError(f"{combo.key}: run {record.run_id} {record.status}; stopped (--fail-fast)",
@@ -286,3 +346,19 @@ def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[
     if on_progress:
         on_progress(finished, len(all_combos), None)
     return state.rows
+
+
+def _heal(healing: Healing, *, combo: Combo, record: RunRecord, gone: list[str], repairs: int) -> None:
+    """Repair the cluster for the run that lost ``gone``, or stop the sweep saying how to go on."""
+    lost = f"{combo.key}: run {record.run_id} lost {'; '.join(gone)}"
+    if healing.repair is None:
+        raise ExperimentError(f"{lost}\nstopped; repair the cluster and resume the sweep with:\n  {healing.resume}",
+                              run_id=record.run_id)
+    if repairs >= healing.limit:
+        raise ExperimentError(f"{lost}\nstopped: the sweep already repaired the cluster {repairs} times "
+                              f"(--repair-limit); resume it with:\n  {healing.resume}", run_id=record.run_id)
+    try:
+        healing.repair()
+    except CloisterError as err:
+        raise ExperimentError(f"{lost}\nstopped: the repair failed: {err}\nonce that is fixed, resume the sweep "
+                              f"with:\n  {healing.resume}", run_id=record.run_id) from err

@@ -19,8 +19,8 @@ from ...errors import HostsFailed, ProviderError
 from ...config import ClusterConfig
 from ...cluster.servers import ClusterInfo, Node
 from ...settings import Settings
-from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
-from . import console, images, launch, lifecycle, network, plan, ttl
+from ..base import ClusterRow, Confirm, GoneNode, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
+from . import console, images, launch, lifecycle, network, plan, resize, ttl
 from .aws import aws_errors, client_for
 
 
@@ -63,6 +63,7 @@ class Ec2Images(ImageStore):
 class Ec2Provider(Provider):
     name = "ec2"
     confirms_destroy = True
+    resizable = True
 
     def __init__(self, cfg: ClusterConfig, settings: Settings):
         super().__init__(cfg, settings)
@@ -149,6 +150,19 @@ class Ec2Provider(Provider):
 
     def images(self) -> ImageStore:
         return Ec2Images(self)
+
+    def gone_nodes(self, info: ClusterInfo) -> list[GoneNode]:
+        return resize.gone_nodes(self.cfg, info=info)
+
+    def add_workers(self, info: ClusterInfo, *, numbers: list[int], spot_fallback: bool = False,
+                    progress: Progress | None = None) -> list[Node]:
+        return resize.add_workers(self.cfg, numbers=numbers, spot_fallback=spot_fallback, progress=progress)
+
+    def remove_workers(self, info: ClusterInfo, *, nodes: list[Node], progress: Progress | None = None) -> list[str]:
+        return resize.remove_workers(self.cfg, nodes=nodes, progress=progress)
+
+    def node_hourly(self, info: ClusterInfo, *, role: str) -> float | None:
+        return resize.worker_hourly(self.cfg) if role == "worker" else None
 
     def dev_info(self) -> tuple[ClusterInfo, str]:
         cfg = self.cfg

@@ -22,6 +22,10 @@ TAG_OWNER = "cloister:owner"
 TAG_ROLE = "cloister:role"
 TAG_TTL = "cloister:ttl-expires"
 TAG_IMAGE = "cloister:ami-tag"
+# The worker numbers of one RunInstances call, as ranges ("3-5,8"); a worker's is the one at its
+# launch index. Without the tag (the first launch) a worker's number is its launch index + 1.
+TAG_WORKERS = "cloister:workers"
+TAG_VALUE_LIMIT = 256
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 WAIT_TIMEOUT = 900.0
 
@@ -63,9 +67,47 @@ def describe(client, *filters: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def find(client, scope: Scope) -> list[dict[str, Any]]:
-    """The cluster's instances that are not (being) terminated, master first, workers by launch index."""
+    """The cluster's instances that are not (being) terminated, master first, workers by number."""
     found = describe(client, *scope.filters(), live_filter())
-    return sorted(found, key=lambda i: (role_of(i) != "master", i.get("AmiLaunchIndex", 0), i["InstanceId"]))
+    return sorted(found, key=lambda i: (role_of(i) != "master", worker_number(i), i["InstanceId"]))
+
+
+def encode_numbers(numbers: list[int]) -> list[list[int]]:
+    """``numbers`` in batches whose ranges text fits one tag value (one RunInstances call each)."""
+    batches: list[list[int]] = [[]]
+    for number in numbers:
+        if len(ranges(batches[-1] + [number])) > TAG_VALUE_LIMIT:
+            batches.append([])
+        batches[-1].append(number)
+    return [b for b in batches if b]
+
+
+def ranges(numbers: list[int]) -> str:
+    """[3, 4, 5, 8] -> "3-5,8" (in the given order; a run is consecutive ascending numbers)."""
+    parts: list[list[int]] = []
+    for number in numbers:
+        if parts and number == parts[-1][-1] + 1:
+            parts[-1].append(number)
+        else:
+            parts.append([number])
+    return ",".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
+
+
+def parse_ranges(text: str) -> list[int]:
+    numbers: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        numbers += range(int(low), int(high or low) + 1)
+    return numbers
+
+
+def worker_number(instance: dict[str, Any]) -> int:
+    index = instance.get("AmiLaunchIndex", 0)
+    listed = tags_of(instance).get(TAG_WORKERS)
+    try:
+        return parse_ranges(listed)[index] if listed else index + 1
+    except (ValueError, IndexError):
+        return index + 1
 
 
 def tags_of(instance: dict[str, Any]) -> dict[str, str]:
@@ -81,10 +123,10 @@ def state_of(instance: dict[str, Any]) -> str:
 
 
 def node_of(instance: dict[str, Any], cluster: str) -> Node:
-    # One RunInstances call launches every worker with the same tags, so a worker's number is its
+    # One RunInstances call launches many workers with the same tags, so a worker's number comes from its
     # launch index; tagging each worker's Name separately would cost one request per worker.
     role = role_of(instance)
-    name = f"{cluster}-master" if role == "master" else f"{cluster}-worker-{instance.get('AmiLaunchIndex', 0) + 1}"
+    name = f"{cluster}-master" if role == "master" else f"{cluster}-worker-{worker_number(instance)}"
     public = instance.get("PublicDnsName") or instance.get("PublicIpAddress") or ""
     private = instance.get("PrivateIpAddress") or ""
     cpu = instance.get("CpuOptions") or {}

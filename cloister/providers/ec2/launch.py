@@ -17,7 +17,7 @@ from . import swap, ttl
 from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
 from .images import launch_image
 from .instances import (TAG_ROLE, TAG_TTL, Scope, cluster_info, find, forget_host_keys, role_of, scope_of,
-                        refuse_unfound, state_of, state_path, wait_for)
+                        refuse_unfound, state_of, state_path, wait_for, worker_number)
 from .network import (Subnet, allowed_ssh_source, ensure_placement_group, ensure_security_group, launch_subnet,
                       release_launch_lock, until_free)
 
@@ -107,7 +107,7 @@ def _check_complete(cfg: ClusterConfig, found: list[dict[str, Any]], nworkers: i
         raise ProviderError(f"ec2 cluster '{name}' exists but {len(stopped)} of its {len(found)} instances are "
                             f"stopped; run inv cluster.start (or inv cluster.destroy)", provider="ec2", cluster=name)
     masters = [i for i in found if role_of(i) == "master"]
-    indexes = {i.get("AmiLaunchIndex", 0) for i in found if role_of(i) != "master"}
+    indexes = {worker_number(i) - 1 for i in found if role_of(i) != "master"}
     launched = max(indexes) + 1 if indexes else 0
     missing = [f"worker-{k + 1}" for k in range(max(launched, nworkers)) if k not in indexes]
     problems = []
@@ -119,9 +119,11 @@ def _check_complete(cfg: ClusterConfig, found: list[dict[str, Any]], nworkers: i
     elif len(indexes) != nworkers:
         problems.append(f"{len(indexes)} workers, not the {nworkers} asked for")
     if problems:
+        fix = ("inv cluster.repair replaces missing workers" if missing and len(masters) == 1 else
+               f"inv cluster.resize --nworkers {nworkers} changes its size" if len(masters) == 1 else
+               "run inv cluster.destroy --yes, then launch again")
         raise ProviderError(f"ec2 cluster '{name}' already exists with {len(masters)} master(s) and {len(indexes)} "
-                            f"worker(s): {'; '.join(problems)}; run inv cluster.destroy --yes, then launch again",
-                            provider="ec2", cluster=name)
+                            f"worker(s): {'; '.join(problems)}; {fix}", provider="ec2", cluster=name)
 
 
 def launch(cfg: ClusterConfig, *, nworkers: int, settings: Settings, confirm: Confirm | None = None,

@@ -11,8 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 from ...errors import ProviderError
-from ...cluster.servers import ClusterInfo
-from ..base import ClusterRow, Confirm, ImageStore, Launched, NodeStatus, Progress, Provider, no_images_error, pattern
+from ...cluster.servers import ClusterInfo, Node
+from ..base import (ClusterRow, Confirm, GoneNode, ImageStore, Launched, NodeStatus, Progress, Provider,
+                    no_images_error, pattern)
+from . import resize
 from .images import LocalImages
 from .machines import STATE_FILE, LocalCluster
 from .subnets import claimed_local_clusters
@@ -20,6 +22,7 @@ from .subnets import claimed_local_clusters
 
 class LocalProvider(Provider):
     name = "local"
+    resizable = True
 
     @property
     def machines(self) -> LocalCluster:
@@ -89,6 +92,28 @@ class LocalProvider(Provider):
             raise ProviderError(f"local cluster '{self.cfg.cluster_name}' is not running; run inv cluster.launch",
                                 provider=self.name, cluster=self.cfg.cluster_name)
         return machines
+
+    def gone_nodes(self, info: ClusterInfo) -> list[GoneNode]:
+        machines = self._running()
+        dead = resize.gone(machines)
+        known = {h["name"] for h in machines.state()["hosts"]}
+        return [GoneNode(node=node, state="dead", reason=dead[node.id]) if node.id in dead else
+                GoneNode(node=node, state="not found", reason="the local cluster has no such host any more")
+                for node in info.cluster_nodes if node.id in dead or node.id not in known]
+
+    def add_workers(self, info: ClusterInfo, *, numbers: list[int], spot_fallback: bool = False,
+                    progress: Progress | None = None) -> list[Node]:
+        names = [f"{self.cfg.cluster_name}-worker-{n}" for n in numbers]
+        started = resize.add_workers(self._running(), numbers=numbers, image=self.cfg.image)
+        by_id = {node.id: node for node in started.nodes}
+        return [by_id[name] for name in names]
+
+    def remove_workers(self, info: ClusterInfo, *, nodes: list[Node], progress: Progress | None = None) -> list[str]:
+        running = resize.remove_workers(self._running(), names=[n.id for n in nodes])
+        return [f"ended {len(nodes)} local hosts ({running} were running)"]
+
+    def node_hourly(self, info: ClusterInfo, *, role: str) -> float | None:
+        return 0.0  # hosts on this machine
 
     def launch_warnings(self) -> list[str]:
         if self.cfg.swap_size:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
+from ...files import atomic_write
 from .links import host_script
 from ...netspec import NetworkSpec
 
@@ -73,3 +75,22 @@ def init_script(*, hostdir: str, hostname: str, home: str, sshd: str, address: s
 def sshd_config(*, address: str, user: str, spec: NetworkSpec) -> str:
     """Listening on every address of its own namespace, as on a real host; on loopback, on its own address."""
     return SSHD_CONFIG.format(listen=address if spec.mode == "loopback" else "0.0.0.0", user=user)
+
+
+def host_order(name: str, role: str) -> tuple[int, int]:
+    """Master, workers by number, dev: the order of the state file and of servers/."""
+    number = name.rsplit("-", 1)[-1]
+    return ({"master": 0, "worker": 1}.get(role, 2), int(number) if number.isdigit() else 0)
+
+
+def host_public_key(hostdir: Path) -> str:
+    return (hostdir / "etc_ssh" / "ssh_host_ed25519_key.pub").read_text().strip()
+
+
+def share_hosts(hostdir: Path, *, etc_hosts: str, known_names: str) -> None:
+    """A running host learns the cluster's hosts: /etc/hosts is a file bind-mounted into its namespace,
+    so it is rewritten in place (a new file would not be seen); /etc/ssh is a directory mount."""
+    with open(hostdir / "etc_hosts", "r+") as out:
+        out.write(etc_hosts)
+        out.truncate()
+    atomic_write(hostdir / "etc_ssh" / "ssh_known_hosts", known_names)

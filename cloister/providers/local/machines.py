@@ -30,7 +30,7 @@ from ...cluster.servers import ClusterInfo, Node
 from ..base import NodeStatus
 from ...netspec import NetworkSpec
 from . import links
-from .hostfiles import SSH_CONFIG, init_script, sshd_config
+from .hostfiles import SSH_CONFIG, host_order, host_public_key, init_script, share_hosts, sshd_config
 from .procs import alive, children, cmdline, pids, reap
 from .subnets import HOSTS_PER_SUBNET, Block, claim_block, release_claims
 
@@ -121,6 +121,14 @@ class LocalCluster:
     def exists(self) -> bool:
         return self._state() is not None
 
+    def state(self) -> dict:
+        state = self._state()
+        if state is None:
+            raise ProviderError(f"no local cluster '{self.cluster}' under {self.dir}", provider="local",
+                                cluster=self.cluster)
+        return state
+
+
     def host_dir(self, name: str) -> Path:
         return self.dir / "hosts" / name
 
@@ -131,10 +139,7 @@ class LocalCluster:
             return None
 
     def info(self) -> ClusterInfo:
-        state = self._state()
-        if state is None:
-            raise ProviderError(f"no local cluster '{self.cluster}' under {self.dir}", provider="local",
-                                cluster=self.cluster)
+        state = self.state()
         nodes = [Node(role=h["role"], id=h["name"], host=h["address"], private=h["address"],
                       public=h["address"], name=h["name"]) for h in state["hosts"]]
         return ClusterInfo(provider="local", cluster_name=self.cluster, user=state["user"], ssh_key=str(self.key),
@@ -145,9 +150,9 @@ class LocalCluster:
 
     def dead_hosts(self) -> list[str]:
         state = self._state() or {"hosts": []}
-        return [h["name"] for h in state["hosts"] if not self._host_alive(h["name"])]
+        return [h["name"] for h in state["hosts"] if not self.host_alive(h["name"])]
 
-    def _host_alive(self, name: str) -> bool:
+    def host_alive(self, name: str) -> bool:
         pid = self.init_pid(name)
         return pid is not None and alive(pid) and "sshd" in cmdline(pid)
 
@@ -155,7 +160,7 @@ class LocalCluster:
         state = self._state() or {"hosts": [], "launched": time.time()}
         rows = []
         for h in state["hosts"]:
-            up = self._host_alive(h["name"])
+            up = self.host_alive(h["name"])
             rows.append(NodeStatus(role=h["role"], id=h["name"], host=h["address"], name=h["name"],
                                    state="running" if up else "dead",
                                    uptime_s=time.time() - state["launched"] if up else None))
@@ -171,11 +176,11 @@ class LocalCluster:
             dead = self.dead_hosts()
             if dead:
                 raise ProviderError(f"local cluster '{self.cluster}' exists but {len(dead)} host(s) are down: "
-                                    f"{', '.join(dead[:8])}; run inv cluster.destroy --yes, then launch again",
+                                    f"{', '.join(dead[:8])}; inv cluster.repair replaces them",
                                     provider="local", cluster=self.cluster)
             if workers != nworkers:
                 raise ProviderError(f"local cluster '{self.cluster}' is running with {workers} workers, not "
-                                    f"{nworkers}; destroy it first to change its size",
+                                    f"{nworkers}; inv cluster.resize --nworkers {nworkers} changes its size",
                                     provider="local", cluster=self.cluster)
             return self.info()
         entry = ensure_user(self.user)
@@ -185,15 +190,12 @@ class LocalCluster:
         block = claim_block(self.spec.mode, count, self.dir)
         hosts = _plan(self.cluster, nworkers, dev, block)
         try:
-            self._prepare(hosts, entry, image, block)
+            self.prepare(hosts, entry, image, block)
             if block.mode == "netns":
                 links.remove_bridge(block.bridge)  # a leftover of an earlier holder of these addresses
                 links.create_bridge(block.bridge, address=block.gateway, prefixlen=block.network.prefixlen)
                 links.check_netem(block.bridge, self.spec)
-            self._start(hosts, block)
-            self._wait_listening(hosts, timeout)
-            for host in hosts:
-                self._record_init_pid(host)
+            self.start(hosts, block, timeout=timeout)
             return self.info()
         except BaseException as exc:
             outcome = self.end_launch()
@@ -201,15 +203,32 @@ class LocalCluster:
                 raise Interrupted(outcome) from None
             raise
 
-    def _prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None, block: Block) -> None:
-        private, public = _keypair()
-        atomic_write(self.key, private, mode=0o600)
-        atomic_write(self.key.with_suffix(".pub"), public + "\n")
+    def start(self, hosts: list[LocalHost], block: Block, *, timeout: float) -> None:
+        """Start the prepared ``hosts``; return once each listens and its PID 1 is recorded."""
+        self._start(hosts, block)
+        self._wait_listening(hosts, timeout)
+        for host in hosts:
+            self._record_init_pid(host)
+
+    def prepare(self, hosts: list[LocalHost], entry: pwd.struct_passwd, image: str | None, block: Block, *,
+                present: list[LocalHost] = ()) -> None:
+        """Make ``hosts``' folders (keys, config, home from ``image``) and record them; ``present``: hosts
+        of the running cluster they join (its key stays; their /etc/hosts and known hosts learn the new)."""
+        if present:
+            public = self.key.with_suffix(".pub").read_text().strip()
+        else:
+            private, public = _keypair()
+            atomic_write(self.key, private, mode=0o600)
+            atomic_write(self.key.with_suffix(".pub"), public + "\n")
         host_keys = [_keypair() for _ in hosts]
-        known = "".join(f"{h.address} {pub}\n" for h, (_, pub) in zip(hosts, host_keys))
-        known_names = "".join(f"{h.name},{h.address} {pub}\n" for h, (_, pub) in zip(hosts, host_keys))
+        everyone = [(h, host_public_key(self.host_dir(h.name))) for h in present] + \
+            [(h, pub) for h, (_, pub) in zip(hosts, host_keys)]
+        known = "".join(f"{h.address} {pub}\n" for h, pub in everyone)
+        known_names = "".join(f"{h.name},{h.address} {pub}\n" for h, pub in everyone)
         atomic_write(self.known_hosts, known)
-        etc_hosts = "127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in hosts)
+        etc_hosts = "127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h, _ in everyone)
+        for host in present:
+            share_hosts(self.host_dir(host.name), etc_hosts=etc_hosts, known_names=known_names)
 
         def prepare(pair: tuple[LocalHost, tuple[bytes, str]]) -> None:
             host, (host_private, host_public) = pair
@@ -243,9 +262,12 @@ class LocalCluster:
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(prepare, zip(hosts, host_keys)))
-        state = {"cluster": self.cluster, "user": entry.pw_name, "launched": time.time(),
+        before = self._state() if present else None
+        state = {**(before or {}), "cluster": self.cluster, "user": entry.pw_name,
+                 "launched": before["launched"] if before else time.time(), "image": image,
                  "block": block.to_json(), "bridge": block.bridge if block.mode == "netns" else None,
-                 "hosts": [{"name": h.name, "role": h.role, "address": h.address} for h in hosts]}
+                 "hosts": [{"name": h.name, "role": h.role, "address": h.address}
+                           for h in sorted((h for h, _ in everyone), key=lambda h: host_order(h.name, h.role))]}
         atomic_write(self.dir / STATE_FILE, json.dumps(state, indent=2))
 
     def _start(self, hosts: list[LocalHost], block: Block) -> None:
@@ -300,7 +322,7 @@ class LocalCluster:
             if pending and not backoff.wait():
                 raise ProviderError(f"{len(pending)} local host(s) got no network namespace in 10s",
                                     provider="local", cluster=self.cluster)
-        veths = [(f"clv{block.first}-{index}", unshares[host.name]) for index, host in enumerate(hosts)]
+        veths = [(block.veth(host.address), unshares[host.name]) for host in hosts]
         links.attach(veths, bridge=block.bridge, spec=self.spec)
 
     def _wait_listening(self, hosts: list[LocalHost], timeout: float) -> None:
@@ -403,7 +425,7 @@ class LocalCluster:
         state = self._state()
         names = [h["name"] for h in state["hosts"]] if state else \
             [p.name for p in (self.dir / "hosts").glob("*")] if (self.dir / "hosts").exists() else []
-        running = sum(1 for n in names if self._host_alive(n))
+        running = sum(1 for n in names if self.host_alive(n))
         for name in names:
             self.kill_host(name)
         # A launch interrupted between starting a host and recording its PID leaves no pid file:

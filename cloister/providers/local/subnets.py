@@ -58,6 +58,15 @@ class Block:
     def to_json(self) -> dict:
         return {"mode": self.mode, "first": self.first, "count": self.count}
 
+    def index(self, address: str) -> int:
+        """The place of ``address`` in the block: the launch gives the index-th host that address."""
+        prefix, last = address.rsplit(".", 1)
+        return next(i for i in range(self.count) if self.prefix(i) == prefix) * HOSTS_PER_SUBNET + int(last) - 1
+
+    def veth(self, address: str) -> str:
+        """The root end of the veth of the host at ``address``."""
+        return f"clv{self.first}-{self.index(address)}"
+
 
 def _claim_name(mode: str, index: int) -> str:
     return str(index) if mode == "loopback" else f"net-{index}"
