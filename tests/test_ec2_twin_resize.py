@@ -24,7 +24,6 @@ from conftest import REPO, no_traceback
 from test_ec2_twin import (SUFFIX, Ec2Cluster, assert_servers_loopback, dev, ec2, keys, tags,  # noqa: F401
                            twin)
 from test_exp_runs import DSUM_DIR, DSUM_MASTER
-from twin.reclaim import reclaim
 
 
 class SpotCluster(Ec2Cluster):
@@ -113,11 +112,11 @@ def test_repair_after_a_reclaim_restores_servers(cluster, twin, ec2):
     before = cluster.servers()
     listed = [w.name for w in before.workers]
     victim = before.workers[1]
-    reclaim(twin, victim.id)
+    twin.reclaim(victim.id)
     repaired = cluster.inv("cluster.repair", timeout=400)
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert f"{victim.name} ({victim.id}, {victim.host}): terminated: Server.SpotInstanceTermination: Spot instance " \
-           f"termination; replaced by i-" in repaired.stdout, repaired.stdout
+    assert f"{victim.name} ({victim.id}, {victim.host}): terminated (Server.SpotInstanceTermination): EC2 reclaimed " \
+           f"the spot instance" in repaired.stdout and "; replaced by i-" in repaired.stdout, repaired.stdout
     after = cluster.servers()
     assert [w.name for w in after.workers] == listed
     assert after.workers[0] == before.workers[0] and after.workers[2] == before.workers[2]
@@ -141,7 +140,7 @@ def test_a_sweep_finishes_when_a_worker_is_reclaimed(cluster, twin):
             time.sleep(0.1)
         time.sleep(1.5)  # into the next run's master nap
         reclaimed_at = time.time()
-        reclaim(twin, victim.id)
+        twin.reclaim(victim.id)
         proc = sweep.result(timeout=600)
     finally:
         sweep.kill()

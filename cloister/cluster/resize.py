@@ -19,12 +19,20 @@ from .. import providers
 from ..config import ClusterConfig
 from ..errors import CloisterError, ProviderError
 from ..files import atomic_write
-from ..providers.base import GoneNode, Progress, Provider
+from ..providers.base import Progress, Provider
 from ..runs import detached, lock
 from ..settings import Settings
 from ..transport import hosts
 from .lifecycle import copy_dns, current
 from .servers import ClusterInfo, Node, worker_number, write_servers
+
+
+@dataclass(frozen=True)
+class GoneNode:
+    """A node servers/ records that the provider no longer runs, and what became of it."""
+
+    node: Node
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -51,21 +59,25 @@ def _prepared(cfg: ClusterConfig, settings: Settings, what: str) -> tuple[Provid
 
 def gone_nodes(cfg: ClusterConfig, *, settings: Settings) -> list[GoneNode]:
     """The nodes servers/ lists that the provider no longer runs, each with why."""
-    return providers.get(cfg, settings=settings).gone_nodes(current(cfg, settings=settings))
+    return _gone(providers.get(cfg, settings=settings), current(cfg, settings=settings))
+
+
+def _gone(prov: Provider, info: ClusterInfo) -> list[GoneNode]:
+    why = prov.gone(info)
+    return [GoneNode(node=node, reason=why[node.id]) for node in info.cluster_nodes if node.id in why]
 
 
 def _refuse_gone_master(cfg: ClusterConfig, gone: list[GoneNode]) -> None:
     for item in gone:
         if item.node.role == "master":
-            raise ProviderError(f"the master of '{cfg.cluster_name}' ({item.node.id}) is gone ({item.state}: "
-                                f"{item.reason}); it holds the runs' state and cannot be replaced: inv "
+            raise ProviderError(f"the master of '{cfg.cluster_name}' ({item.node.id}) is gone ({item.reason}); it holds the runs' state and cannot be replaced: inv "
                                 f"cluster.destroy --yes, then launch again", provider=cfg.provider,
                                 cluster=cfg.cluster_name)
 
 
 def describe_gone(item: GoneNode) -> str:
     node = item.node
-    return f"{node.name or node.host} ({node.id}, {node.host}): {item.state}: {item.reason}"
+    return f"{node.name or node.host} ({node.id}, {node.host}): {item.reason}"
 
 
 def _cost_line(prov: Provider, info: ClusterInfo, delta: int) -> str:
@@ -90,7 +102,7 @@ def resize(cfg: ClusterConfig, *, settings: Settings, nworkers: int, dry_run: bo
     head = f"{cfg.provider} cluster '{cfg.cluster_name}': {count} -> {nworkers} workers"
     if nworkers == count:
         return Change(info=info, lines=[f"{head}: nothing to do"], added=[], removed=[], replaced=[])
-    gone = prov.gone_nodes(info)
+    gone = _gone(prov, info)
     _refuse_gone_master(cfg, gone)
     doomed = [node for _, node in numbered[nworkers:]]
     staying_gone = [g for g in gone if g.node not in doomed]
@@ -156,7 +168,7 @@ def repair(cfg: ClusterConfig, *, settings: Settings, spot_fallback: bool = Fals
            progress: Progress | None = None) -> Change:
     """Replace every worker servers/ lists that the provider no longer runs, under its number and at its place."""
     prov, info = _prepared(cfg, settings, "repair a cluster")
-    gone = prov.gone_nodes(info)
+    gone = _gone(prov, info)
     _refuse_gone_master(cfg, gone)
     if not gone:
         return Change(info=info, lines=[f"{cfg.provider} cluster '{cfg.cluster_name}': every node of servers/ runs; "

@@ -66,15 +66,6 @@ class Launched:
 
 
 @dataclass(frozen=True)
-class GoneNode:
-    """A node servers/ records that the provider no longer runs, and why (EC2's StateReason, say)."""
-
-    node: Node
-    state: str  # "terminated", "stopped", "not found", "dead"
-    reason: str
-
-
-@dataclass(frozen=True)
 class Image:
     """An image ``ami.*`` lists, creates and prunes: an AMI (``id`` = ami-...) or a local directory."""
 
@@ -241,10 +232,6 @@ class Provider(ABC):
         raise self.cannot("plan a launch (--dry-run)")
 
     # -- resize and repair (optional; a provider that can add workers can do both) ----------
-
-    def gone_nodes(self, info: ClusterInfo) -> list[GoneNode]:
-        """The nodes of ``info`` (servers/) that the provider no longer runs, each with why."""
-        return []
 
     def add_workers(self, info: ClusterInfo, *, numbers: list[int], spot_fallback: bool = False,
                     progress: Progress | None = None) -> list[Node]:

@@ -9,12 +9,16 @@ from collections.abc import Callable
 
 from fabric import Connection
 
-from ..cluster import resize
+from ..cluster import lifecycle, resize
 from ..cluster.servers import ClusterInfo
 from ..config import ClusterConfig
 from ..settings import Settings
 from ..transport import hosts
+from .experiments import Benchmark
+from .orchestration import Run
 from .record import RunRecord
+from .spec import RunSpec
+from .sweep import Combo
 
 
 class SweepCluster:
@@ -40,6 +44,13 @@ class SweepCluster:
 
     def close(self) -> None:
         self._pool.close()
+
+    def run(self, combo: Combo, run_id: str, *, bench: Benchmark, timeout: float | None) -> RunRecord:
+        """One run of the sweep over its connections; a failed run's run.json names the nodes that are gone."""
+        spec = RunSpec(info=self.info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args), run_id=run_id,
+                       settings=self.settings, timeout=timeout, config_name=self.cfg.source)
+        return Run(spec, connections=self.connections(),
+                   gone=lambda: lifecycle.gone_hosts(self.cfg, settings=self.settings, info=self.info)).execute()
 
     def lost(self, record: RunRecord) -> list[str]:
         """The nodes of ``record``'s run that the provider no longer runs, one line each with why."""

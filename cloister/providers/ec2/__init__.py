@@ -19,7 +19,7 @@ from ...errors import HostsFailed, ProviderError
 from ...config import ClusterConfig
 from ...cluster.servers import ClusterInfo, Node
 from ...settings import Settings
-from ..base import ClusterRow, Confirm, GoneNode, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
+from ..base import ClusterRow, Confirm, Image, ImageStore, Launched, NodeStatus, Plan, Progress, Provider
 from . import console, images, launch, lifecycle, network, plan, resize, ttl
 from .aws import aws_errors, client_for
 
@@ -150,9 +150,6 @@ class Ec2Provider(Provider):
 
     def images(self) -> ImageStore:
         return Ec2Images(self)
-
-    def gone_nodes(self, info: ClusterInfo) -> list[GoneNode]:
-        return resize.gone_nodes(self.cfg, info=info)
 
     def add_workers(self, info: ClusterInfo, *, numbers: list[int], spot_fallback: bool = False,
                     progress: Progress | None = None) -> list[Node]:

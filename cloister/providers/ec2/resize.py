@@ -1,4 +1,4 @@
-"""Workers added to and removed from a running cluster, and the nodes EC2 no longer runs (and why).
+"""Workers added to and removed from a running cluster.
 
 New workers are launched as the cluster's were: the master's image, subnet, security groups, key and
 placement group, the cluster's tags and its expiry (the TTL tag, which ``cluster.extend`` moves), so
@@ -15,7 +15,7 @@ from typing import Any
 from ...config import ClusterConfig
 from ...errors import ProviderError
 from ...cluster.servers import ClusterInfo, Node
-from ..base import GoneNode, Progress
+from ..base import Progress
 from . import prices
 from .aws import aws_errors, client_for, error_code
 from .instances import (TAG_TTL, TAG_WORKERS, cluster_filter, describe, encode_numbers, find, live_filter, node_of,
@@ -26,7 +26,6 @@ from .network import Subnet
 # What EC2 answers when it has no spot capacity (or not at the price asked) for a RunInstances call.
 SPOT_REFUSED = ("InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
                 "InsufficientCapacity", "UnfulfillableCapacity")
-GONE_STATES = ("shutting-down", "terminated")
 
 
 def _cluster_parts(cfg: ClusterConfig, found: list[dict[str, Any]]) -> dict[str, Any]:
@@ -131,24 +130,6 @@ def remove_workers(cfg: ClusterConfig, *, nodes: list[Node], progress: Progress 
             wait_for(client, cfg.cluster_name, live, "terminated", progress)
     return [f"terminated {len(live)} instances of ec2 cluster '{cfg.cluster_name}': "
             + ", ".join(n.name for n in nodes if n.id in live)] if live else []
-
-
-def gone_nodes(cfg: ClusterConfig, *, info: ClusterInfo) -> list[GoneNode]:
-    """The master and workers of ``info`` that EC2 shows shutting down or terminated, or no longer lists."""
-    with aws_errors(cfg):
-        # Terminated instances too (no state filter): their StateReason says why they went.
-        seen = {i["InstanceId"]: i for i in describe(client_for(cfg.region), cluster_filter(cfg.cluster_name))}
-    gone = []
-    for node in info.cluster_nodes:
-        instance = seen.get(node.id)
-        if instance is None:
-            gone.append(GoneNode(node=node, state="not found",
-                                 reason="EC2 no longer lists it (terminated more than about an hour ago)"))
-        elif state_of(instance) in GONE_STATES:
-            why = instance.get("StateReason") or {}
-            gone.append(GoneNode(node=node, state=state_of(instance),
-                                 reason=why.get("Message") or why.get("Code") or "no reason given"))
-    return gone
 
 
 def worker_hourly(cfg: ClusterConfig) -> float | None:

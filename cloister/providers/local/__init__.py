@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ...errors import ProviderError
 from ...cluster.servers import ClusterInfo, Node
-from ..base import (ClusterRow, Confirm, GoneNode, ImageStore, Launched, NodeStatus, Progress, Provider,
+from ..base import (ClusterRow, Confirm, ImageStore, Launched, NodeStatus, Progress, Provider,
                     no_images_error, pattern)
 from . import resize
 from .images import LocalImages
@@ -93,13 +93,13 @@ class LocalProvider(Provider):
                                 provider=self.name, cluster=self.cfg.cluster_name)
         return machines
 
-    def gone_nodes(self, info: ClusterInfo) -> list[GoneNode]:
+    def gone(self, info: ClusterInfo) -> dict[str, str]:
         machines = self._running()
         dead = resize.gone(machines)
         known = {h["name"] for h in machines.state()["hosts"]}
-        return [GoneNode(node=node, state="dead", reason=dead[node.id]) if node.id in dead else
-                GoneNode(node=node, state="not found", reason="the local cluster has no such host any more")
-                for node in info.cluster_nodes if node.id in dead or node.id not in known]
+        return {node.id: f"dead: {dead[node.id]}" if node.id in dead else
+                "not found: the local cluster has no such host any more"
+                for node in info.nodes if node.id in dead or node.id not in known}
 
     def add_workers(self, info: ClusterInfo, *, numbers: list[int], spot_fallback: bool = False,
                     progress: Progress | None = None) -> list[Node]:
