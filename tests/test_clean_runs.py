@@ -136,7 +136,7 @@ def test_a_lost_ssh_session_still_kills_and_collects_that_host(exp, role):
     assert "running" not in {r["status"] for r in record["roles"]}, record["roles"]
     # Nothing of the run is left anywhere: its processes, nor the master's tail of the lost session.
     name = gate_file[2:]
-    assert exp.leftovers(f"[d]sum -i|[{name[0]}]{name[1:]}|[t]ail -n .1 -s") == {}
+    assert exp.leftovers_after_a_lost_session(f"[d]sum -i|[{name[0]}]{name[1:]}|[t]ail -n .1 -s") == {}
 
 
 # ---------------------------------------------------------------- readiness that cannot be fooled

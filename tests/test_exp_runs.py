@@ -108,6 +108,16 @@ class Exp:
         found = self.remote(f"pgrep -af {shlex.quote(pattern)} || true")
         return {host: text for host, text in found.items() if text.strip()}
 
+    def leftovers_after_a_lost_session(self, pattern: str, *, within: float = 20.0) -> dict[str, str]:
+        """``leftovers`` once the processes of a session that just died have been ended: their watcher sees
+        the session's EOF at once, but ends them with TERM and a grace before KILL, later on a loaded host."""
+        deadline = time.monotonic() + within
+        while True:
+            found = self.leftovers(pattern)
+            if not found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
     def killall(self, *names: str) -> None:
         grp = hosts.group(self.info, self.info.cluster_nodes, connect_timeout=5)
         try:
