@@ -208,8 +208,9 @@ def test_a_cpu_burning_worker_shows_on_its_host_only(bench):
     hosts = record["resources"]["hosts"]
     assert set(hosts) == {master, burner, idle}
     assert all(s["samples"] >= 2 for s in hosts.values()), hosts
-    # The spinning worker is the run's CPU on its host, and only there.
-    assert hosts[burner]["run_cpu_mean_pct"] > 30, hosts
+    # The spinning worker is the run's CPU on its host, and only there (on a loaded 2-core machine it gets
+    # only its share of a core: what is tested is that the CPU is counted, and counted on the right host).
+    assert hosts[burner]["run_cpu_mean_pct"] > 10, hosts
     assert hosts[burner]["run_cpu_mean_pct"] > 5 * max(hosts[idle]["run_cpu_mean_pct"],
                                                        hosts[master]["run_cpu_mean_pct"], 1), hosts
     assert hosts[burner]["run_rss_peak_bytes"] > 0 and hosts[idle]["run_rss_peak_bytes"] > 0
