@@ -414,7 +414,7 @@ def resize(c, config=None, nworkers=None, dry_run=False, wait=True):
     for line in change.lines:
         print(line)
     if not dry_run and (change.added or change.removed):
-        print(f"servers/ rewritten" + (f" and copied to {len(change.info.nodes)} nodes" if wait else "")
+        print("servers/ rewritten" + (f" and copied to {len(change.info.nodes)} nodes" if wait else "")
               + f" in {time.monotonic() - start:.1f}s")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import moto_server as ms  # before anything imports moto
 import paramiko
 import pytest
 from conftest import no_traceback
-from test_ec2_twin import BOOT_TIMEOUT, KEY_NAME, SUFFIX, Ec2Cluster, Keys, describe, table_rows, tags
+from test_ec2_twin import KEY_NAME, SUFFIX, Ec2Cluster, Keys, describe, table_rows, tags
 from twin import Twin, firewall
 from twin.identity import ACCOUNT, SOURCE_KEY, sessions
 

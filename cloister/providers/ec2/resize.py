@@ -14,11 +14,11 @@ from typing import Any
 
 from ...config import ClusterConfig
 from ...errors import ProviderError
-from ...cluster.servers import ClusterInfo, Node
+from ...cluster.servers import Node
 from ..base import Progress
 from . import prices
 from .aws import aws_errors, client_for, error_code
-from .instances import (TAG_TTL, TAG_WORKERS, cluster_filter, describe, encode_numbers, find, live_filter, node_of,
+from .instances import (TAG_TTL, TAG_WORKERS, describe, encode_numbers, find, live_filter, node_of,
                         ranges, role_of, scope_of, state_of, tags_of, wait_for)
 from .launch import run_args
 from .network import Subnet
