@@ -104,6 +104,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "owner": (_opt_str, "who owns the cluster's instances (default: the caller's AWS identity)"),
     "subnet_id": (lambda v: v is None or (isinstance(v, str) and v.startswith("subnet-")), "a subnet id ('subnet-...')"),
     "availability_zone": (_opt_str, "an availability zone such as 'us-west-2a'"),
+    "cpu_credits": (lambda v: v in ("standard", "unlimited"), "'standard' or 'unlimited' (t2/t3/t3a/t4g CPU credits)"),
     "hosts": (lambda v: v is None or (isinstance(v, list) and len(v) >= 1 and all(_str(h) for h in v)),
               "a list of host names, the master first"),
     "network": (lambda v: v is None or isinstance(v, dict),
@@ -161,6 +162,7 @@ class ClusterConfig:
     owner: str | None = None
     subnet_id: str | None = None
     availability_zone: str | None = None
+    cpu_credits: str = "standard"
     hosts: list[str] | None = None
     network: dict[str, Any] | None = None
     notices: tuple[str, ...] = ()

@@ -32,8 +32,9 @@ CONFIG_HELP = "cluster config JSON (default: cloister.config in invoke.yaml)"
                     "instances run, with servers/ written)",
             "name": "cluster name (overrides the config's cluster_name)",
             "label": "the old scripts' -l: names the cluster and its AMI prefix (cluster_name and ami_tag)",
-            "dry_run": "ec2: print the plan (AMI, types, counts, rules, TTL, $/hour), check permissions "
-                       "with EC2's DryRun, create nothing",
+            "dry_run": "ec2: print the plan (AMI, types, zone, counts, rules, TTL, $/hour), check what would make "
+                       "the launch fail (permissions with EC2's DryRun, key pair, architectures, vCPU quotas), "
+                       "create nothing",
             "ttl": "ec2: the instances terminate themselves after this, e.g. 6h or 90m; 0 disables "
                    "(overrides the config's ttl)",
             "yes": "ec2: if the launch fails or is interrupted, terminate what it created without asking",
@@ -46,8 +47,11 @@ def launch(c, config=None, nworkers=None, wait=True, name=None, dry_run=False, t
                **label_overrides(label=label, name=name))
     conf = settings(c)
     if dry_run:
-        for line in lib.plan(cfg, settings=conf).lines():
+        plan = lib.plan(cfg, settings=conf)
+        for line in plan.lines():
             print(line)
+        if plan.failures:
+            raise Exit(f"dry run: {len(plan.failures)} check(s) say the launch would fail (FAILS above)", code=1)
         return
     for text in lib.provider(cfg, settings=conf).launch_warnings():
         warning(text)

@@ -212,11 +212,12 @@ def test_launch_1_plus_8_tags_rules_ttl_and_servers(aws, make_cfg, settings, tmp
     assert [g["GroupId"] for g in rules["-1", None]["UserIdGroupPairs"]] == [group["GroupId"]]
     assert world_open(group) == []
 
-    # One RunInstances per role with its own ClientToken; one DescribeInstances per poll.
+    # One RunInstances per role with its own ClientToken; one DescribeInstances per poll (plus the find and
+    # the account's vCPUs in use, for the quota check).
     runs = [p for a, p in inject.calls if a == "RunInstances"]
     assert [(p["MinCount"], p["InstanceType"]) for p in runs] == [("1", "m5.xlarge"), ("8", "m5.large")]
     assert len({p["ClientToken"] for p in runs}) == 2 and all(p["ClientToken"].startswith("t1-") for p in runs)
-    assert inject.count("DescribeInstances") == 1 + len(polls)
+    assert inject.count("DescribeInstances") == 2 + len(polls)
     assert polls[-1] == ("t1: 9 running", 9, 9)
 
     info = read_servers(settings.servers_dir, cluster_name="t1")
@@ -236,10 +237,11 @@ def test_launch_1_plus_64_takes_the_same_requests(aws, make_cfg, settings):
     result = lib.launch(make_cfg(nworkers=64), settings=settings, wait=False)
     assert len(result.info.workers) == 64 and len(live(client, "t1")) == 65
     assert inject.count("RunInstances") == 2
-    # The subnet lookup and the launch lock's release are two of them; STS (the owner) is not EC2.
-    assert inject.count() <= 10
+    # The subnet lookup, the launch lock's release and the checks before RunInstances (zones, key pair, types,
+    # vCPUs in use) are among them; STS (the owner) and Service Quotas are not EC2.
+    assert inject.count() <= 14
     assert len(lib.status(make_cfg(nworkers=64), settings=settings)) == 65
-    assert inject.count() <= 11
+    assert inject.count() <= 16
 
 
 def test_ssh_from_a_security_group_or_explicitly_from_anywhere(aws, make_cfg, settings):
@@ -362,8 +364,13 @@ def test_failed_launch_offers_to_terminate_what_it_created(aws, make_cfg, settin
         lib.launch(cfg, settings=settings, wait=False, confirm=lambda q: asked.append(q) or True)
     message = str(failed.value)
     assert "\n" not in message and failed.value.code == "InsufficientInstanceCapacity"
-    assert message.startswith("launch of ec2 cluster 't1' failed: AWS has no spare capacity")
-    assert "choose another instance type" in message and message.endswith("terminated the 1 instances it created")
+    # Every zone refuses the workers: the whole cluster was tried in each zone offering the types, in turn.
+    assert message.startswith("launch of ec2 cluster 't1' failed: no capacity for the cluster in any zone that "
+                              "offers the types (us-west-2a, us-west-2b, us-west-2c, us-west-2d)")
+    assert [p["SubnetId"] for a, p in inject.calls if a == "RunInstances"] == [
+        s["SubnetId"] for s in sorted(client.describe_subnets()["Subnets"], key=lambda s: s["AvailabilityZone"])
+        for _ in ("master", "workers")]
+    assert "choose other instance types" in message and message.endswith("terminated the 1 instances it created")
     assert asked and "terminate the 1 instances it created?" in asked[0]
     assert live(client, "t1") == [] and cluster_groups(client, "t1") == []
     assert not (Path(settings.servers_dir) / "cluster.json").exists()
@@ -427,22 +434,24 @@ def test_throttling_is_retried(aws, make_cfg, settings):
 
 @pytest.mark.parametrize("overrides, code, advice", [
     ({"ami": "ami-12345678"}, "InvalidAMIID.NotFound", "check `ami` in the config, or run inv ami.list"),
-    ({"key_name": "nobody"}, "InvalidKeyPair.NotFound", "check `key_name`"),
-    ({"instance_type": "m5.hugex"}, "InvalidInstanceType.NotFound", "check instance_type"),
+    # Found before any RunInstances: by DescribeKeyPairs, by DescribeInstanceTypeOfferings.
+    ({"key_name": "nobody"}, None, "key pair 'nobody' does not exist in us-west-2: check key_name"),
+    ({"instance_type": "m5.hugex"}, None, "EC2 offers m5.hugex in no zone of this region: check instance_type"),
 ])
 def test_bad_input_rejected_by_ec2_gives_one_line(aws, make_cfg, settings, overrides, code, advice):
-    client, _ = aws
-    with pytest.raises(AwsError) as failed:
+    client, inject = aws
+    with pytest.raises(CloisterError) as failed:
         lib.launch(make_cfg(**overrides), settings=settings, wait=False)
-    assert failed.value.code == code and advice in str(failed.value) and "\n" not in str(failed.value)
-    assert live(client) == []
+    assert getattr(failed.value, "code", None) == code and advice in str(failed.value)
+    assert "\n" not in str(failed.value) and live(client) == [] and cluster_groups(client, "t1") == []
+    assert inject.count("RunInstances") == 0
 
 
 @pytest.mark.parametrize("code, expected", [
-    ("VcpuLimitExceeded", "your vCPU quota in us-west-2 is too small for this launch (VcpuLimitExceeded: "
+    ("VcpuLimitExceeded", "your on-demand vCPU quota in us-west-2 is too small for this launch (VcpuLimitExceeded: "
                           "You have requested more vCPU capacity than your current vCPU limit allows.); "
-                          "ask for a higher"),
-    ("InsufficientInstanceCapacity", "AWS has no spare capacity for this request in us-west-2 right now"),
+                          "ask for more 'Running On-Demand Standard instances' vCPUs (quota L-1216C47A)"),
+    ("InsufficientInstanceCapacity", "no capacity for the cluster in any zone that offers the types"),
     ("UnauthorizedOperation", "not permitted to call RunInstances"),
 ])
 def test_launch_errors_from_ec2_explain_what_to_do(aws, make_cfg, settings, code, expected):
@@ -595,9 +604,12 @@ def test_dry_run_resolves_and_checks_but_creates_nothing(aws, make_cfg, settings
     assert "alice-clamor-20250101-0000" in text and "1 x m5.large on-demand" in text
     assert "8 x m5.large spot" in text and f"tcp 22 from {SSH_CIDR}" in text
     assert "every node terminates itself at" in text and "$0.86/hour" in text
-    assert lines[-2].startswith("  dry run    EC2 would allow every call")
+    assert any(line.startswith("  dry run    EC2 would allow every call") for line in lines)
+    # moto has no EC2 quotas in Service Quotas: said so, never passed (the twin answers them).
+    assert "  unchecked  spot vCPU quota L-34B43A08 (Service Quotas answered NoSuchResourceException)" in lines
+    assert "  checked    key pair alice exists" in lines and "  checked    m5.large runs x86_64 like" in text
     # Without an instance of the cluster, EC2 answers GetConsoleOutput's check with NotFound.
-    assert lines[-1] == "  unchecked  GetConsoleOutput (EC2 needs an existing resource to answer)"
+    assert "  unchecked  GetConsoleOutput (EC2 needs an existing resource to answer)" in lines
     # Every action of the policy was asked about (destroy's too), but the placement group's (none here).
     dry = {a for a, p in inject.calls if p.get("DryRun") == "true"}
     assert dry == set(ec2_permissions.EC2_ACTIONS) - {"DescribePlacementGroups", "CreatePlacementGroup",

@@ -82,6 +82,7 @@ class Plan:
 
     text: tuple[str, ...]
     denied: tuple[str, ...] = ()  # calls the provider refused
+    failures: tuple[str, ...] = ()  # what would make the launch fail, one line each
 
     def lines(self) -> list[str]:
         return list(self.text)

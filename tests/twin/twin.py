@@ -15,6 +15,7 @@ import moto_server as ms  # before anything imports moto: its validation switche
 
 from moto.ec2.models.instances import Instance, StateReason
 
+from . import faults as twin_faults
 from . import hooks, identity, reclaim
 from .addresses import AddressPool
 from .machine import CGROUP_ROOT, Machine, TwinError
@@ -55,8 +56,11 @@ class Twin:
     machine is killed.
     """
 
-    def __init__(self, state_dir: str | os.PathLike | None = None, *, grace: float = 20.0):
+    def __init__(self, state_dir: str | os.PathLike | None = None, *, grace: float = 20.0,
+                 faults: twin_faults.Faults | None = None):
         self.grace = grace
+        # EC2's daily failures (tests/twin/faults.py); by default those CLOISTER_TWIN_FAULTS names.
+        self.faults = faults if faults is not None else twin_faults.Faults.parse(os.environ.get(twin_faults.ENV, ""))
         self.url = ""
         self.machines: dict[str, Machine] = {}
         self.images: dict[str, Path] = {}
@@ -86,6 +90,7 @@ class Twin:
             self._stack.callback(self.pool.release)
             self._stack.enter_context(hooks.installed(self))
             self._stack.enter_context(identity.installed(self.requests))
+            self._stack.enter_context(twin_faults.installed(self.faults))
             server = ms.MotoEc2()
             self._stack.callback(server.stop)
             # Forget every instance before and after, so no other test sees a twin instance.

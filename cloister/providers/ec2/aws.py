@@ -9,12 +9,26 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from ...config import ClusterConfig
 from ...errors import AwsError
+from ...poll import retry
 
+T = TypeVar("T")
+
+# Adaptive mode slows the client down after throttling; ten attempts outlast a burst of a shared account.
 RETRIES = {"mode": "adaptive", "max_attempts": 10}
+# EC2 answers these with HTTP 500, which botocore would retry for a minute in the same zone; they are
+# answers about a zone (or a reservation) that another zone may not give.
+CAPACITY_CODES = ("InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+                  "UnfulfillableCapacity", "InsufficientReservedInstanceCapacity")
+# Answers about the account, not the moment: retrying cannot change them.
+FINAL_LAUNCH_CODES = CAPACITY_CODES + ("VcpuLimitExceeded", "MaxSpotInstanceCountExceeded",
+                                       "InstanceLimitExceeded", "PendingVerification", "OptInRequired")
+# EC2 is eventually consistent: an id it has just returned may be unknown to the next call for a while.
+NEW_ID_TIMEOUT = 120.0
 
 
 # (codes, (what happened, what to do)); {region} and {operation} are filled in.
@@ -31,13 +45,26 @@ _EXPLAIN_GROUPS: list[tuple[tuple[str, ...], tuple[str, str]]] = [
       "check `key_name`, or import your public key with aws ec2 import-key-pair")),
     (("InvalidInstanceType", "InvalidInstanceType.NotFound", "Unsupported"),
      ("the instance type is not offered here", "check instance_type and master_instance_type")),
-    (("InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity"),
+    (CAPACITY_CODES,
      ("AWS has no spare capacity for this request in {region} right now",
       "retry in a few minutes, choose another instance type, or drop placement_group")),
-    (("VcpuLimitExceeded", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded"),
-     ("your vCPU quota in {region} is too small for this launch",
-      "ask for a higher 'Running On-Demand/Spot instances' quota in Service Quotas, "
+    (("VcpuLimitExceeded",),
+     ("your on-demand vCPU quota in {region} is too small for this launch",
+      "ask for more 'Running On-Demand Standard instances' vCPUs (quota L-1216C47A) in Service Quotas, "
       "or use fewer or smaller instances")),
+    (("MaxSpotInstanceCountExceeded",),
+     ("your spot vCPU quota in {region} is too small for this launch",
+      "ask for more 'All Standard Spot Instance Requests' vCPUs (quota L-34B43A08) in Service Quotas, "
+      "or launch the workers on demand (spot: false)")),
+    (("InstanceLimitExceeded",),
+     ("your instance quota in {region} is too small for this launch",
+      "ask for a higher quota in Service Quotas, or use fewer instances")),
+    (("PendingVerification",),
+     ("AWS is still verifying your account for {region} and launches nothing until it is done",
+      "wait for AWS's e-mail (usually minutes, up to 4 hours), or ask AWS Support")),
+    (("OptInRequired",),
+     ("the account is not subscribed to what this launch needs (the AMI's Marketplace product, or the region)",
+      "accept the AMI's terms in AWS Marketplace or opt in to {region} in the account settings, then retry")),
     (("RequestLimitExceeded", "Throttling", "ThrottlingException"),
      (f"EC2 kept throttling requests after {RETRIES['max_attempts']} attempts",
       "wait a minute and retry; another tool may be calling EC2 heavily")),
@@ -108,7 +135,38 @@ def client_for(region: str | None):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("ec2", region_name=region, config=Config(retries=RETRIES))
+    client = boto3.client("ec2", region_name=region, config=Config(retries=RETRIES))
+    client.meta.events.register_first("needs-retry.ec2.RunInstances", _final_answer)
+    return client
+
+
+def quotas_client(region: str | None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("service-quotas", region_name=region, config=Config(retries=RETRIES))
+
+
+def _final_answer(response=None, operation=None, **_):
+    """Raise a launch refusal at once instead of letting botocore retry it (see FINAL_LAUNCH_CODES)."""
+    from botocore.exceptions import ClientError
+
+    if response is None:
+        return None
+    parsed = response[1]
+    if parsed.get("Error", {}).get("Code") in FINAL_LAUNCH_CODES:
+        raise ClientError(parsed, operation.name)
+    return None
+
+
+def on_new(call: Callable[[], T], *, codes: tuple[str, ...] = (), timeout: float = NEW_ID_TIMEOUT) -> T:
+    """``call`` (which names an id EC2 has just created), retried while EC2 answers one of ``codes`` (by
+    default any *.NotFound): for up to two minutes that does not mean the id is gone."""
+    def unseen(exc: Exception) -> bool:
+        code = error_code(exc) or ""
+        return code in codes if codes else code.endswith(".NotFound")
+
+    return retry(call, transient=unseen, timeout=timeout)
 
 
 def error_code(exc: Exception) -> str | None:

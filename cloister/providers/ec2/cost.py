@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from ...config import ClusterConfig
@@ -40,7 +40,9 @@ def _spot_prices(client, instances: list[dict[str, Any]]) -> dict[tuple[str, str
               if i.get("InstanceLifecycle") == "spot"}
     found = {}
     for kind, zone in sorted(wanted):
+        # StartTime now: the price in force now (without it EC2 may answer an older entry first).
         history = client.describe_spot_price_history(InstanceTypes=[kind], AvailabilityZone=zone, MaxResults=1,
+                                                     StartTime=datetime.now(timezone.utc),
                                                      ProductDescriptions=["Linux/UNIX"])["SpotPriceHistory"]
         if history:
             found[kind, zone] = float(history[0]["SpotPrice"])
@@ -48,7 +50,8 @@ def _spot_prices(client, instances: list[dict[str, Any]]) -> dict[tuple[str, str
 
 
 def describe_volumes(client, scope: Scope) -> list[dict[str, Any]]:
-    return client.describe_volumes(Filters=scope.filters())["Volumes"]
+    pages = client.get_paginator("describe_volumes").paginate(Filters=scope.filters())
+    return [volume for page in pages for volume in page["Volumes"]]
 
 
 def _volumes(volumes: list[dict[str, Any]], now: datetime,

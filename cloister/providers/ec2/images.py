@@ -10,7 +10,7 @@ from ...config import ClusterConfig
 from ...errors import ProviderError
 from ...poll import Backoff, retry
 from ..base import Image, Progress, no_images_error, pattern, prefix
-from .aws import aws_errors, client_for, error_code
+from .aws import aws_errors, client_for, error_code, on_new
 from .instances import TAG_IMAGE, TAG_OWNER, dev_instance, scope_of
 
 IMAGE_TIMEOUT = 3600.0
@@ -25,9 +25,12 @@ def to_image(raw: dict[str, Any]) -> Image:
                  snapshots=snapshots)
 
 
+def describe_images(client, **kwargs: Any) -> list[dict[str, Any]]:
+    return [image for page in client.get_paginator("describe_images").paginate(**kwargs) for image in page["Images"]]
+
+
 def _own_images(client, cfg: ClusterConfig) -> list[dict[str, Any]]:
-    raw = client.describe_images(Owners=["self"],
-                                 Filters=[{"Name": "name", "Values": [pattern(cfg)]}])["Images"]
+    raw = describe_images(client, Owners=["self"], Filters=[{"Name": "name", "Values": [pattern(cfg)]}])
     return sorted(raw, key=lambda i: (i["CreationDate"], i.get("Name", "")), reverse=True)
 
 
@@ -82,7 +85,7 @@ def create_image(cfg: ClusterConfig, *, name: str, progress: Progress | None = N
         )["ImageId"]
         backoff = Backoff(IMAGE_TIMEOUT, initial=2.0, maximum=15.0, factor=1.5)
         while True:
-            raw = client.describe_images(ImageIds=[image_id])["Images"][0]
+            raw = on_new(lambda: client.describe_images(ImageIds=[image_id]))["Images"][0]
             if progress:
                 progress(f"{name} ({image_id}): {raw['State']}", int(raw["State"] == "available"), 1)
             if raw["State"] == "available":
@@ -104,9 +107,10 @@ def _delete_snapshot(client, snapshot: str) -> None:
 
 def _orphan_snapshots(client, cfg: ClusterConfig) -> list[str]:
     """Snapshots cloister tagged for this prefix that no own image uses anymore (a prune that failed half-way)."""
-    tagged = client.describe_snapshots(OwnerIds=["self"], Filters=[
-        {"Name": f"tag:{TAG_IMAGE}", "Values": [prefix(cfg)]}])["Snapshots"]
-    used = {m["Ebs"]["SnapshotId"] for raw in client.describe_images(Owners=["self"])["Images"]
+    pages = client.get_paginator("describe_snapshots").paginate(OwnerIds=["self"], Filters=[
+        {"Name": f"tag:{TAG_IMAGE}", "Values": [prefix(cfg)]}])
+    tagged = [snapshot for page in pages for snapshot in page["Snapshots"]]
+    used = {m["Ebs"]["SnapshotId"] for raw in describe_images(client, Owners=["self"])
             for m in raw.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")}
     return sorted(s["SnapshotId"] for s in tagged if s["SnapshotId"] not in used)
 

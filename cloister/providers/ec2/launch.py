@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 from collections.abc import Iterable
@@ -14,12 +15,20 @@ from ...interrupts import shielded
 from ...settings import Settings
 from ..base import Confirm, Launched, Progress
 from . import swap, ttl
-from .aws import aws_error, aws_errors, botocore_errors, client_for, one_line
+from . import preflight
+from .aws import CAPACITY_CODES, aws_error, aws_errors, botocore_errors, client_for, error_code, on_new, one_line
 from .images import launch_image
 from .instances import (TAG_ROLE, TAG_TTL, Scope, cluster_info, find, forget_host_keys, role_of, scope_of,
                         refuse_unfound, state_of, state_path, wait_for, worker_number)
-from .network import (Subnet, allowed_ssh_source, ensure_placement_group, ensure_security_group, launch_subnet,
+from .network import (Subnet, allowed_ssh_source, ensure_placement_group, ensure_security_group,
                       release_launch_lock, until_free)
+from .zones import launch_subnets
+
+log = logging.getLogger("cloister.ec2")
+# Burstable families whose CPU credits the config decides (EC2's default for t3/t3a/t4g is unlimited,
+# which bills a busy benchmark for surplus credits).
+BURSTABLE = ("t2", "t3", "t3a", "t4g")
+
 
 def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: str, count: int, token: str,
              expires: datetime | None, subnet: Subnet) -> dict[str, Any]:
@@ -54,6 +63,8 @@ def run_args(cfg: ClusterConfig, scope: Scope, *, image: dict[str, Any], role: s
         args["UserData"] = cloud_config(boot)
     if cfg.placement_group:
         args["Placement"] = {"GroupName": cfg.placement_group}
+    if instance_type.split(".")[0] in BURSTABLE:
+        args["CreditSpecification"] = {"CpuCredits": cfg.cpu_credits}
     if role == "worker" and cfg.spot:
         # A one-time spot instance can never be started again: one that powers itself off (a shutdown on
         # the node, with ttl 0 too) must not linger stopped, billing its disk.
@@ -145,28 +156,80 @@ def launch(cfg: ClusterConfig, *, nworkers: int, settings: Settings, confirm: Co
             return Launched(info=cluster_info(cfg, running, settings), created=False)
         image = launch_image(client, cfg)
         ssh_source = allowed_ssh_source(cfg)
-        subnet = launch_subnet(client, cfg)
+        subnets = launch_subnets(client, cfg)
+        checked = preflight.check(client, cfg, image=image, nworkers=nworkers)
+        if checked.failures:
+            raise ProviderError(f"launch of ec2 cluster '{name}' would fail, nothing was created: "
+                                + "; ".join(checked.failures), provider="ec2", cluster=name)
         if cfg.placement_group:
             ensure_placement_group(client, cfg, scope)
-        group_id, group_created = ensure_security_group(client, cfg, scope, ssh_source=ssh_source, vpc=subnet.vpc)
-    token = secrets.token_hex(8)
+        group_id, group_created = ensure_security_group(client, cfg, scope, ssh_source=ssh_source,
+                                                        vpc=subnets[0].vpc)
     expires = expiry(cfg)
     ids: list[str] = []
     try:
         with aws_errors(cfg):
-            for role, count in (("master", 1), ("worker", nworkers)):
-                if count:
-                    args = run_args(cfg, scope, image=image, role=role, count=count, token=token, expires=expires,
-                                    subnet=subnet)
-                    reply = client.run_instances(SecurityGroupIds=[group_id], **args)
-                    ids += [i["InstanceId"] for i in reply["Instances"]]
-            running = wait_for(client, name, ids, "running", progress)
+            running = _launch_in_zones(client, cfg, scope, subnets, image=image, group_id=group_id,
+                                       nworkers=nworkers, expires=expires, ids=ids, progress=progress)
             release_launch_lock(client, group_id)
     except BaseException as exc:
         abandon(cfg, exc, settings=settings, ids=ids, confirm=confirm, progress=progress,
                 lock=(group_id, group_created))
     forget_host_keys(settings, cfg)
     return Launched(info=cluster_info(cfg, running, settings), created=True)
+
+
+def _launch_in_zones(client, cfg: ClusterConfig, scope: Scope, subnets: list[Subnet], *, image: dict[str, Any],
+                     group_id: str, nworkers: int, expires: datetime | None, ids: list[str],
+                     progress: Progress | None) -> list[dict[str, Any]]:
+    """Launch the whole cluster in the first zone that has capacity; ``ids`` holds what exists meanwhile.
+
+    A zone without capacity for any node gets the cluster's instances there terminated, and the whole
+    cluster is tried in the next zone (all nodes stay in one zone)."""
+    for n, subnet in enumerate(subnets):
+        token = secrets.token_hex(8)
+        try:
+            for role, count in (("master", 1), ("worker", nworkers)):
+                if count:
+                    args = run_args(cfg, scope, image=image, role=role, count=count, token=token, expires=expires,
+                                    subnet=subnet)
+                    # A just-created security group may be unknown to RunInstances for a while.
+                    reply = on_new(lambda: client.run_instances(SecurityGroupIds=[group_id], **args),
+                                   codes=("InvalidGroup.NotFound",))
+                    ids += [i["InstanceId"] for i in reply["Instances"]]
+            return wait_for(client, cfg.cluster_name, ids, "running", progress)
+        except botocore_errors() as exc:
+            code = error_code(exc)
+            if code not in CAPACITY_CODES:
+                raise
+            if n + 1 == len(subnets):
+                raise _no_capacity(cfg, subnets, exc) from None
+            _terminate(client, cfg, list(ids), progress)
+            log.warning("%s: no capacity in %s (%s); terminated the %d instances launched there and launching the "
+                        "whole cluster in %s", cfg.cluster_name, subnet.zone, code, len(ids), subnets[n + 1].zone)
+            ids.clear()
+    raise AssertionError("unreachable: launch_subnets returns at least one subnet")
+
+
+def _no_capacity(cfg: ClusterConfig, subnets: list[Subnet], exc: Exception) -> AwsError:
+    said = one_line(getattr(exc, "response", {}).get("Error", {}).get("Message", ""), 160)
+    if cfg.subnet_id or cfg.availability_zone:
+        key = "subnet_id" if cfg.subnet_id else "availability_zone"
+        todo = (f"retry later, or drop {key} from {cfg.source} so that cloister tries every zone that offers "
+                f"the types")
+        where = f"{subnets[0].zone}, the zone {key} names"
+    else:
+        todo = "retry in a few minutes, or choose other instance types"
+        where = "any zone that offers the types (" + ", ".join(s.zone for s in subnets) + ")"
+    return AwsError(f"no capacity for the cluster in {where} ({error_code(exc)}: {said}); {todo}",
+                    code=error_code(exc) or "", operation="RunInstances", region=cfg.region, cluster=cfg.cluster_name)
+
+
+def _terminate(client, cfg: ClusterConfig, ids: list[str], progress: Progress | None) -> None:
+    if ids:
+        # A just-launched instance may be unknown to TerminateInstances for a while; that does not mean gone.
+        on_new(lambda: client.terminate_instances(InstanceIds=ids))
+        wait_for(client, cfg.cluster_name, ids, "terminated", progress)
 
 
 def confirmed(confirm: Confirm | None, question: str) -> bool:
@@ -235,7 +298,8 @@ def _drop_group(client, lock: tuple[str, bool] | None) -> str:
         return ""
     group_id, created = lock
     if created:
-        until_free(lambda: client.delete_security_group(GroupId=group_id), codes=("DependencyViolation",))
+        until_free(lambda: on_new(lambda: client.delete_security_group(GroupId=group_id)),
+                   codes=("DependencyViolation",))
         return f"; deleted the security group it created ({group_id})"
     release_launch_lock(client, group_id)
     return ""
@@ -245,9 +309,7 @@ def teardown(client, cfg: ClusterConfig, ids: list[str], *, settings: Settings,
              progress: Progress | None) -> list[str]:
     """Terminate ``ids`` and wait; then delete the cluster's security groups and its placement group."""
     messages = []
-    if ids:
-        client.terminate_instances(InstanceIds=ids)
-        wait_for(client, cfg.cluster_name, ids, "terminated", progress)
+    _terminate(client, cfg, ids, progress)
     scope = scope_of(cfg)
     groups = client.describe_security_groups(Filters=scope.filters())["SecurityGroups"]
     for group in groups:

@@ -14,7 +14,7 @@ from typing import Any
 from ...config import ClusterConfig
 from ...errors import ProviderError
 from ...poll import retry
-from .aws import aws_errors, client_for, error_code, one_line
+from .aws import aws_errors, client_for, error_code, on_new, one_line
 from .instances import Scope, dev_instance
 log = logging.getLogger("cloister.ec2")
 
@@ -147,7 +147,7 @@ def ensure_security_group(client, cfg: ClusterConfig, scope: Scope, *, ssh_sourc
             raise
         return _reuse_security_group(client, cfg, scope, ssh_source=ssh_source, vpc=vpc), False
     rules = [_ssh_rule(ssh_source), _members_rule(group_id), _dev_rule(client, cfg)]
-    client.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[r for r in rules if r])
+    on_new(lambda: client.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[r for r in rules if r]))
     return group_id, True
 
 
@@ -213,7 +213,7 @@ def _sources(rule: dict[str, Any]) -> set[str]:
 
 
 def release_launch_lock(client, group_id: str) -> None:
-    client.delete_tags(Resources=[group_id], Tags=[{"Key": TAG_LAUNCHING}])
+    on_new(lambda: client.delete_tags(Resources=[group_id], Tags=[{"Key": TAG_LAUNCHING}]))
 
 
 def ensure_placement_group(client, cfg: ClusterConfig, scope: Scope) -> None:

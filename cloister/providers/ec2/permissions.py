@@ -36,10 +36,15 @@ EC2_ACTIONS: dict[str, str] = {
     "CreateImage": "ami.create",
     "DeregisterImage": "ami.prune",
     "DeleteSnapshot": "ami.prune",
+    "DescribeInstanceTypeOfferings": "choose a zone that offers both instance types",
+    "DescribeInstanceTypes": "check each type runs the AMI's architecture; its vCPUs against the quotas",
+    "DescribeKeyPairs": "check the key pair exists before a launch",
 }
 # The first spot launch in an account creates EC2's spot service-linked role (and no other role).
 SPOT_ROLE = {"Effect": "Allow", "Action": "iam:CreateServiceLinkedRole", "Resource": "*",
              "Condition": {"StringEquals": {"iam:AWSServiceName": "spot.amazonaws.com"}}}
+# Service Quotas answers the vCPU quotas a launch is checked against (it has no resources to limit).
+QUOTAS = {"Effect": "Allow", "Action": "servicequotas:GetServiceQuota", "Resource": "*"}
 # What no IAM policy can limit to some resources: descriptions, and the price history.
 READ_ONLY = tuple(a for a in EC2_ACTIONS if a.startswith("Describe"))
 # Calls that create: allowed when the request tags what it creates with the caller's own owner tag.
@@ -62,7 +67,7 @@ def policy() -> dict[str, Any]:
     """The minimal IAM policy, as the README shows it."""
     actions = [f"ec2:{a}" for a in EC2_ACTIONS]
     return {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"},
-                                                    SPOT_ROLE]}
+                                                    QUOTAS, SPOT_ROLE]}
 
 
 def shared_policy(owner: str = PRINCIPAL) -> dict[str, Any]:
@@ -86,6 +91,7 @@ def shared_policy(owner: str = PRINCIPAL) -> dict[str, Any]:
         {"Sid": "NeverMoveTheOwnerTag", "Effect": "Deny", "Action": ["ec2:CreateTags", "ec2:DeleteTags"],
          "Resource": "*", "Condition": {"ForAnyValue:StringEquals": {"aws:TagKeys": [OWNER_TAG]},
                                         "Null": {"ec2:CreateAction": "true"}}},
+        QUOTAS,
         SPOT_ROLE,
     ]
     return {"Version": "2012-10-17", "Statement": statements}
@@ -105,9 +111,10 @@ def policy_json() -> str:
     return json.dumps(policy(), indent=2)
 
 
-def allowed(call: Callable[..., Any], **kwargs: Any) -> bool | None:
+def allowed(call: Callable[..., Any], *, strict: bool = False, **kwargs: Any) -> bool | None:
     """EC2's DryRun: True (DryRunOperation), False (UnauthorizedOperation), None when EC2 answered that the
-    arguments themselves are wrong, which a made-up resource id may cause before permissions are checked."""
+    arguments themselves are wrong, which a made-up resource id may cause before permissions are checked.
+    ``strict``: the arguments are the launch's own, so such an answer is raised (the launch would fail)."""
     try:
         call(DryRun=True, **kwargs)
     except Exception as exc:
@@ -116,7 +123,7 @@ def allowed(call: Callable[..., Any], **kwargs: Any) -> bool | None:
             return True
         if code == "UnauthorizedOperation":
             return False
-        if any(part in code for part in NOT_CHECKABLE):
+        if not strict and any(part in code for part in NOT_CHECKABLE):
             return None
         raise
     return True
@@ -135,8 +142,11 @@ def lifecycle_checks(client, *, instance: str, group: str,
         "DescribeSecurityGroups": (client.describe_security_groups, {}),
         "DescribeSnapshots": (client.describe_snapshots, {"OwnerIds": ["self"]}),
         "DescribeSpotPriceHistory": (client.describe_spot_price_history, {"MaxResults": 5}),
-        "DescribeVolumes": (client.describe_volumes, {}),
+        "DescribeVolumes": (client.describe_volumes, {"MaxResults": 5}),
         "GetConsoleOutput": (client.get_console_output, {"InstanceId": instance}),
+        "DescribeInstanceTypeOfferings": (client.describe_instance_type_offerings, {"MaxResults": 5}),
+        "DescribeInstanceTypes": (client.describe_instance_types, {"MaxResults": 5}),
+        "DescribeKeyPairs": (client.describe_key_pairs, {}),
         "CreateTags": (client.create_tags, {"Resources": [instance], "Tags": tag}),
         "DeleteTags": (client.delete_tags, {"Resources": [instance], "Tags": tag}),
         "StopInstances": (client.stop_instances, {"InstanceIds": [instance]}),
