@@ -205,8 +205,9 @@ def _launch_in_zones(client, cfg: ClusterConfig, scope: Scope, subnets: list[Sub
             if n + 1 == len(subnets):
                 raise _no_capacity(cfg, subnets, exc) from None
             _terminate(client, cfg, list(ids), progress)
-            log.warning("%s: no capacity in %s (%s); terminated the %d instances launched there and launching the "
-                        "whole cluster in %s", cfg.cluster_name, subnet.zone, code, len(ids), subnets[n + 1].zone)
+            log.warning("%s: no capacity in %s (%s); %slaunching the whole cluster in %s", cfg.cluster_name,
+                        subnet.zone, code, f"terminated the {len(ids)} instances launched there and " if ids else "",
+                        subnets[n + 1].zone)
             ids.clear()
     raise AssertionError("unreachable: launch_subnets returns at least one subnet")
 

@@ -86,12 +86,7 @@ def _quotas(client, cfg: ClusterConfig, kinds: dict[str, dict[str, Any]], nworke
     need = {market: n for market, n in vcpu_need(cfg, kinds, nworkers).items() if n}
     if not need:
         return
-    in_use = {"on-demand": 0, "spot": 0}
-    for inst in describe(client, {"Name": "instance-state-name", "Values": ["pending", "running"]}):
-        if inst["InstanceType"][0] in STANDARD_FAMILIES:
-            cpu = inst.get("CpuOptions") or {}
-            market = "spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand"
-            in_use[market] += cpu.get("CoreCount", 1) * cpu.get("ThreadsPerCore", 1)
+    in_use = _in_use(client, kinds)
     service = quotas_client(cfg.region)
     for market, wanted in need.items():
         code, name = QUOTAS[market]
@@ -108,3 +103,21 @@ def _quotas(client, cfg: ClusterConfig, kinds: dict[str, dict[str, Any]], nworke
             failures.append(f"{line}: ask for at least {in_use[market] + wanted} in Service Quotas ('{name}'), "
                             f"or use fewer or smaller instances"
                             + (", or workers on demand" if market == "spot" else ""))
+
+
+def _in_use(client, kinds: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """vCPUs of the standard families that run in the region now (anyone's), by market."""
+    running = [i for i in describe(client, {"Name": "instance-state-name", "Values": ["pending", "running"]})
+               if i["InstanceType"][0] in STANDARD_FAMILIES]
+    # CpuOptions says what an instance really has; without it, the type's default.
+    unknown = sorted({i["InstanceType"] for i in running if not i.get("CpuOptions")} - set(kinds))
+    defaults = {kind: info["VCpuInfo"]["DefaultVCpus"] for kind, info in kinds.items()}
+    for start in range(0, len(unknown), 100):
+        for info in client.describe_instance_types(InstanceTypes=unknown[start:start + 100])["InstanceTypes"]:
+            defaults[info["InstanceType"]] = info["VCpuInfo"]["DefaultVCpus"]
+    in_use = {"on-demand": 0, "spot": 0}
+    for inst in running:
+        cpu = inst.get("CpuOptions")
+        vcpus = cpu["CoreCount"] * cpu.get("ThreadsPerCore", 1) if cpu else defaults.get(inst["InstanceType"], 1)
+        in_use["spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand"] += vcpus
+    return in_use
