@@ -135,7 +135,7 @@ def main() -> int:
               f"{old_requests(workers, 1):>11} {old_requests(workers, OLD_REAL_POLLS):>15}")
     print(f"\n1+63 thr: throttled at a burst of {THROTTLE[0]}, then {THROTTLE[1]:g}/s; {len(faults.injected)} requests "
           f"answered RequestLimitExceeded and retried (adaptive mode), none failed")
-    print(f"\ncluster.resize --no-wait from 1+N to 1+2N (N workers added; the old scripts could not resize)")
+    print("\ncluster.resize --no-wait from 1+N to 1+2N (N workers added; the old scripts could not resize)")
     print(f"{'nodes':>7} | {'added':>5} | {'resize':>6} | {'resize s':>8}")
     plain = [(int(label[2:]), requests, seconds) for label, requests, seconds in rows if " " not in label]
     for workers, requests, seconds in plain:

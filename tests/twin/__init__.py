@@ -32,6 +32,9 @@ What it reproduces of EC2
 - CreateImage records the instance's disk (its home, and every change it made), and instances
   launched from that AMI start from it (cloud-init then runs its per-instance parts for the new id).
 - GetConsoleOutput returns the machine's real console (systemd's and cloud-init's output).
+- EC2's daily failures on demand (``Twin(faults=Faults(...))``, ``CLOISTER_TWIN_FAULTS``, see faults.py):
+  new ids unknown for a while, zones without capacity, vCPU quotas (Service Quotas answers them),
+  refusals such as PendingVerification, throttling.
 
 What it does not
 - No hypervisor: the instances share this machine's kernel, its network namespace (services must bind

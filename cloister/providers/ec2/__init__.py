@@ -2,9 +2,9 @@
 
 Membership is the tag ``cloister:cluster`` on every resource; one DescribeInstances filtered by that
 tag answers each poll for the whole cluster, so the number of requests does not grow with it.
-``aws`` translates errors, ``instances`` finds and waits, ``network`` holds the security and
-placement groups, ``images`` the AMIs, ``launch`` and ``lifecycle`` the cluster's life, ``plan``
-the dry run.
+``aws`` translates errors and holds the retries, ``instances`` finds and waits, ``network`` holds the
+security and placement groups, ``zones`` picks the zone, ``preflight`` checks what would fail a launch,
+``images`` the AMIs, ``launch`` and ``lifecycle`` the cluster's life, ``plan`` the dry run.
 """
 
 from __future__ import annotations
