@@ -131,7 +131,8 @@ def one_line(proc) -> str:
 # -- 4. eventual consistency ----------------------------------------------------------------------
 
 
-def test_new_ids_unknown_for_a_while_are_retried_at_launch_destroy_and_rollback(faults, nothing_left, ec2, make_config, inv):
+def test_new_ids_unknown_for_a_while_are_retried_at_launch_destroy_and_rollback(faults, nothing_left, ec2,
+                                                                                 make_config, inv):
     faults.hide_new = 6.0  # longer than an `inv` takes to start, so destroy meets it too
     up = inv(make_config(), "cluster.launch", "--no-wait", "--yes")
     assert up.returncode == 0, up.stderr
@@ -309,7 +310,8 @@ def test_a_throttled_1_plus_63_lifecycle_succeeds(faults, nothing_left, ec2, mak
 # -- 11. money ----------------------------------------------------------------------------------
 
 
-def test_burstable_types_launch_with_standard_credits_unless_the_config_says(faults, nothing_left, ec2, make_config, tmp_path):
+def test_burstable_types_launch_with_standard_credits_unless_the_config_says(faults, nothing_left, ec2, make_config,
+                                                                            tmp_path):
     settings = Settings(servers_dir=str(tmp_path / "servers"), state_dir=str(tmp_path / "state"))
     counter = ms.Injector()
     try:

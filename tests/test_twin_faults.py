@@ -40,8 +40,8 @@ def test_a_cluster_comes_up_whole_in_the_next_zone_through_every_fault(key, tmp_
             "ssh_key": str(private), "user": "ubuntu", "instance_type": "m5.large",
             "master_instance_type": "m5.xlarge", "nworkers": 2, "ssh_cidr": "127.0.0.1/32", "ttl": "1h"}))
         env = twin.env()
-        env.update(INVOKE_CLOISTER_SERVERS_DIR=str(tmp_path / "servers"), INVOKE_CLOISTER_STATE_DIR=str(tmp_path / "st"),
-                   INVOKE_CLOISTER_CONFIG=str(config))
+        env.update(INVOKE_CLOISTER_SERVERS_DIR=str(tmp_path / "servers"),
+                   INVOKE_CLOISTER_STATE_DIR=str(tmp_path / "st"), INVOKE_CLOISTER_CONFIG=str(config))
 
         def inv(*args: str) -> subprocess.CompletedProcess:
             proc = subprocess.run([INV, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

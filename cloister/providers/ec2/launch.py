@@ -14,8 +14,7 @@ from ...errors import AwsError, CloisterError, ProviderError
 from ...interrupts import shielded
 from ...settings import Settings
 from ..base import Confirm, Launched, Progress
-from . import swap, ttl
-from . import preflight
+from . import preflight, swap, ttl
 from .aws import CAPACITY_CODES, aws_error, aws_errors, botocore_errors, client_for, error_code, on_new, one_line
 from .images import launch_image
 from .instances import (TAG_ROLE, TAG_TTL, Scope, cluster_info, find, forget_host_keys, role_of, scope_of,
