@@ -160,6 +160,9 @@ def test_new_ids_unknown_for_a_while_are_retried_at_launch_destroy_and_rollback(
 def test_a_zone_without_capacity_moves_the_whole_cluster_to_the_next(faults, nothing_left, ec2, make_config, inv):
     faults.no_capacity = ("m5.large@us-west-2a",)  # the master (m5.xlarge) fits there, the workers do not
     config = make_config(master_instance_type="m5.xlarge", nworkers=3)
+    # A DryRun checks permissions and parameters, not capacity: the plan stands.
+    dry = inv(config, "cluster.launch", "--dry-run")
+    assert dry.returncode == 0 and "without capacity there, the whole cluster in us-west-2b" in dry.stdout
     up = inv(config, "cluster.launch", "--no-wait", "--yes")
     assert up.returncode == 0, up.stderr
     assert ("fb1: no capacity in us-west-2a (InsufficientInstanceCapacity); terminated the 1 instances launched "

@@ -121,8 +121,10 @@ class Faults:
         action = response._get_action()
         params = {k: v[0] if isinstance(v, list) else v for k, v in response.querystring.items()}
         with self._lock:
+            # A DryRun checks permissions and parameters, never capacity or quotas.
+            launch = action == "RunInstances" and params.get("DryRun") != "true"
             error = (self._throttled() or self._refused(action) or self._hidden(params)
-                     or (self._launch_refusal(response, params) if action == "RunInstances" else None))
+                     or (self._launch_refusal(response, params) if launch else None))
         if error is None:
             return None
         status, code, message = error

@@ -10,7 +10,7 @@ from typing import Any
 from . import preflight, prices
 from ...config import ClusterConfig
 from ..base import Image, Plan
-from .aws import aws_error, aws_errors, botocore_errors, client_for
+from .aws import CAPACITY_CODES, aws_error, aws_errors, botocore_errors, client_for, error_code
 from .images import launch_image, to_image
 from .instances import TAG_OWNER, Scope, find, scope_of
 from .launch import expiry, run_args
@@ -149,7 +149,9 @@ def _ask(cfg: ClusterConfig, checks: dict[str, tuple[Callable[..., Any], dict[st
         try:
             answers[what] = allowed(call, strict=True, **kwargs)
         except botocore_errors() as exc:
-            answers[what] = None
+            if error_code(exc) in CAPACITY_CODES:  # a zone's state now, which the launch meets by moving on
+                answers[what] = True
+                continue
             invalid.append(f"{what}: {aws_error(exc, region=cfg.region, cluster=cfg.cluster_name)}")
     return answers, tuple(invalid)
 
