@@ -1018,7 +1018,8 @@ def test_the_readme_lists_exactly_the_policy_the_code_needs():
     shared = text.split("An account several people share", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(shared) == ec2_permissions.shared_policy()
     # Both allow exactly the actions the code calls.
-    wanted = {f"ec2:{a}" for a in ec2_permissions.EC2_ACTIONS} | {"iam:CreateServiceLinkedRole"}
+    wanted = {f"ec2:{a}" for a in ec2_permissions.EC2_ACTIONS} | {"iam:CreateServiceLinkedRole",
+                                                                   "servicequotas:GetServiceQuota"}
     assert ec2_permissions.policy_actions(ec2_permissions.policy()) == wanted
     assert ec2_permissions.policy_actions(ec2_permissions.shared_policy()) == wanted
 

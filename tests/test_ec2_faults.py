@@ -276,7 +276,8 @@ def test_the_dry_run_fails_what_would_fail_the_launch(faults, nothing_left, ec2,
     assert "  checked    on-demand vCPUs: the cluster needs 6, 0 of your 1152 (L-1216C47A) are in use" in lines
     assert any(line.startswith("  subnet     subnet-") and "in us-west-2a" in line and "the whole cluster in "
                "us-west-2b, us-west-2c, us-west-2d, in this order" in line for line in lines)
-    assert not [line for line in lines if "FAILS" in line or "unchecked" in line]
+    # GetConsoleOutput needs an instance of the cluster to be asked about: before a launch there is none.
+    assert not [line for line in lines if ("FAILS" in line or "unchecked" in line) and "GetConsoleOutput" not in line]
     nothing_left()
 
 

@@ -234,18 +234,18 @@ def _zone(backend, params: dict[str, str]) -> str:
 
 
 _active: Faults | None = None
-_ORIGINAL_CALL = BaseResponse.call_action
+_next_call = BaseResponse.call_action  # what the faults pass a request on to (see installed)
 _ORIGINAL_QUOTA = ServiceQuotasBackend.get_service_quota
 
 
 def _call_action(response: BaseResponse):
     faults = _active
     if faults is None or not isinstance(response, EC2Response):
-        return _ORIGINAL_CALL(response)
+        return _next_call(response)
     refusal = faults.before(response)
     if refusal is not None:
         return refusal
-    status, headers, body = _ORIGINAL_CALL(response)
+    status, headers, body = _next_call(response)
     faults.after(response._get_action(), status, body)
     return status, headers, body
 
@@ -259,10 +259,12 @@ def _get_service_quota(backend: ServiceQuotasBackend, service_code: str, quota_c
 @contextlib.contextmanager
 def installed(faults: Faults) -> Iterator[Faults]:
     """moto answers with ``faults`` inside the block (one set per process, as moto's backends are)."""
-    global _active
+    global _active, _next_call
     if _active is not None:
         raise RuntimeError("faults are already installed in this process")
     _active = faults
+    # Chained to what is installed already (moto's own, or another patch of the twin's).
+    _next_call = BaseResponse.call_action
     try:
         with mock.patch.object(BaseResponse, "call_action", _call_action), \
                 mock.patch.object(ServiceQuotasBackend, "get_service_quota", _get_service_quota):

@@ -89,8 +89,9 @@ class Twin:
             self.pool = AddressPool(self.dir)
             self._stack.callback(self.pool.release)
             self._stack.enter_context(hooks.installed(self))
-            self._stack.enter_context(identity.installed(self.requests))
+            # The faults first, so that the record of requests (identity) sees the refused ones too.
             self._stack.enter_context(twin_faults.installed(self.faults))
+            self._stack.enter_context(identity.installed(self.requests))
             server = ms.MotoEc2()
             self._stack.callback(server.stop)
             # Forget every instance before and after, so no other test sees a twin instance.
