@@ -252,7 +252,13 @@ def _kill_run(c, *, config, run_id: str) -> None:
     ctx = _context(c, config, None)
     with closing(ctx.every_host()) as grp:
         master = next(cxn for cxn in grp if cxn.host == ctx.info.master.host)
-        _end(ctx, grp, detached.pick(master, run_id=run_id), by="exp.killall --run")
+        entry = detached.find(master, run_id=run_id)
+        if not entry.kept:
+            _end(ctx, grp, entry.state, by="exp.killall --run")
+            return
+        if errors := runlib.end_kept(grp, bench=ctx.registry.get(entry.state.benchmark), run_id=entry.state.run_id):
+            raise HostsFailed(errors, total=len(ctx.info.cluster_nodes))
+    print(f"{entry.state.benchmark} run {entry.state.run_id}: its kept processes killed on every host")
 
 
 def _end(ctx: _Context, grp: hostlib.CappedGroup, state: detached.RunState, *, by: str) -> None:
@@ -353,13 +359,15 @@ def make(c, benchmark=None, config=None):
             "fail_fast": "stop at the first failed combination", "config": CONFIG_HELP,
             "retry_failed": "run the combinations that failed before again (resuming skips them otherwise)",
             "timeout": "seconds each master may run (default: the benchmark's timeout)",
+            "manager": "start the manager on the master first in every run (default: yes when the benchmark "
+                       "has one; --no-manager to skip)",
             "repair": "when a run fails because a worker is gone, repair the cluster and run it again "
                       "(without: the sweep stops and says how to repair and resume)",
             "repair_limit": "at most this many repairs in one sweep (with --repair)",
             "spot_fallback": "ec2, with --repair: replace a reclaimed spot worker on demand if spot is refused"},
       iterable=["args_grid"])
 def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, fail_fast=False, config=None,
-          timeout=None, retry_failed=False, repair=False, repair_limit=3, spot_fallback=False):
+          timeout=None, retry_failed=False, manager=True, repair=False, repair_limit=3, spot_fallback=False):
     """Run every k x p x args combination, resumably; write results.csv and plot.png."""
     timeout = number("--timeout", timeout, float, positive=True)
     ctx = _context(c, config, _require(benchmark))
@@ -376,7 +384,8 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
     sweep_name = name or sweeplib.default_name(bench.name, grid_spec)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep_name):
         raise Exit(f"--name {sweep_name!r}: expected letters, digits, '_', '.' or '-'", code=1)
-    state = sweeplib.SweepState(Path(ctx.conf.runs_dir) / "sweeps" / sweep_name, grid_spec)
+    state = sweeplib.SweepState(Path(ctx.conf.runs_dir) / "sweeps" / sweep_name, grid_spec,
+                                metric=bench.metric_name if bench.metric else sweeplib.METRIC)
     if retry_failed and (dropped := state.drop_failed()):
         print(f"retrying {dropped} failed combination(s)")
     all_combos = sweeplib.combos(ks=ks, ps=ps, grid=grid, repeat=repeat)
@@ -399,7 +408,8 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
 
     with closing(cluster):
         sweep_with_progress(sweep_name, state=state, all_combos=all_combos, cleanup_interrupted=cleanup_interrupted,
-                            run_one=functools.partial(cluster.run, bench=bench, timeout=timeout), fail_fast=fail_fast,
+                            run_one=functools.partial(cluster.run, bench=bench, timeout=timeout, manager=manager),
+                            fail_fast=fail_fast,
                             refuse=refuse if ctx.cfg.budget else None, healing=healing)
     image = sweeplib.plot(state, benchmark=bench.name, metric_name=bench.metric_name if bench.metric else None)
     lines, failed = sweeplib.summary(state, image=image)

@@ -90,7 +90,8 @@ def test_the_sampler_ends_by_itself_when_the_runs_processes_are_gone(tmp_path):
     """POSIX sh and awk on this machine: samples while the run's process lives, then stops on its own."""
     worker = subprocess.Popen(["sleep", "1.5"], start_new_session=True)
     (tmp_path / "pids").write_text(f"{worker.pid} worker 0 1\n")
-    sampler = subprocess.Popen(["setsid", "sh", "-c", res._SAMPLER, "sampler", str(tmp_path), "0.2"],
+    sampler = subprocess.Popen(["setsid", "sh", "-c", res._SAMPLER, "sampler", str(tmp_path), "0.2",
+                                "CLOISTER_RUN_ID=20260101-000000-abcd", "60"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         assert worker.wait(timeout=30) == 0

@@ -4,7 +4,8 @@ On each host every file of a run lives in ``cloister.layout.run_dir(benchmark, r
 (``~/cloister/runs/{benchmark}/{run_id}/``): ``{role}{i}_{run_id}.log``, ``pids`` (``PID ROLE INDEX
 PORT`` per process; each PID leads its own process group) ``{role}{i}.exit`` written when a process
 ends by itself (``.started``/``.ended``: the host's times), and on the master ``state.json`` while the run
-is in flight (``detached``), ``follower`` (``claim``) and ``outcome.json`` (``conclusion``). Locally, a
+is in flight (``detached``), ``follower`` (``claim``) and ``outcome.json`` (``conclusion``); every process
+of a run carries ``CLOISTER_RUN_ID`` in its environment (``scripts.RUN_MARK``). Locally, a
 run is ``{runs_dir}/{benchmark}/{run_id}/`` with one folder per host and
 ``run.json`` (``RunRecord``).
 
@@ -25,7 +26,7 @@ run is ``{runs_dir}/{benchmark}/{run_id}/`` with one folder per host and
 - ``follow``: streaming the master's log;
 - ``conclusion``: how a run ended, read back from its downloaded folder;
 - ``finish``: ending a run from outside its session, completing a record (exp.killall, destroy, exp.logs);
-- ``experiments``: experiments.yaml (benchmarks, their commands, ports, readiness);
+- ``experiments``: experiments.yaml (benchmarks, their commands, ports, readiness), read by ``yamlfile``;
 - ``preparation``: the ``prepare`` block (how each process is prepared);
 - ``sweep``: many runs over a grid, resumable, ``results.csv``.
 """
@@ -37,7 +38,7 @@ import importlib
 # Each name is imported from its module on first use (PEP 562): a task that does not run experiments
 # (cluster.run, say) does not pay for importing the orchestration.
 _HOME = {
-    "end_run": "kill", "kill_run": "kill", "killall": "kill",
+    "end_kept": "kill", "end_run": "kill", "kill_run": "kill", "killall": "kill",
     "clean_remote": "logs", "download_run": "logs", "local_run_dir": "logs", "local_runs": "logs",
     "read_metric": "logs",
     "Run": "orchestration",
@@ -60,5 +61,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["GitState", "Probe", "Proc", "Run", "RunHosts", "RunRecord", "RunSpec", "build_command", "clean_remote",
-           "collect", "download_run", "end_before_destroy", "end_in_flight", "end_run", "kill_run", "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id",
+           "collect", "download_run", "end_before_destroy", "end_in_flight", "end_kept", "end_run", "kill_run", "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id",
            "parse_probe", "read_metric", "runs_in_flight", "start_by_hand", "start_script", "validate_run_id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ExperimentError
 from .kill import kill_run
 from .logs import download_run
 from .orchestration import Run
@@ -14,6 +15,11 @@ def start_by_hand(run: Run, role: str) -> list[Proc]:
     Whatever happens, the logs so far are fetched and this call's processes are added to run.json, so
     the run is listed and is the latest one for exp.logs and exp.clean.
     """
+    command = role.removesuffix("s")
+    if not run.bench.has(command):
+        run.close()
+        raise ExperimentError(f"benchmark '{run.bench.name}' has no {role} (commands.{command} is null in "
+                              f"{run.bench.source})", benchmark=run.bench.name)
     start = {"manager": lambda: [run.start_manager()], "workers": run.start_workers,
              "master": lambda: [run.follow_master(run.start_master(), timeout=run.spec.master_timeout)]}[role]
     try:

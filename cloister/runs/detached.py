@@ -29,6 +29,7 @@ from .spec import RunSpec
 
 STATE_FILE = "state.json"
 ENDED_FILE = "state.ended.json"  # the state of a run that has concluded
+KEPT_FILE = "kept"  # beside ENDED_FILE: the run's other processes were left running (--keep) and still may be
 PHASES = ("starting", "manager", "workers", "master")  # the phase that began last
 SAVE_TIMEOUT = 30.0  # seconds to write the state on the master
 _STATE_MARK = "\x1eSTATE "  # precedes each state in _states_script's output: no JSON line starts with it
@@ -97,21 +98,31 @@ def save(cxn: Connection, *, state: RunState, then: str | None = None) -> None:
                               benchmark=state.benchmark, run_id=state.run_id)
 
 
-def conclude_script(benchmark: str, run_id: str) -> str:
-    """The run is no longer in flight: its state kept as ended (safe on hosts without its folder)."""
+def conclude_script(benchmark: str, run_id: str, *, kept: bool = False) -> str:
+    """The run is no longer in flight: its state kept as ended (safe on hosts without its folder). A run
+    ``kept`` (--keep) stays listed by exp.ps, marked, until exp.killall ends its processes."""
     rdir = run_dir(benchmark, run_id)
-    return f"if [ -e {rdir}/{STATE_FILE} ]; then mv -f {rdir}/{STATE_FILE} {rdir}/{ENDED_FILE}; fi"
+    mark = f" && touch {rdir}/{KEPT_FILE}" if kept else ""
+    return f"if [ -e {rdir}/{STATE_FILE} ]; then mv -f {rdir}/{STATE_FILE} {rdir}/{ENDED_FILE}{mark}; fi"
 
 
-def _states_script(run_id: str | None) -> str:
+def forget_kept_script(benchmark: str, run_id: str = "*") -> str:
+    """The benchmark's kept runs (or only ``run_id``) are over: exp.killall has just ended their processes."""
+    run = "*" if run_id == "*" else shlex.quote(run_id)
+    return f'rm -f "$HOME"/{RUNS_DIR}/{shlex.quote(benchmark)}/{run}/{KEPT_FILE}'
+
+
+def _states_script(run_id: str | None, *, kept: bool) -> str:
     """Print every run in flight on this master (or only ``run_id``): a marker line with whether a session
-    follows it (``claim.status_lines``) and the last line of its master's log, then its state."""
-    pattern = f'"$HOME"/{RUNS_DIR}/*/{shlex.quote(run_id) if run_id else "*"}/{STATE_FILE}'
+    follows it (``claim.status_lines``; ``kept`` for a kept run, listed with ``kept``) and the last line of its
+    master's log, then its state."""
+    folders = f'"$HOME"/{RUNS_DIR}/*/{shlex.quote(run_id) if run_id else "*"}'
     last = "tail -n 1 \"$d\"/master_\"$(basename \"$d\")\".log 2>/dev/null | tr -d '\\r\\036'"
     return "\n".join([
-        f"for s in {pattern}; do [ -f \"$s\" ] || continue; d=$(dirname \"$s\")",
-        "  " + claim.status_lines(),
-        f'  c=0; [ -e "$d"/{OUTCOME_FILE} ] && c=1',
+        f"for s in {folders}/{STATE_FILE}" + (f" {folders}/{KEPT_FILE}" if kept else "")
+        + "; do [ -f \"$s\" ] || continue; d=$(dirname \"$s\")",
+        f'  case "$s" in */{KEPT_FILE}) s="$d"/{ENDED_FILE}; fl=kept; c=0;; *) ' + claim.status_lines() + "; "
+        f'c=0; [ -e "$d"/{OUTCOME_FILE} ] && c=1;; esac',
         f'  printf "{_STATE_MARK.replace(chr(0x1e), chr(92) + "036")}%s %s %s\\n" "$fl" "$c" "$({last})"; cat "$s"',
         "done; true",
     ])
@@ -126,29 +137,42 @@ class InFlight:
     followed: str
     last_line: str
     concluding: bool = False  # a session began to end it (its verdict is on the master) and did not finish
+    kept: bool = False  # it has concluded, its other processes left running (--keep)
 
 
-def in_flight(cxn: Connection, *, run_id: str | None = None) -> list[InFlight]:
-    """The runs in flight on the cluster whose master is ``cxn`` (or only ``run_id``), oldest first."""
-    out = cxn.run(_states_script(run_id), warn=False, hide=True, timeout=30).stdout
+def in_flight(cxn: Connection, *, run_id: str | None = None, kept: bool = False) -> list[InFlight]:
+    """The runs in flight on the cluster whose master is ``cxn`` (or only ``run_id``), oldest first; with
+    ``kept``, also the runs that have concluded with their processes left running (--keep)."""
+    out = cxn.run(_states_script(run_id, kept=kept), warn=False, hide=True, timeout=30).stdout
     found = []
     for chunk in out.split(_STATE_MARK)[1:]:
         head, _, body = chunk.partition("\n")
         live, concluding, last = (head.split(" ", 2) + ["", ""])[:3]
         try:
-            found.append(InFlight(RunState.from_json(body.strip()), live, last.strip(), concluding == "1"))
+            found.append(InFlight(RunState.from_json(body.strip()), live, last.strip(), concluding == "1",
+                                  kept=live == "kept"))
         except ValueError:
             continue  # a state being replaced right now, or not one of ours: not a run to act on
     return sorted(found, key=lambda f: f.state.run_id)
 
 
-def pick(cxn: Connection, *, run_id: str | None) -> RunState:
-    """The run ``run_id`` in flight (default: the latest)."""
-    runs = in_flight(cxn, run_id=validate_run_id(run_id) if run_id else None)
+def find(cxn: Connection, *, run_id: str | None) -> InFlight:
+    """The run ``run_id`` in flight or kept (default: the latest in flight)."""
+    runs = in_flight(cxn, run_id=validate_run_id(run_id) if run_id else None, kept=run_id is not None)
     if not runs:
         raise ExperimentError(f"no run {run_id} in flight on the cluster (see inv exp.ps)" if run_id else
                               "no run in flight on the cluster (see inv exp.list for past runs)")
-    return runs[-1].state
+    return runs[-1]
+
+
+def pick(cxn: Connection, *, run_id: str | None) -> RunState:
+    """The run ``run_id`` in flight (default: the latest); a kept run has nothing left to follow."""
+    entry = find(cxn, run_id=run_id)
+    if entry.kept:
+        raise ExperimentError(f"run {entry.state.run_id} has ended and was kept (--keep): its processes are still "
+                              f"running; end them with inv exp.killall --run {entry.state.run_id}",
+                              run_id=entry.state.run_id)
+    return entry.state
 
 
 def spec_of(state: RunState, *, info: ClusterInfo, registry: Registry, settings: Settings) -> RunSpec:
@@ -196,13 +220,14 @@ PS_COLUMNS = ("benchmark", "run id", "k x p", "started", "alive/all per role", "
 def ps(grp: hosts.CappedGroup, *, master: str) -> tuple[list[list[str]], dict[str, str]]:
     """exp.ps: a row per run in flight on the cluster of ``grp`` (``PS_COLUMNS``), as its hosts tell; per-host
     errors of the hosts that could not say what runs."""
-    runs = in_flight(next(cxn for cxn in grp if cxn.host == master))
+    runs = in_flight(next(cxn for cxn in grp if cxn.host == master), kept=True)
     if not runs:
         return [], {}
     counts, errors = role_counts(grp, run_ids=[r.state.run_id for r in runs])
     rows = [[r.state.benchmark, r.state.run_id, f"{r.state.k} x {r.state.p}", r.state.started[:19],
              " ".join(f"{role} {a}/{a + d}" for role, (a, d) in sorted(counts[r.state.run_id].items())),
-             r.followed, r.last_line if r.state.master_started else f"({r.state.phase})"] for r in runs]
+             "kept (master ended)" if r.kept else r.followed,
+             r.last_line if r.state.master_started else f"({r.state.phase})"] for r in runs]
     return rows, errors
 
 

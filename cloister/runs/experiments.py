@@ -22,9 +22,21 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 ROLES = ("manager", "worker", "master")
 PLACEHOLDERS = frozenset({"binary", "worker_binary", "benchmark", "host", "port", "index", "manager",
                           "manager_port", "master_port", "worker_hosts", "worker_endpoints", "nprocs", "k",
-                          "partitions", "run_id", "args"})
+                          "partitions", "run_id", "args", "hostfile"})
 KEYS = ("dir", "binary", "worker_binary", "vars_file", "env", "args", "ports", "commands", "ready",
-        "ready_timeout", "timeout", "build", "metric", "prepare", "resources")
+        "ready_timeout", "timeout", "build", "metric", "prepare", "resources", "workers_per_host", "logs",
+        "stop_grace")
+# Roles a benchmark may leave out (null): an MPI program is a master only, mpirun starts its ranks.
+OPTIONAL_ROLES = ("manager", "worker")
+# workers_per_host: "nprocs" starts P worker processes on each host (ports worker_base + j); "one" starts
+# one that is given P ({nprocs}), on worker_base, for systems with a daemon per host (Ray's raylet).
+WORKERS_PER_HOST = ("nprocs", "one")
+STOP_GRACE = 5.0  # seconds between TERM and KILL when a run's processes are ended
+MAX_STOP_GRACE = 60.0  # the run's end waits this long at most, within the log download's time
+# The per-run OpenMPI hostfile on the master ({hostfile}): the run's K worker hosts, P slots each.
+HOSTFILE = "hostfile"
+# A log path on a host: absolute or under ~/, no shell syntax needed to name it.
+_LOG_PATH_RE = re.compile(r"(/|~/)[^\0\n]*[^\0\n/][^\0\n]*")
 SAMPLE_INTERVAL = 1.0  # seconds between resource samples on each host of a run
 MIN_SAMPLE_INTERVAL = 0.1  # a sampler waking more often would cost more than it tells
 PORT_KEYS = ("manager", "master", "worker_base")
@@ -56,6 +68,13 @@ class Benchmark:
     prepare: Preparation
     resources: float  # seconds between resource samples on each host; 0: not sampled
     source: str = ""
+    workers_per_host: str = "nprocs"
+    logs: tuple[str, ...] = ()  # more paths on the hosts collected with the run
+    stop_grace: float = STOP_GRACE
+
+    def has(self, role: str) -> bool:
+        """Whether the benchmark has ``role`` (manager and worker may be null)."""
+        return self.commands.get(role) is not None
 
     def worker_port(self, local_index: int) -> int:
         return self.worker_base + local_index
@@ -184,8 +203,11 @@ def _commands(raw: Mapping[str, Any], fail: Fail) -> dict[str, str]:
             raise fail(f"commands.{key}", f"unknown role; expected one of {', '.join(ROLES)}")
     for role in ROLES:
         template = commands.get(role)
+        if template is None and role in OPTIONAL_ROLES:
+            continue
         if not isinstance(template, str) or not template.strip():
-            raise fail(f"commands.{role}", "expected a command template")
+            raise fail(f"commands.{role}", "expected a command template"
+                       + (" or null (no such role)" if role in OPTIONAL_ROLES else ""))
         try:
             unknown = _fields(template) - PLACEHOLDERS
         except ValueError as err:
@@ -193,7 +215,7 @@ def _commands(raw: Mapping[str, Any], fail: Fail) -> dict[str, str]:
         if unknown:
             raise fail(f"commands.{role}", f"unknown placeholder {{{sorted(unknown)[0]}}}; "
                                            f"known: {', '.join(sorted(PLACEHOLDERS))}")
-    return {role: commands[role] for role in ROLES}
+    return {role: commands[role] for role in ROLES if commands.get(role) is not None}
 
 
 def _regex(value: Any, key: str, fail: Fail) -> re.Pattern:
@@ -210,6 +232,9 @@ def _ready_log(raw: Mapping[str, Any], fail: Fail) -> str | None:
     if ready == "port":
         return None
     if isinstance(ready, Mapping) and set(ready) == {"log"}:
+        if ready["log"] == "":
+            # An empty pattern matches any log at once: readiness would mean nothing.
+            raise fail("ready.log", "expected a non-empty regex (a line each worker prints once ready)")
         return _regex(ready["log"], "ready.log", fail).pattern
     raise fail("ready", "expected 'port' or {log: REGEX}")
 
@@ -253,6 +278,33 @@ def _seconds(raw: Mapping[str, Any], key: str, fail: Fail) -> float:
     return float(value)
 
 
+def _shape(raw: Mapping[str, Any], fail: Fail) -> str:
+    value = raw.get("workers_per_host", "nprocs")
+    if value not in WORKERS_PER_HOST:
+        raise fail("workers_per_host", f"expected nprocs (P worker processes per host) or one (one process "
+                                       f"per host, given P as {{nprocs}}), got {value!r}")
+    return value
+
+
+def _logs(raw: Mapping[str, Any], fail: Fail) -> tuple[str, ...]:
+    value = raw.get("logs") or []
+    if not isinstance(value, list):
+        raise fail("logs", "expected a list of paths on the hosts, such as [/tmp/ray/session_latest/logs]")
+    for path in value:
+        if (not isinstance(path, str) or not _LOG_PATH_RE.fullmatch(path)
+                or {".", ".."} & set(path.split("/"))):
+            raise fail("logs", f"expected absolute paths or ~/paths below / or ~ (no '.' or '..' part, no newline), "
+                               f"got {path!r}")
+    return tuple(value)
+
+
+def _grace(raw: Mapping[str, Any], fail: Fail) -> float:
+    value = raw.get("stop_grace", STOP_GRACE)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_STOP_GRACE:
+        raise fail("stop_grace", f"expected seconds between TERM and KILL (0-{MAX_STOP_GRACE:g}), got {value!r}")
+    return float(value)
+
+
 def _path(name: str, key: str, value: Any, fail: Fail) -> str:
     if not isinstance(value, str) or not value:
         raise fail(key, "expected a non-empty string")
@@ -274,7 +326,8 @@ def _build(name: str, raw: Mapping[str, Any], *, file: str) -> Benchmark:
         worker_base=ports["worker_base"], commands=_commands(raw, fail), ready_log=_ready_log(raw, fail),
         ready_timeout=_seconds(raw, "ready_timeout", fail), timeout=_seconds(raw, "timeout", fail),
         build=raw.get("build") or "true", metric=_metric(raw, fail), prepare=parse_preparation(raw.get("prepare"), fail=fail), source=file,
-        resources=_resources(raw, fail))
+        resources=_resources(raw, fail), workers_per_host=_shape(raw, fail), logs=_logs(raw, fail),
+        stop_grace=_grace(raw, fail))
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -353,6 +406,8 @@ def render(bench: Benchmark, role: str, shape: RunShape, *, host: str, port: int
         "run_id": shape.run_id,
     }
     quoted = {key: shlex.quote(value) for key, value in values.items()}
+    # Written into the run's folder on the master, which every role's shell knows as $CLOISTER_RUN_DIR.
+    quoted["hostfile"] = f'"$CLOISTER_RUN_DIR"/{HOSTFILE}'
     # The binary is a path written by the user in experiments.yaml; "./x" stays readable.
     quoted["binary"] = _quote_path(values["binary"])
     quoted["worker_binary"] = _quote_path(values["worker_binary"])

@@ -45,10 +45,11 @@ class SweepCluster:
     def close(self) -> None:
         self._pool.close()
 
-    def run(self, combo: Combo, run_id: str, *, bench: Benchmark, timeout: float | None) -> RunRecord:
+    def run(self, combo: Combo, run_id: str, *, bench: Benchmark, timeout: float | None,
+            manager: bool = True) -> RunRecord:
         """One run of the sweep over its connections; a failed run's run.json names the nodes that are gone."""
         spec = RunSpec(info=self.info, bench=bench, k=combo.k, nprocs=combo.p, args=list(combo.args), run_id=run_id,
-                       settings=self.settings, timeout=timeout, config_name=self.cfg.source)
+                       settings=self.settings, timeout=timeout, config_name=self.cfg.source, manager=manager)
         return Run(spec, connections=self.connections(),
                    gone=lambda: lifecycle.gone_hosts(self.cfg, settings=self.settings, info=self.info)).execute()
 

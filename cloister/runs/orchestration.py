@@ -29,7 +29,7 @@ from .follow import follow
 from .record import GitState, Proc, RunHosts, RunRecord, now
 from .resources import collect as collect_resources
 from .resources import sampler_launch
-from .scripts import kill_script, log_name, parse_pids, probe_script, start_script
+from .scripts import extra_logs_script, kill_script, log_name, parse_pids, probe_script, start_script
 from .spec import RunSpec, address
 
 log = logging.getLogger("cloister.runs")
@@ -95,9 +95,12 @@ class Run:
     def _start(self, by_host: dict[str, list[Proc]]) -> None:
         def start(cxn: Connection):
             procs = by_host[cxn.host]
-            script = start_script(self.bench, self.run_id, procs, node=self.spec.node_facts(self._node(cxn.host)))
+            on_master = cxn.host == self.spec.master.host
+            script = start_script(self.bench, self.run_id, procs, node=self.spec.node_facts(self._node(cxn.host)),
+                                  hostfile=self.spec.hostfile if on_master else None)
             if self.spec.sample_interval:
-                script += "\n" + sampler_launch(self.bench.name, self.run_id, interval=self.spec.sample_interval)
+                script += "\n" + sampler_launch(self.bench.name, self.run_id, interval=self.spec.sample_interval,
+                                                wait=self.bench.ready_timeout + self.spec.master_timeout)
             result = cxn.run(script, warn=True, timeout=60)
             self.prepared[cxn.host] = parse_report(result.stdout)
             if result.exited != 0:
@@ -119,9 +122,11 @@ class Run:
         return proc
 
     def start_workers(self) -> list[Proc]:
-        nprocs = self.spec.nprocs
-        by_host = {node.host: [self._proc("worker", node, index=h * nprocs + j, port=self.bench.worker_port(j))
-                               for j in range(nprocs)]
+        """The worker processes of every worker host (none for a benchmark without workers: its hosts are only
+        prepared and sampled, for the processes a launcher such as mpirun starts there)."""
+        per_host = self.spec.worker_processes
+        by_host = {node.host: [self._proc("worker", node, index=h * per_host + j, port=self.bench.worker_port(j))
+                               for j in range(per_host)]
                    for h, node in enumerate(self.spec.workers)}
         self._track("workers")
         self._start(by_host)
@@ -259,7 +264,7 @@ class Run:
         self.record("running", None, {}).write(self.local_dir)
         # Every handshake at once, up front: the phases below then only run commands.
         hosts.check(hosts.call(self.group, lambda c: c.open()), what="connect")
-        if spec.manager:
+        if spec.with_manager:
             self.start_manager()
             self.timings["manager_ready_s"] = time.monotonic() - self._t0
             log.info("[%s] manager ready", spec.master.host)
@@ -344,8 +349,8 @@ class Run:
         record = self._judge(Outcome(status=status, error=error, failures=failures, completed=completed), failures)
         if self._tracked:
             with contextlib.suppress(Exception):  # unreachable: exp.ps keeps listing it for exp.attach to end
-                self.cxn[self.spec.master.host].run(
-                    self.follower.owner_only(conclude_script(self.bench.name, self.run_id)), warn=True, timeout=30)
+                conclude = conclude_script(self.bench.name, self.run_id, kept=self.spec.keep)
+                self.cxn[self.spec.master.host].run(self.follower.owner_only(conclude), warn=True, timeout=30)
                 # The local copy of the master's folder as the master has it now.
                 mdir = self.local_dir / self.spec.master.host
                 if (mdir / STATE_FILE).exists():
@@ -408,6 +413,7 @@ class Run:
                  outcome_script(self.bench.name, self.run_id, outcome)]
         if not self.spec.keep:
             steps += [kill_script(self.bench, self.run_id), release_script(self.run_id)]
+        steps.append(extra_logs_script(self.bench, self.run_id))
         fetched, _ = download_run(self.group, benchmark=self.bench.name, run_id=self.run_id, local_dir=self.local_dir,
                                   before="\n".join(steps))
         what = "log download" if self.spec.keep else "kill and log download"
@@ -429,7 +435,7 @@ class Run:
             metric = read_metric(master_log, pattern=self.bench.metric)
         return RunRecord(
             benchmark=self.bench.name, run_id=self.run_id, status=status, error=error, k=spec.k, p=spec.nprocs,
-            args=list(spec.args), manager=spec.manager, keep=spec.keep, timeout_s=spec.master_timeout,
+            args=list(spec.args), manager=spec.with_manager, keep=spec.keep, timeout_s=spec.master_timeout,
             hosts=RunHosts(master=spec.master.host, workers=[w.host for w in spec.workers]),
             cluster=spec.info.cluster_name, provider=spec.info.provider, config=spec.config_name, git=self.git,
             cloister_version=__version__, started=self.started,

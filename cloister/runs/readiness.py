@@ -43,6 +43,8 @@ class Readiness:
 
     def wait(self, procs: list[Proc]) -> None:
         """Poll until every proc is ready; fail at once when one has ended."""
+        if not procs:
+            return
         pending = {p.host for p in procs}
         # Workers are often up within tens of milliseconds: poll early, and never less than 4 times a second.
         backoff = Backoff(self.bench.ready_timeout, initial=0.02, factor=1.5, maximum=0.25)

@@ -22,6 +22,7 @@ from typing import Any
 from ..files import atomic_write
 from ..layout import run_dir
 from .record import RunRecord
+from .scripts import RUN_MARK
 
 
 RAW_FILE = "resources.raw"
@@ -33,18 +34,24 @@ SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the devic
 # that ends between the shell's glob and awk's read is simply skipped). Prints
 #   s UPTIME RUN_TICKS RUN_RSS_PAGES RUN_PROCS SELF_TICKS MEM_TOTAL_KB MEM_AVAIL_KB NET_RX NET_TX
 #     DISK_READ_SECTORS DISK_WRITE_SECTORS cpu:BUSY:TOTAL cpu0:BUSY:TOTAL ...
-# and exits 1 when no process of the run is left on the host. The run's processes are the process
-# groups in ``pids`` (each role's PID leads one); ticks include reaped children (cutime, cstime), so
-# a process that ends does not take its CPU time out of the sum.
+# and exits 0 while a process of the run is alive on the host, 1 when none is left of those it started,
+# 2 when it started none (its processes come from a launcher elsewhere, such as mpirun). The run's
+# processes are the process groups in ``pids`` (each role's PID leads one) and every process whose
+# environment carries the run's mark (E: the paths grep found), wherever it was started from; ticks
+# include reaped children (cutime, cstime), so a process that ends does not take its CPU time out of the sum.
 _AWK = r"""BEGIN {
-  while ((getline l < "pids") > 0) { split(l, p, " "); if (p[2] != "sampler") run[p[1]] = 1 }
+  roles = 0
+  while ((getline l < "pids") > 0) { split(l, p, " "); if (p[2] != "sampler") { run[p[1]] = 1; roles++ } }
   close("pids")
+  n = split(E, e, "\n"); for (i = 1; i <= n; i++) { split(e[i], f, "/"); marked[f[3]] = 1 }
   rt = 0; rss = 0; live = 0; st = 0
   for (i = 1; i < ARGC; i++) {
     if ((getline l < ARGV[i]) > 0) {
-      sub(/^.*\) /, "", l); split(l, a, " ")
-      if ((a[3] in run) && a[1] != "Z") { rt += a[12] + a[13] + a[14] + a[15]; rss += a[22]; live++ }
-      else if (a[3] == S) st += a[12] + a[13] + a[14] + a[15]
+      pid = l; sub(/ .*/, "", pid); sub(/^.*\) /, "", l); split(l, a, " ")
+      if (a[3] == S) st += a[12] + a[13] + a[14] + a[15]
+      else if (((a[3] in run) || (pid in marked)) && a[1] != "Z") {
+        rt += a[12] + a[13] + a[14] + a[15]; rss += a[22]; live++
+      }
     }
     close(ARGV[i])
   }
@@ -75,15 +82,16 @@ _AWK = r"""BEGIN {
   close("/proc/diskstats")
   printf "s %s %.0f %.0f %d %.0f %.0f %.0f", u[1], rt, rss, live, st, mt, ma
   printf " %.0f %.0f %.0f %.0f%s\n", rx, tx, rd, wr, cpus
-  exit (live == 0)
+  exit (live > 0) ? 0 : ((roles > 0) ? 1 : 2)
 }"""
 
-# $1 the run's folder, $2 the interval. Whole disks only (partitions, device-mapper and md devices
-# would count the same bytes twice), and no loop or RAM disks. On TERM (the run's kill) one last
-# sample records the moment the run ended.
+# $1 the run's folder, $2 the interval, $3 the run's mark (NAME=run id), $4 the seconds a host whose
+# processes come from elsewhere waits for them. Whole disks only (partitions, device-mapper and md
+# devices would count the same bytes twice), and no loop or RAM disks. On TERM (the run's kill) one
+# last sample records the moment the run ended.
 _SAMPLER = "\n".join([
     'cd "$1" || exit 0',
-    "I=$2",
+    'I=$2; M=$3; L=${4:-0}; t0=$(date +%s); seen=',
     "hz=$(getconf CLK_TCK 2>/dev/null) || hz=100",
     "pg=$(getconf PAGESIZE 2>/dev/null) || pg=4096",
     "D=",
@@ -95,21 +103,28 @@ _SAMPLER = "\n".join([
     '  echo "vendor $(dmi sys_vendor)"; echo "machine $(dmi product_name)"',
     "  echo \"cpu_model $(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)\"",
     "} >> " + RAW_FILE,
-    f'sample() {{ awk -v S=$$ -v D="$D" {shlex.quote(_AWK)} /proc/[0-9]*/stat >> {RAW_FILE}; }}',
+    'sample() { E=; [ -z "$M" ] || E=$(grep -lzxF "$M" /proc/[0-9]*/environ 2>/dev/null)',
+    f'  awk -v S=$$ -v D="$D" -v E="$E" {shlex.quote(_AWK)} /proc/[0-9]*/stat >> {RAW_FILE}; }}',
     "trap 'sample; exit 0' TERM",
-    'while sample; do sleep "$I"; done',
+    # Until the run's processes here are gone; on a host that started none, until those a launcher
+    # started have come and gone, or for at most L seconds if none ever comes.
+    'while :; do sample; r=$?; [ "$r" = 0 ] && seen=1; [ "$r" = 1 ] && exit 0',
+    '  [ "$r" = 2 ] && { [ -n "$seen" ] || [ $(($(date +%s) - t0)) -ge "$L" ]; } && exit 0',
+    '  sleep "$I"; done',
 ])
 
 
-def sampler_launch(benchmark: str, run_id: str, *, interval: float) -> str:
+def sampler_launch(benchmark: str, run_id: str, *, interval: float, wait: float) -> str:
     """Shell lines that start the run's sampler on a host, detached, unless one of this run is alive
-    there already (the master's start finds the manager's). Prints nothing."""
+    there already (the master's start finds the manager's); ``wait``: the seconds a host that starts no
+    process of its own samples while none of the run's processes has come. Prints nothing."""
     rdir = run_dir(benchmark, run_id)
     return "\n".join([
         f"CS=$(awk '$2 == \"sampler\" {{p = $1}} END {{print p}}' {rdir}/pids 2>/dev/null) || CS=",
         'if [ -z "$CS" ] || ! kill -0 "$CS" 2>/dev/null; then',
         f"  (setsid sh -c {shlex.quote(_SAMPLER)} sampler {rdir} {shlex.quote(f'{interval:g}')} "
-        f">> {rdir}/{RAW_FILE} 2>&1 < /dev/null & echo \"$! sampler - -\" >> {rdir}/pids)",
+        f"{shlex.quote(f'{RUN_MARK}={run_id}')} {int(wait)} >> {rdir}/{RAW_FILE} 2>&1 < /dev/null & "
+        f"echo \"$! sampler - -\" >> {rdir}/pids)",
         "fi",
     ])
 

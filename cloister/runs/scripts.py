@@ -6,12 +6,13 @@ shell-quoted here; the paths come from ``cloister.layout``.
 
 from __future__ import annotations
 
+import re
 import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from .experiments import Benchmark, remote_dir
+from .experiments import HOSTFILE, Benchmark, remote_dir
 from ..layout import RUNS_DIR, run_dir
 from .prepare import NodeFacts, directory_lines, node_lines, process_lines
 from .record import Proc
@@ -19,6 +20,9 @@ from .record import Proc
 LOG_MARKER = "\x1eLOG "  # an ASCII record separator, then the log's name: no log line starts with it
 READY_TAIL_BYTES = 65536
 TAIL_BYTES = 8192  # of a log, read when its process failed to start: the excerpt shown is picked from it
+RUN_MARK = "CLOISTER_RUN_ID"  # in the environment of every process of a run
+KILL_POLL = 0.05  # seconds between looks at whether the TERMed processes have ended
+EXTRA_LOGS_DIR = "logs"  # where a benchmark's ``logs`` paths are copied in the run's folder
 
 
 def log_name(role: str, index: int | None, run_id: str) -> str:
@@ -46,7 +50,7 @@ def local_command(bench: Benchmark, command: str, *, public: str) -> str:
         steps.append(f"{{ ulimit -s {prep.stack_limit} || true; }}")
     if prep.public_hostname:
         steps.append(f"export CLOISTER_PUBLIC_HOSTNAME={shlex.quote(public)}")
-    inner = " && ".join([*steps, *process_lines(prep), *_source_vars(bench), *_exports(bench), command])
+    inner = " && ".join([*steps, *process_lines(prep), *_exports(bench), *_source_vars(bench), command])
     if not prep.disable_aslr:
         return inner
     # One shell under setarch: the command and everything it starts inherit the personality.
@@ -55,30 +59,35 @@ def local_command(bench: Benchmark, command: str, *, public: str) -> str:
 
 
 def build_command(bench: Benchmark) -> str:
-    """The benchmark's build command in its directory, with its vars file sourced."""
-    return " && ".join([f"cd {remote_dir(bench.dir)}", *_source_vars(bench), bench.build])
+    """The benchmark's build command in its directory, with its env exported and its vars file sourced."""
+    return " && ".join([f"cd {remote_dir(bench.dir)}", *_exports(bench), *_source_vars(bench), bench.build])
 
 
 # -- start ------------------------------------------------------------------
 
-def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: NodeFacts) -> str:
+def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: NodeFacts,
+                 hostfile: str | None = None) -> str:
     """One shell command that prepares one host and starts ``procs`` detached on it, recording their PIDs.
 
     Prints the preparation report (``parse_report``), then ``PID ROLE INDEX PORT`` per process
     (``parse_pids``); each PID leads its own process group, ``{role}{i}.started`` holds the host's time
     (epoch seconds) when the process starts, ``{role}{i}.exit`` and ``{role}{i}.ended`` its exit code and
-    time when it ends by itself.
+    time when it ends by itself. ``hostfile`` is written to the run's folder first (the master's ``{hostfile}``).
     """
-    prelude = process_lines(bench.prepare) + _source_vars(bench) + _exports(bench)
+    # The env first: the vars file may build on it (a PATH from a variable the benchmark sets).
+    prelude = process_lines(bench.prepare) + _exports(bench) + _source_vars(bench)
     lines = [
         "set -e",
         f"R={run_dir(bench.name, run_id)}",
         'mkdir -p "$R"',
+        *([f'printf %s {shlex.quote(hostfile)} > "$R"/{HOSTFILE}'] if hostfile is not None else []),
         *node_lines(bench.prepare, node),
         f"cd {remote_dir(bench.dir)} || {{ echo {shlex.quote(f'benchmark directory {bench.dir} not found')} >&2; "
         "exit 66; }",
         *directory_lines(bench),
-        f"export CLOISTER_RUN_ID={shlex.quote(run_id)} CLOISTER_RUN_DIR=\"$R\"",
+        # Every process of the run carries its id, also those a launcher starts elsewhere when it passes the
+        # variable on (mpirun -x CLOISTER_RUN_ID): the sampler counts them and the run's end stops them.
+        f"export {RUN_MARK}={shlex.quote(run_id)} CLOISTER_RUN_DIR=\"$R\"",
     ]
     for proc in procs:
         # The host's own clock says when the process started and ended: a run finished later by someone
@@ -93,8 +102,15 @@ def start_script(bench: Benchmark, run_id: str, procs: list[Proc], *, node: Node
         lines.append(f'("$@" setsid bash -c {shlex.quote(body)} > "$R"/{logfile} 2>&1 < /dev/null & '
                      f'echo "$! {proc.role} {"-" if proc.index is None else proc.index} '
                      f'{"-" if proc.port is None else proc.port}" >> "$R"/pids)')
-    lines.append('cat "$R"/pids')
+    # A host may start no process of its own (the workers of a program that mpirun starts).
+    lines.append('touch "$R"/pids; cat "$R"/pids')
     return "\n".join(lines)
+
+
+def marked_pids(run_id: str) -> str:
+    """Shell: the PIDs of this user's processes that carry the run's mark in their environment, one a line."""
+    return (f"grep -lzxF {shlex.quote(f'{RUN_MARK}={run_id}')} /proc/[0-9]*/environ 2>/dev/null | "
+            "cut -d/ -f3")
 
 
 def parse_pids(text: str) -> dict[str, int]:
@@ -207,30 +223,52 @@ def parse_probe(text: str) -> Probe:
 
 # -- kill -------------------------------------------------------------------
 
-def kill_script(bench: Benchmark, run_id: str) -> str:
-    """End every process group this run recorded on a host: TERM, a bounded wait, then KILL.
+def _grace_steps(bench: Benchmark) -> int:
+    return max(1, round(bench.stop_grace / KILL_POLL))
 
-    Prints ``killed N``, the groups that were still alive.
+
+def kill_script(bench: Benchmark, run_id: str) -> str:
+    """End every process group this run recorded on a host, and every process that carries the run's mark:
+    TERM, up to the benchmark's ``stop_grace`` for them to end (servers remove their own lock files), then KILL.
+
+    Prints ``killed N``, the groups and marked processes that were still alive.
     """
     return "\n".join([
         f"R={run_dir(bench.name, run_id)}", 'cd "$R" 2>/dev/null || exit 0', "P=$(awk '{print $1}' pids 2>/dev/null)",
+        f"M=$({marked_pids(run_id)})",
         'n=0; for p in $P; do kill -0 -- -$p 2>/dev/null && n=$((n+1)); kill -TERM -- -$p 2>/dev/null; done',
-        'for i in $(seq 50); do a=; for p in $P; do kill -0 -- -$p 2>/dev/null && a=1; done; '
-        '[ -z "$a" ] && break; sleep 0.05; done',
-        'for p in $P; do kill -KILL -- -$p 2>/dev/null; done', 'echo "killed $n"',
+        'for q in $M; do kill -TERM $q 2>/dev/null && n=$((n+1)); done',
+        f'for i in $(seq {_grace_steps(bench)}); do a=; for p in $P; do kill -0 -- -$p 2>/dev/null && a=1; done; '
+        f'for q in $M; do kill -0 $q 2>/dev/null && a=1; done; [ -z "$a" ] && break; sleep {KILL_POLL}; done',
+        'for p in $P; do kill -KILL -- -$p 2>/dev/null; done',
+        f'for q in $M $({marked_pids(run_id)}); do kill -KILL $q 2>/dev/null; done', 'echo "killed $n"',
     ])
+
+
+def extra_logs_script(bench: Benchmark, run_id: str) -> str:
+    """Copy the benchmark's ``logs`` paths on a host into the run's folder there (``logs/NAME``), so they come
+    back with the run; a path the host does not have is skipped."""
+    lines = [f"R={run_dir(bench.name, run_id)}", 'cd "$R" 2>/dev/null || exit 0']
+    for path in bench.logs:
+        name = shlex.quote(re.sub(r"[^A-Za-z0-9_.-]", "_", path.removeprefix("~/").strip("/")))
+        source = remote_dir(path)
+        lines.append(f'if [ -e {source} ]; then mkdir -p {EXTRA_LOGS_DIR} && rm -rf -- {EXTRA_LOGS_DIR}/{name} && '
+                     f'cp -RL -- {source} {EXTRA_LOGS_DIR}/{name} 2>/dev/null; fi')
+    lines.append("true")
+    return "\n".join(lines)
 
 
 def killall_script(bench: Benchmark, *, max_procs: int = 64) -> str:
     """Kill a benchmark's processes on one host: recorded process groups, then its binaries
-    running in its directory, then listeners on its ports that are its binaries; print how many."""
+    running in its directory, then listeners on its ports that are its binaries (TERM, up to the
+    benchmark's ``stop_grace``, then KILL); print how many."""
     runs = f'"$HOME"/{RUNS_DIR}/{shlex.quote(bench.name)}'
     names = sorted({Path(bench.binary).name, Path(bench.worker_binary).name})
     pattern = "|".join(f"*{shlex.quote(n)}*" for n in names)
     ports = [bench.manager_port, bench.master_port, *range(bench.worker_base, bench.worker_base + max_procs)]
     port_re = "|".join(f":{p}" for p in ports)
     return "\n".join([
-        "K=; me=$$",
+        "K=; G=; me=$$",
         'cmd() { tr "\\0" " " < /proc/$1/cmdline 2>/dev/null; }',
         f'owned() {{ case "$(cmd $1)" in {pattern}) return 0;; esac; return 1; }}',
         # A recorded PID is trusted only while it is still a wrapper cloister started (PIDs get reused).
@@ -238,7 +276,7 @@ def killall_script(bench: Benchmark, *, max_procs: int = 64) -> str:
         f"grep -qF {shlex.quote(f'/{RUNS_DIR}/{bench.name}/')}; }}",
         f'for f in {runs}/*/pids; do [ -f "$f" ] || continue; '
         'for p in $(awk \'{print $1}\' "$f"); do kill -0 -- -$p 2>/dev/null && started $p && '
-        '{ kill -TERM -- -$p 2>/dev/null; K="$K $p"; }; done; done',
+        '{ kill -TERM -- -$p 2>/dev/null; G="$G $p"; }; done; done',
         f"D=$(cd {remote_dir(bench.dir)} 2>/dev/null && pwd -P)",
         'in_dir() { [ -n "$D" ] && [ "$(readlink /proc/$1/cwd 2>/dev/null)" = "$D" ]; }',
         'for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
@@ -246,11 +284,15 @@ def killall_script(bench: Benchmark, *, max_procs: int = 64) -> str:
         'if command -v ss >/dev/null; then '
         f"for q in $(ss -ltnpH 2>/dev/null | grep -E '({port_re}) ' | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do "
         'owned $q && { kill -TERM $q 2>/dev/null && K="$K $q"; }; done; fi',
+        # The grace: what was TERMed may end by itself, cleaning up after itself.
+        f'for i in $(seq {_grace_steps(bench)}); do a=; for p in $G; do kill -0 -- -$p 2>/dev/null && a=1; done; '
+        f'for q in $K; do kill -0 $q 2>/dev/null && a=1; done; [ -z "$a" ] && break; sleep {KILL_POLL}; done',
+        'for p in $G; do kill -KILL -- -$p 2>/dev/null; done; for q in $K; do kill -KILL $q 2>/dev/null; done',
         "for i in $(seq 40); do a=; "
         'for p in /proc/[0-9]*; do q=${p#/proc/}; [ "$q" = "$me" ] && continue; '
         'in_dir $q && owned $q && { a=1; kill -KILL $q 2>/dev/null; }; done; '
         '[ -z "$a" ] && break; sleep 0.05; done',
-        'echo $K | tr " " "\\n" | sort -u | grep -c . || true',
+        'echo $G $K | tr " " "\\n" | sort -u | grep -c . || true',
     ])
 
 

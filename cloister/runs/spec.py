@@ -45,7 +45,7 @@ class RunSpec:
             raise ExperimentError(f"-p {self.nprocs}: expected 1..{65536 - bench.worker_base} processes per host",
                                   benchmark=bench.name)
         validate_run_id(self.run_id)
-        last = bench.worker_port(self.nprocs - 1)
+        last = bench.worker_port(max(self.worker_processes, 1) - 1)
         for role, port in (("manager", bench.manager_port), ("master", bench.master_port)):
             if bench.worker_base <= port <= last:
                 raise ExperimentError(f"{bench.source}: benchmark '{bench.name}': key 'ports.{role}': {port} is also "
@@ -59,6 +59,23 @@ class RunSpec:
     @property
     def workers(self) -> list[Node]:
         return self.info.workers[:self.k]
+
+    @property
+    def with_manager(self) -> bool:
+        """Whether the run starts a manager: asked for (not --no-manager) and the benchmark has one."""
+        return self.manager and self.bench.has("manager")
+
+    @property
+    def worker_processes(self) -> int:
+        """Worker processes started on each worker host: P, one (given P), or none (no worker role)."""
+        if not self.bench.has("worker"):
+            return 0
+        return 1 if self.bench.workers_per_host == "one" else self.nprocs
+
+    @property
+    def hostfile(self) -> str:
+        """The run's OpenMPI hostfile ({hostfile}, on the master): its K worker hosts with P slots each."""
+        return "".join(f"{address(w)} slots={self.nprocs} max-slots={self.nprocs}\n" for w in self.workers)
 
     @property
     def master_timeout(self) -> float:
@@ -79,7 +96,7 @@ class RunSpec:
         return RunShape(run_id=self.run_id, k=self.k, nprocs=self.nprocs, manager=address(self.master),
                         worker_hosts=[address(w) for w in self.workers],
                         worker_endpoints=[(address(w), bench.worker_port(j)) for w in self.workers
-                                          for j in range(self.nprocs)],
+                                          for j in range(self.worker_processes)],
                         args=self.args)
 
     def node_facts(self, node: Node) -> NodeFacts:

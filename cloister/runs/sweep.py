@@ -25,10 +25,16 @@ from ..files import NotASmallFile, atomic_write, read_small
 from .record import RUN_ID_RE, RunRecord, new_run_id
 from .resources import SWEEP_FIELDS, sweep_columns
 
-# The resource columns summarise each run's hosts (cloister.runs.resources.sweep_columns). ``attempt``
-# counts the runs of one combination; ``note`` says why one was lost or repeated.
-FIELDS = ("k", "p", "args", "repeat", "run_id", "status", "duration_s", "metric", "attempt", "note", *SWEEP_FIELDS)
 LOST = "lost-node"  # a run that failed because a node of it is gone; its combination is run again
+METRIC = "metric"  # the metric's column when its regex does not name it (time_s=(?P<time_s>...) does)
+
+
+def fields(metric: str = METRIC) -> tuple[str, ...]:
+    """results.csv's columns: ``attempt`` counts the runs of one combination, ``note`` says why one was lost
+    or repeated, the resource columns summarise each run's hosts (resources.sweep_columns), and ``error``
+    says why a run failed."""
+    return ("k", "p", "args", "repeat", "run_id", "status", "duration_s", metric, "attempt", "note", *SWEEP_FIELDS,
+            "error")
 
 
 def parse_int_list(text: str | int, *, flag: str) -> list[int]:
@@ -90,11 +96,14 @@ def default_name(benchmark: str, spec: dict[str, Any]) -> str:
 
 class SweepState:
     """The on-disk state of one sweep; ``spec`` is its grid (benchmark, k, p, args), not its repeat
-    count, so running it again with a larger --repeat adds runs to the same sweep."""
+    count, so running it again with a larger --repeat adds runs to the same sweep. ``metric`` names the
+    metric's column (the benchmark's metric_name)."""
 
-    def __init__(self, directory: Path, spec: dict[str, Any]):
+    def __init__(self, directory: Path, spec: dict[str, Any], *, metric: str = METRIC):
         self.dir = directory
         self.spec = spec
+        # A metric named like another column (status, k) keeps the plain name.
+        self.metric = METRIC if metric in fields() else metric
         self.state_path = directory / "state.json"
         self.csv_path = directory / "results.csv"
         self.plot_path = directory / "plot.png"
@@ -136,15 +145,18 @@ class SweepState:
         header = next(reader, None)
         if header is None:
             return []
-        # Older sweeps wrote fewer columns (no resources): any header that names the columns read here.
-        if len(set(header)) != len(header) or not set(FIELDS[:8]) <= set(header) <= set(FIELDS):
-            raise self._bad(self.csv_path, f"line 1: expected the header {','.join(FIELDS)}")
+        # A results.csv written before the metric's column was named after the metric calls it "metric".
+        header = [self.metric if name == METRIC else name for name in header]
+        columns = fields(self.metric)
+        # Older sweeps wrote fewer columns (no resources, no error): any header that names the columns read here.
+        if len(set(header)) != len(header) or not set(columns[:8]) <= set(header) <= set(columns):
+            raise self._bad(self.csv_path, f"line 1: expected the header {','.join(columns)}")
         rows = []
         for values in reader:
             row = dict(zip(header, values))
             if problem := _row_problem(values, header=header, row=row):
                 raise self._bad(self.csv_path, f"line {reader.line_num}: {problem}")
-            rows.append({name: row.get(name, "") for name in FIELDS})
+            rows.append({name: row.get(name, "") for name in columns})
         return rows
 
     def _bad(self, path: Path, what: str) -> ExperimentError:
@@ -177,15 +189,16 @@ class SweepState:
         self.rows.append({"k": str(combo.k), "p": str(combo.p), "args": " ".join(combo.args),
                           "repeat": str(combo.repeat), "run_id": record.run_id, "status": status or record.status,
                           "duration_s": "" if total is None else f"{total:.4f}",
-                          "metric": "" if record.metric is None else str(record.metric),
-                          "attempt": str(attempt), "note": note, **sweep_columns(record.resources)})
+                          self.metric: "" if record.metric is None else str(record.metric),
+                          "attempt": str(attempt), "note": note, **sweep_columns(record.resources),
+                          "error": (record.error or "").strip().splitlines()[0] if record.error else ""})
         self._write_rows()
         self.current = None
         self._save()
 
     def _write_rows(self) -> None:
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=fields(self.metric), lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write(self.csv_path, out.getvalue())
@@ -231,8 +244,8 @@ def plot(state: SweepState, *, benchmark: str, metric_name: str | None) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    use_metric = metric_name is not None and all(_is_number(r["metric"]) for r in ok)
-    column = "metric" if use_metric else "duration_s"
+    use_metric = metric_name is not None and all(_is_number(r.get(state.metric)) for r in ok)
+    column = state.metric if use_metric else "duration_s"
     series: dict[str, dict[int, list[float]]] = {}
     for row in ok:
         label = f"p={row['p']}" + (f" {row['args']}" if row["args"] else "")
@@ -275,8 +288,9 @@ def summary(state: SweepState, *, image: Path | None) -> tuple[list[str], str | 
     failed = [r for r in rows if r["status"] not in ("ok", LOST)]
     if not failed:
         return lines, None
-    return lines, (f"{len(failed)}/{len(rows)} runs failed: "
-                   + ", ".join(f"k={r['k']} p={r['p']} {r['status']} ({r['run_id']})" for r in failed[:5]))
+    return lines, (f"{len(failed)}/{len(rows)} runs failed:\n" + "\n".join(
+        f"k={r['k']} p={r['p']}{' ' + r['args'] if r['args'] else ''} run {r['run_id']} {r['status']}: "
+        f"{r.get('error') or 'no reason recorded'}" for r in failed[:5]))
 
 
 def expected_seconds(state: SweepState) -> float:
@@ -341,8 +355,9 @@ def run_sweep(*, state: SweepState, all_combos: list[Combo], run_one: Callable[[
             attempt, note = attempt + 1, f"repeats run {record.run_id}, which lost " + "; ".join(gone)
         finished += 1
         if fail_fast and not record.ok:
-            raise ExperimentError(f"{combo.key}: run {record.run_id} {record.status}; stopped (--fail-fast)",
-                                  run_id=record.run_id)
+            why = (record.error or "").strip().splitlines()[:1]
+            raise ExperimentError(f"{combo.key}: run {record.run_id} {record.status}"
+                                  f"{': ' + why[0] if why else ''}; stopped (--fail-fast)", run_id=record.run_id)
     if on_progress:
         on_progress(finished, len(all_combos), None)
     return state.rows
