@@ -7,11 +7,13 @@ PYTHON ?= python3
 system-deps:
 	@scripts/system-deps.sh
 
-# The tests also boot EC2 twin instances (systemd, cloud-init) and run OpenMPI across local hosts (mpicc builds
-# a ring that talks over the hosts' own links).
+# The tests also boot EC2 twin instances (systemd, cloud-init), run OpenMPI across local hosts (mpicc builds
+# a ring that talks over the hosts' own links, and the mpi_pi example), and run Dask there from a Python
+# environment the hosts can see (.hosts-venv).
 test-deps:
-	@scripts/system-deps.sh openmpi-bin libopenmpi-dev
+	@scripts/system-deps.sh openmpi-bin libopenmpi-dev python3-venv
 	@scripts/twin-deps.sh
+	@scripts/hosts-venv.sh .hosts-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

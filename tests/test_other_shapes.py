@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def test_the_repository_declares_the_examples_with_the_new_keys_only():
     assert set(mpi.commands) == {"master"} and "{hostfile}" in mpi.commands["master"]
     assert set(dask.commands) == {"manager", "worker", "master"}
     assert mpi.env == dask.env == {}  # what a machine needs (interfaces, a venv) is not in the entry
+
+
+def test_the_dask_client_refuses_bad_usage_in_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "dask_sum" / "client.py"), "--scheduler",
+                           "tcp://127.0.0.1:1", "--workers", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "must be positive" in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
 # ------------------------------------------------------------ hostile values reach the shell as words

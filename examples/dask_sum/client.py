@@ -10,7 +10,7 @@ against the closed formula and prints:
     dask_sum: workers=4 tasks=64 size=200000 total=... expected=... ok
     dask_sum: time_s=0.412
 
-Exit codes: 0 ok, 1 bad usage or the workers did not come, 2 a wrong total.
+Exit codes: 0 ok, 1 the workers did not come, 2 bad usage, 3 a wrong total.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     print(f"dask_sum: workers={joined} tasks={args.tasks} size={args.size} total={total} expected={expected} "
           f"{'ok' if total == expected else 'MISMATCH'}")
     print(f"dask_sum: time_s={elapsed:.6f}", flush=True)
-    return 0 if total == expected else 2
+    return 0 if total == expected else 3
 
 
 if __name__ == "__main__":
