@@ -23,7 +23,7 @@ import yaml
 from cloister.errors import ConfigError, ExperimentError
 from cloister.runs import resources as res
 from cloister.runs import start_script
-from cloister.runs.experiments import RunShape, load_registry, render
+from cloister.runs.experiments import STOP_GRACE, RunShape, load_registry, render
 from cloister.runs.record import Proc
 from cloister.runs.scripts import extra_logs_script, kill_script
 from cloister.runs.sweep import SweepState, combos
@@ -80,6 +80,11 @@ def test_the_new_keys_have_their_defaults(tmp_path):
     assert b.has("manager") and b.has("worker")
     b = bench(tmp_path, workers_per_host="one", logs=["/tmp/ray/session_latest/logs", "~/my logs"], stop_grace=0)
     assert (b.workers_per_host, b.logs, b.stop_grace) == ("one", ("/tmp/ray/session_latest/logs", "~/my logs"), 0.0)
+
+
+def test_the_repository_defaults_mirror_the_librarys():
+    defaults = yaml.safe_load((REPO / "experiments.yaml").read_text())["defaults"]
+    assert (defaults["stop_grace"], defaults["workers_per_host"], defaults["logs"]) == (STOP_GRACE, "nprocs", [])
 
 
 def test_the_repository_declares_the_examples_with_the_new_keys_only():
