@@ -20,16 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloister.errors import ConfigError, ExperimentError
+from cloister.cluster.servers import ClusterInfo, Node
 from cloister.runs import resources as res
 from cloister.runs import start_script
 from cloister.runs.experiments import STOP_GRACE, RunShape, load_registry, render
-from cloister.runs.record import Proc
 from cloister.runs.scripts import extra_logs_script, kill_script
+from cloister.runs.spec import RunSpec
 from cloister.runs.sweep import SweepState, combos
+from cloister.settings import Settings
 from conftest import REPO, no_traceback
 from test_exp_runs import Exp, listening
-from test_experiments import THIS_MACHINE, bench, registry_error, write_registry
+from test_experiments import THIS_MACHINE, bench, registry_error
 
 RUN_ID = "20260101-000000-abcd"
 HOSTS_VENV = REPO / ".hosts-venv"
@@ -99,6 +100,25 @@ def test_the_dask_client_refuses_bad_usage_in_one_line():
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "dask_sum" / "client.py"), "--scheduler",
                            "tcp://127.0.0.1:1", "--workers", "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "must be positive" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+INFO = ClusterInfo(provider="local", cluster_name="c", user="u", ssh_key="k",
+                   nodes=[Node(role="master", id="0", host="127.0.0.1", private="10.0.0.1"),
+                          Node(role="worker", id="1", host="127.0.0.2", private="10.0.0.2"),
+                          Node(role="worker", id="2", host="127.0.0.3")])
+
+
+def test_one_worker_per_host_is_given_p(tmp_path):
+    b = bench(tmp_path, workers_per_host="one", commands={"worker": "raylet --num-cpus {nprocs} --port {port}"})
+    spec = RunSpec(info=INFO, bench=b, k=2, nprocs=4, run_id=RUN_ID, settings=Settings())
+    assert spec.worker_processes == 1
+    assert spec.shape.worker_endpoints == [("10.0.0.2", 50000), ("127.0.0.3", 50000)]
+    assert spec.command("worker", INFO.workers[1], port=b.worker_base, index=1) == "raylet --num-cpus 4 --port 50000"
+    # The run's hostfile: its K workers (the address the others reach them at), P slots each.
+    assert spec.hostfile == "10.0.0.2 slots=4 max-slots=4\n127.0.0.3 slots=4 max-slots=4\n"
+    mpi = bench(tmp_path, "mpi", commands={"manager": None, "worker": None})
+    mpi_spec = RunSpec(info=INFO, bench=mpi, k=1, nprocs=2, run_id=RUN_ID, settings=Settings())
+    assert (mpi_spec.worker_processes, mpi_spec.with_manager) == (0, False)
 
 
 # ------------------------------------------------------------ hostile values reach the shell as words
