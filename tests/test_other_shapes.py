@@ -170,7 +170,8 @@ def test_the_sampler_counts_processes_that_carry_the_runs_mark(tmp_path):
     try:
         time.sleep(0.6)
         assert sampler.poll() is None, "a host with no process yet must wait for the launcher's"
-        busy = subprocess.Popen(["python3", "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"],
+        # One second of CPU, however long a loaded machine takes to give it.
+        busy = subprocess.Popen(["python3", "-c", "import time\nwhile time.process_time() < 1.0: pass"],
                                 env={**os.environ, "CLOISTER_RUN_ID": RUN_ID}, start_new_session=True)
         assert busy.wait(timeout=30) == 0
         sampler.wait(timeout=30)
@@ -179,7 +180,8 @@ def test_the_sampler_counts_processes_that_carry_the_runs_mark(tmp_path):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     host = res.parse_raw((tmp_path / res.RAW_FILE).read_text())
-    assert res.summarize(host)["run_cpu_peak_pct"] > 30, (tmp_path / res.RAW_FILE).read_text()
+    # Nothing else is in the run: without the mark its CPU would be 0.
+    assert res.summarize(host)["run_cpu_peak_pct"] > 5, (tmp_path / res.RAW_FILE).read_text()
 
 
 LOCKING_SERVER = """
