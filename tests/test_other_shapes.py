@@ -346,11 +346,12 @@ def test_an_open_mpi_program_runs_on_the_runs_hosts_and_sweeps(shapes):
     placed = [line.rsplit(" on ", 1)[1] for line in proc.stdout.splitlines() if " of 4 on " in line]
     assert sorted(placed) == sorted(w.name for w in workers for _ in range(2)), proc.stdout
     assert record["status"] == "ok" and set(record["exit_codes"]) == {"master"}
-    # The ranks mpirun started over ssh count in their hosts' run CPU; a worker outside the run does not.
+    # The ranks mpirun started over ssh count in their hosts' run CPU (no process of the run's own groups runs
+    # there: without the mark it would be 0).
     hosts = record["resources"]["hosts"]
     assert set(hosts) == {info.master.host, *(w.host for w in workers)}
     for worker in workers:
-        assert hosts[worker.host]["run_cpu_peak_pct"] > 20, hosts
+        assert hosts[worker.host]["run_cpu_peak_pct"] > 5, hosts
     assert shapes.leftovers("[m]pi_pi|[o]rted") == {}
 
     sweep = shapes.inv("exp.sweep", "--benchmark", "mpi_pi", "-k", "1,2", "-p", "1,2", "--args-grid=-n=2000000",
