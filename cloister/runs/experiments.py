@@ -68,7 +68,7 @@ class Benchmark:
     prepare: Preparation
     resources: float  # seconds between resource samples on each host; 0: not sampled
     source: str = ""
-    workers_per_host: str = "nprocs"
+    workers_per_host: str = WORKERS_PER_HOST[0]
     logs: tuple[str, ...] = ()  # more paths on the hosts collected with the run
     stop_grace: float = STOP_GRACE
 
@@ -279,7 +279,7 @@ def _seconds(raw: Mapping[str, Any], key: str, fail: Fail) -> float:
 
 
 def _shape(raw: Mapping[str, Any], fail: Fail) -> str:
-    value = raw.get("workers_per_host", "nprocs")
+    value = raw.get("workers_per_host", WORKERS_PER_HOST[0])
     if value not in WORKERS_PER_HOST:
         raise fail("workers_per_host", f"expected nprocs (P worker processes per host) or one (one process "
                                        f"per host, given P as {{nprocs}}), got {value!r}")
