@@ -249,7 +249,8 @@ def test_the_sweeps_metric_column_is_named_by_the_metric_and_failures_say_why(tm
 
 
 def shares_loopback(info) -> bool:
-    """Local hosts on 127.0.0.0/8 share this machine's loopback (until each has a network of its own)."""
+    """Local hosts in loopback mode (127.0.0.0/8) share this machine's loopback; by default each has a network
+    of its own."""
     return ipaddress.ip_address(info.master.private or info.master.host).is_loopback
 
 
