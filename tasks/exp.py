@@ -384,8 +384,7 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
     sweep_name = name or sweeplib.default_name(bench.name, grid_spec)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", sweep_name):
         raise Exit(f"--name {sweep_name!r}: expected letters, digits, '_', '.' or '-'", code=1)
-    state = sweeplib.SweepState(Path(ctx.conf.runs_dir) / "sweeps" / sweep_name, grid_spec,
-                                metric=bench.metric_name if bench.metric else sweeplib.METRIC)
+    state = sweeplib.SweepState(Path(ctx.conf.runs_dir) / "sweeps" / sweep_name, grid_spec, metric=bench.metric_name)
     if retry_failed and (dropped := state.drop_failed()):
         print(f"retrying {dropped} failed combination(s)")
     all_combos = sweeplib.combos(ks=ks, ps=ps, grid=grid, repeat=repeat)
