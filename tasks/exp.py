@@ -218,7 +218,7 @@ def ps(c, config=None):
 
 @task(help={"benchmark": BENCH_HELP + " (default: every benchmark)", "config": CONFIG_HELP,
             "run": "end only this run in flight (see inv exp.ps): its processes killed, its logs collected and "
-                   "run.json written (by the session that follows it, if one does)"})
+                   "run.json written (by the session that follows it, if one does); or a kept run's processes"})
 def killall(c, benchmark=None, config=None, run=None):
     """Kill a benchmark's processes (ending its runs in flight) and free its ports on every host."""
     if run:

@@ -381,6 +381,14 @@ def test_a_sweep_honours_no_manager_and_a_benchmark_without_one(shapes):
     assert record["manager"] is False and "manager" not in record["exit_codes"]
 
 
+def test_a_role_the_benchmark_lacks_is_refused_when_started_by_hand(shapes):
+    proc = shapes.inv("exp.workers", "--benchmark", "mpi_pi", "-k", "1", "-p", "1")
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert "benchmark 'mpi_pi' has no workers (commands.worker is null in" in proc.stderr, proc.stderr
+    assert not (shapes.runs_dir / "mpi_pi").exists()
+
+
 WRITE_SERVER_LOG = ("import os, socket, sys; d = sys.argv[1] + '/logs'; os.makedirs(d, exist_ok=True); "
                     "open(d + '/server.log', 'w').write('from ' + socket.gethostname() + chr(10))")
 
