@@ -212,7 +212,8 @@ def guarded(command: str) -> str:
     own stops the watcher first, and its exit status is the wrapper's. setsid in a background job of a
     shell without job control does not fork, so ``$!`` is the group's id.
     """
-    kill = f"kill -TERM -$pid 2>/dev/null; sleep {KILL_GRACE}; kill -KILL -$pid 2>/dev/null"
+    kill = (f"kill -TERM -$pid 2>/dev/null; for i in $(seq {KILL_GRACE * 20}); do kill -0 -$pid 2>/dev/null || break; "
+            "sleep 0.05; done; kill -KILL -$pid 2>/dev/null")  # the grace lasts only while the group lives
     return ("exec 3<&0; "   # background jobs get /dev/null as stdin: keep the session's on fd 3
             f'setsid "${{SHELL:-/bin/sh}}" -c {shlex.quote(command)} </dev/null 3<&- & pid=$!; '
             # Past EOF the watcher ignores TERM: the wrapper's "kill $watch" must not cut its KILL short.
