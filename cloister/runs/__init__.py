@@ -61,5 +61,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["GitState", "Probe", "Proc", "Run", "RunHosts", "RunRecord", "RunSpec", "build_command", "clean_remote",
-           "collect", "download_run", "end_before_destroy", "end_in_flight", "end_kept", "end_run", "kill_run", "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id",
-           "parse_probe", "read_metric", "runs_in_flight", "start_by_hand", "start_script", "validate_run_id"]
+           "collect", "download_run", "end_before_destroy", "end_in_flight", "end_kept", "end_run", "kill_run",
+           "killall", "local_run_dir", "local_runs", "log_name", "manager_here", "new_run_id", "parse_probe",
+           "read_metric", "runs_in_flight", "start_by_hand", "start_script", "validate_run_id"]

@@ -4,7 +4,8 @@ Before its first process starts, a run writes ``state.json`` into its folder on 
 its parameters, hosts, processes and phase, kept current through every phase: what exp.attach, exp.killall
 --run and exp.ps need to find and finish it from anywhere); who follows it is ``claim``'s. The run's
 conclusion renames ``state.json`` to ``state.ended.json`` once its record is written, so the runs in
-flight are exactly the run folders on the master that hold a ``state.json``.
+flight are exactly the run folders on the master that hold a ``state.json``. A run kept with --keep also
+gets ``kept`` there when it concludes: exp.ps lists it until exp.killall ends its processes.
 """
 
 from __future__ import annotations
