@@ -9,11 +9,12 @@ system-deps:
 
 # The tests also boot EC2 twin instances (systemd, cloud-init), run OpenMPI across local hosts (mpicc builds
 # a ring that talks over the hosts' own links, and the mpi_pi example), and run Dask there from a Python
-# environment the hosts can see (.hosts-venv).
+# environment the hosts can see (/opt/cloister/hosts-venv: outside every home and /tmp, wherever the
+# repository is cloned).
 test-deps:
 	@scripts/system-deps.sh openmpi-bin libopenmpi-dev python3-venv
 	@scripts/twin-deps.sh
-	@scripts/hosts-venv.sh .hosts-venv
+	@scripts/hosts-venv.sh /opt/cloister/hosts-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -20,7 +20,7 @@ from pathlib import Path
 import moto_server as ms  # before anything imports moto
 import paramiko
 import pytest
-from conftest import no_traceback
+from conftest import no_traceback, slow
 from test_ec2_twin import KEY_NAME, SUFFIX, Ec2Cluster, Keys, describe, table_rows, tags
 from twin import Twin, firewall
 from twin.identity import ACCOUNT, SOURCE_KEY, sessions
@@ -36,6 +36,8 @@ BOOT_STALL = 30  # seconds of a still console before the watcher judges (the def
 # and a relaunch revokes an SSH source only when ssh_cidr changed.
 NOT_EXERCISED = {"CreatePlacementGroup", "DeletePlacementGroup", "DescribePlacementGroups",
                  "RevokeSecurityGroupIngress"}
+
+pytestmark = slow
 
 
 def make_keys(directory: Path, comment: str) -> Keys:

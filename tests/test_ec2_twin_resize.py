@@ -20,10 +20,12 @@ import pytest
 import yaml
 
 import moto_server as ms  # before anything imports moto
-from conftest import REPO, no_traceback
+from conftest import REPO, no_traceback, slow
 from test_ec2_twin import (SUFFIX, Ec2Cluster, assert_servers_loopback, dev, ec2, keys, tags,  # noqa: F401
                            twin)
 from test_exp_runs import DSUM_DIR, DSUM_MASTER
+
+pytestmark = slow
 
 
 class SpotCluster(Ec2Cluster):

@@ -33,7 +33,8 @@ from test_exp_runs import Exp, listening
 from test_experiments import THIS_MACHINE, bench, registry_error
 
 RUN_ID = "20260101-000000-abcd"
-HOSTS_VENV = REPO / ".hosts-venv"
+# Outside every home and /tmp, which local hosts have of their own (a clone under /tmp is invisible to them).
+HOSTS_VENV = Path(os.environ.get("CLOISTER_HOSTS_VENV", "/opt/cloister/hosts-venv"))
 
 
 # ------------------------------------------------------------ experiments.yaml: the new keys

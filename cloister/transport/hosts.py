@@ -70,9 +70,17 @@ class _RecordingPolicy(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client, hostname, key):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as out:
+        entry = f"{hostname} {key.get_name()} {key.get_base64()}"
+        with open(self.path, "a+") as out:
             fcntl.flock(out, fcntl.LOCK_EX)
-            out.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            out.seek(0)
+            # A warm connection's ssh may have recorded the host since this client read the file.
+            recorded = {tuple(line.split()[1:3]) for line in out.read().splitlines()
+                        if line.split()[:1] == [hostname]}
+            if any(kind == key.get_name() and data != key.get_base64() for kind, data in recorded):
+                raise paramiko.SSHException(f"host key for {hostname} does not match the one in known_hosts")
+            if (key.get_name(), key.get_base64()) not in recorded:
+                out.write(entry + "\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
