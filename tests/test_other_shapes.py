@@ -28,7 +28,8 @@ from cloister.runs.scripts import extra_logs_script, kill_script
 from cloister.runs.spec import RunSpec
 from cloister.runs.sweep import SweepState, combos
 from cloister.settings import Settings
-from conftest import REPO, no_traceback
+from cloister.cluster import lifecycle
+from conftest import REPO, make_cluster, no_traceback
 from test_exp_runs import Exp, listening
 from test_experiments import THIS_MACHINE, bench, registry_error
 
@@ -286,9 +287,20 @@ class Shapes(Exp):
         return sorted((self.runs_dir / benchmark).iterdir())
 
 
+@pytest.fixture(scope="module")
+def shapes_cluster(tmp_path_factory):
+    """A cluster of this module's own: its servers bind the workers' ports, which nothing another test file
+    left on the shared cluster may hold."""
+    env = make_cluster(tmp_path_factory.mktemp("shapes"), f"sh{os.getpid() % 100000}", dev=False)
+    try:
+        yield env
+    finally:
+        lifecycle.destroy(env.cfg, settings=env.settings)
+
+
 @pytest.fixture
-def shapes(local_cluster, tmp_path, hosts_venv):
-    s = Shapes(local_cluster, tmp_path, venv=hosts_venv)
+def shapes(shapes_cluster, tmp_path, hosts_venv):
+    s = Shapes(shapes_cluster, tmp_path, venv=hosts_venv)
     try:
         yield s
     finally:
