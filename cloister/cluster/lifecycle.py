@@ -220,7 +220,8 @@ def copy_dns(info: ClusterInfo, *, settings: Settings) -> int:
 
     with hosts.group(info, info.nodes, concurrency=settings.concurrency,
                      connect_timeout=settings.connect_timeout) as grp:
-        hosts.check(hosts.call(grp, push), what="copy-dns")
+        # Both steps are idempotent: a session that drops (a node's sshd still starting) is simply opened again.
+        hosts.check(hosts.call(grp, lambda c: remote.reconnecting(lambda: push(c))), what="copy-dns")
     return len(info.nodes)
 
 
