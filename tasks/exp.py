@@ -392,7 +392,8 @@ def sweep(c, benchmark=None, k="1", p="1", args_grid=None, repeat=1, name=None, 
     cluster = SweepCluster(ctx.cfg, settings=ctx.conf, info=ctx.info, spot_fallback=spot_fallback, say=print)
     healing = sweeplib.Healing(lost=cluster.lost, repair=cluster.repair if repair else None,
                                limit=number("--repair-limit", repair_limit), resume=sweeplib.resume_command(
-                                   spec=grid_spec, name=sweep_name, repeat=repeat, config=config, timeout=timeout))
+                                   spec=grid_spec, name=sweep_name, repeat=repeat, config=config, timeout=timeout,
+                                   manager=manager))
 
     def cleanup_interrupted(run_id):
         pool = cluster.connections()

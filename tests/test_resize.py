@@ -265,3 +265,9 @@ def test_the_resume_command_quotes_what_it_names():
     assert shlex.split(sweep) == ["inv", "exp.sweep", "--config", hostile, "--benchmark", "dsum", "-k", "1,2", "-p",
                                   "4", "--args-grid", "--mode=a b,$(x)", "--repeat", "2", "--name", "n",
                                   "--timeout", "30", "--repair"]
+
+
+def test_the_resume_command_keeps_no_manager():
+    spec = {"benchmark": "mpi_pi", "k": [1], "p": [2], "grid": {}}
+    command = sweeplib.resume_command(spec=spec, name="n", repeat=1, config=None, timeout=None, manager=False)
+    assert shlex.split(command.split(" && ")[1])[-2:] == ["--no-manager", "--repair"]

@@ -80,13 +80,15 @@ def combos(*, ks: list[int], ps: list[int], grid: dict[str, list[str]], repeat: 
     return [Combo(k=k, p=p, args=a, repeat=r) for k in ks for p in ps for a in arg_sets for r in range(1, repeat + 1)]
 
 
-def resume_command(*, spec: dict[str, Any], name: str, repeat: int, config: str | None, timeout: float | None) -> str:
-    """The commands that repair the cluster and resume this sweep where it stopped."""
+def resume_command(*, spec: dict[str, Any], name: str, repeat: int, config: str | None, timeout: float | None,
+                   manager: bool = True) -> str:
+    """The commands that repair the cluster and resume this sweep where it stopped (with its flags)."""
     common = f" --config {shlex.quote(config)}" if config else ""
     grid = "".join(f" --args-grid {shlex.quote(flag + '=' + ','.join(values))}" for flag, values in spec["grid"].items())
     return (f"inv cluster.repair{common} && inv exp.sweep{common} --benchmark {shlex.quote(spec['benchmark'])} "
             f"-k {','.join(map(str, spec['k']))} -p {','.join(map(str, spec['p']))}{grid} --repeat {repeat} "
-            f"--name {shlex.quote(name)}" + (f" --timeout {timeout:g}" if timeout else "") + " --repair")
+            f"--name {shlex.quote(name)}" + (f" --timeout {timeout:g}" if timeout else "")
+            + ("" if manager else " --no-manager") + " --repair")
 
 
 def default_name(benchmark: str, spec: dict[str, Any]) -> str:
